@@ -1,0 +1,222 @@
+"""The autograd engine: Function (a forward/backward pair), the graph walk, no_grad, unbroadcast.
+
+Every differentiable op is a subclass of :class:`Function` with two static methods side by
+side::
+
+    class Mul(Function):
+        @staticmethod
+        def forward(ctx, a, b):            # NumPy arrays in, a NumPy array out
+            ctx.save_for_backward(a, b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, grad):           # dL/d(out) in, one dL/d(input) per input out
+            a, b = ctx.saved
+            return unbroadcast(grad * b, a.shape), unbroadcast(grad * a, b.shape)
+
+``Mul.apply(x, y)`` runs ``forward`` on the arrays inside the tensors and, when gradients are
+wanted, records a :class:`Node` so that ``backward`` can walk the graph later. Positional
+arguments are the differentiable inputs (Tensors, or arrays/numbers taken as constants);
+keyword arguments are non-differentiable settings (an axis, integer indices, a seed).
+
+Backpropagation (:func:`backward`) visits the nodes in reverse topological order, found
+with an explicit stack (no recursion, so a chain of 100,000 ops is fine), and sums the
+gradient flowing into a tensor from every place it was used.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tinymoe.tensor import Tensor
+
+_GRAD_ENABLED = True
+
+
+def is_grad_enabled() -> bool:
+    """True unless inside a ``no_grad()`` block."""
+    return _GRAD_ENABLED
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager (and decorator) that stops ops from recording the graph."""
+
+    def __enter__(self) -> None:
+        global _GRAD_ENABLED
+        self._prev, _GRAD_ENABLED = _GRAD_ENABLED, False
+
+    def __exit__(self, *exc: Any) -> None:
+        global _GRAD_ENABLED
+        _GRAD_ENABLED = self._prev
+
+
+class enable_grad(contextlib.ContextDecorator):
+    """Context manager that turns graph recording back on inside a ``no_grad`` block."""
+
+    def __enter__(self) -> None:
+        global _GRAD_ENABLED
+        self._prev, _GRAD_ENABLED = _GRAD_ENABLED, True
+
+    def __exit__(self, *exc: Any) -> None:
+        global _GRAD_ENABLED
+        _GRAD_ENABLED = self._prev
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting.
+
+    Broadcasting prepends axes of size 1 and stretches size-1 axes; the gradient of a
+    stretched axis is the sum over it. Example: ``(4, 3) -> (3,)`` sums axis 0;
+    ``(4, 3) -> (4, 1)`` sums axis 1 keeping it.
+    """
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise ValueError(f"unbroadcast: gradient of shape {grad.shape} has fewer axes "
+                         f"than the target shape {tuple(shape)}")
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))  # drop the prepended axes
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    if grad.shape != tuple(shape):
+        raise ValueError(f"unbroadcast: cannot reduce a gradient of shape {grad.shape} "
+                         f"to shape {tuple(shape)}")
+    return grad
+
+
+class Context:
+    """Scratch space shared by one op's forward and backward."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[Any, ...] = ()
+        self.needs_input_grad: tuple[bool, ...] = ()
+
+    def save_for_backward(self, *values: Any) -> None:
+        self.saved = values
+
+
+class Node:
+    """A recorded op application: which Function, its context and its input tensors."""
+
+    __slots__ = ("fn", "ctx", "inputs", "freed")
+
+    def __init__(self, fn: type[Function], ctx: Context, inputs: tuple[Tensor, ...]) -> None:
+        self.fn, self.ctx, self.inputs, self.freed = fn, ctx, inputs, False
+
+
+class Function:
+    """Base class of every differentiable op (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Context, *args: np.ndarray, **kwargs: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Any, **kwargs: Any) -> Tensor:
+        from tinymoe.tensor import Tensor, as_tensor
+
+        like = next((x for x in inputs if isinstance(x, Tensor)), None)
+        tensors = tuple(as_tensor(x, like=like) for x in inputs)
+        ctx = Context()
+        ctx.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        out = cls.forward(ctx, *(t.data for t in tensors), **kwargs)
+        record = _GRAD_ENABLED and any(ctx.needs_input_grad)
+        result = Tensor(np.asarray(out), requires_grad=record)
+        if record:
+            result._node = Node(cls, ctx, tensors)
+        return result
+
+
+@functools.lru_cache(maxsize=None)
+def _name(fn: type) -> str:
+    return fn.__name__
+
+
+def topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors that ``root`` depends on (and that need gradients), inputs before outputs.
+
+    An iterative depth-first search: a tensor is appended once all of its inputs have been,
+    so reversing the list gives an order in which every gradient is complete before it is
+    passed on.
+    """
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        t, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._node is not None:
+            for parent in t._node.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None:
+    """Backpropagate ``grad`` (dL/d root) to every tensor ``root`` depends on.
+
+    Leaves (tensors made by the user with ``requires_grad=True``) and tensors that called
+    ``retain_grad()`` get ``.grad`` += their gradient. Unless ``retain_graph`` is set, the
+    graph's saved arrays are released afterwards and a second backward through it raises.
+    """
+    order = topological_order(root)
+    grads: dict[int, np.ndarray] = {id(root): grad}
+    for t in reversed(order):
+        g = grads.pop(id(t), None)
+        if g is None:  # not reached from root (cannot happen) or a branch with no gradient
+            continue
+        if t._node is None or t._retains_grad:
+            t._accumulate(g)
+        node = t._node
+        if node is None:
+            continue
+        if node.freed:
+            raise RuntimeError(
+                f"backward: the graph through {_name(node.fn)} was already freed by an earlier "
+                f"backward(); pass retain_graph=True to the first backward() to "
+                f"backpropagate through the same graph twice")
+        in_grads = node.fn.backward(node.ctx, g)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        if len(in_grads) != len(node.inputs):
+            raise RuntimeError(f"{_name(node.fn)}.backward returned {len(in_grads)} gradients "
+                               f"for {len(node.inputs)} inputs")
+        for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
+            if pg is None or not parent.requires_grad:
+                continue
+            pg = np.asarray(pg)
+            if pg.shape != parent.shape:
+                raise RuntimeError(
+                    f"{_name(node.fn)}.backward returned a gradient of shape {pg.shape} for "
+                    f"input {i} of shape {parent.shape}; an unbroadcast() is probably missing")
+            pg = pg.astype(parent.dtype, copy=False)
+            if id(parent) in grads:
+                grads[id(parent)] = grads[id(parent)] + pg  # used twice: the sum
+            else:
+                grads[id(parent)] = pg
+        if not retain_graph:
+            node.ctx = None  # type: ignore[assignment]  # release saved arrays
+            node.freed = True
+
+
+def graph_nodes(root: Tensor) -> Iterator[Node]:
+    """The recorded nodes behind ``root`` (for lessons that draw the graph)."""
+    for t in topological_order(root):
+        if t._node is not None:
+            yield t._node
