@@ -1,0 +1,33 @@
+"""Small real data sets shipped inside tinymoe; nothing downloads at run time.
+
+- ``vowels`` / ``load_peterson_barney``: Peterson & Barney (1952) vowel
+  formants, the data of Jacobs et al. (1991).
+- ``shakespeare`` / ``CharTokenizer`` / ``train_val_split`` / ``get_batch``:
+  about 1 MB of Shakespeare for character-level language models.
+
+Where each file came from: ``PROVENANCE.md`` in this folder.
+"""
+from .text import CharTokenizer, get_batch, shakespeare, train_val_split
+from .vowels import (
+    PAPER_VOWELS,
+    TEST_SPEAKERS,
+    TRAIN_SPEAKERS,
+    VowelData,
+    load_peterson_barney,
+    vowel_label,
+    vowels,
+)
+
+__all__ = [
+    "PAPER_VOWELS",
+    "TEST_SPEAKERS",
+    "TRAIN_SPEAKERS",
+    "CharTokenizer",
+    "VowelData",
+    "get_batch",
+    "load_peterson_barney",
+    "shakespeare",
+    "train_val_split",
+    "vowel_label",
+    "vowels",
+]
