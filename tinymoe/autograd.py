@@ -90,24 +90,25 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad
 
 
-class Context:
-    """Scratch space shared by one op's forward and backward."""
+_TENSOR_TYPES: list = []  # [Tensor, as_tensor], filled in by tinymoe.tensor (avoids a cycle)
 
-    def __init__(self) -> None:
+
+class Context:
+    """One op application: scratch space shared by its forward and backward, and (once
+    recorded in the graph) the op and the input tensors it was applied to."""
+
+    def __init__(self, fn: type[Function], needs_input_grad: tuple[bool, ...]) -> None:
+        self.fn = fn
+        self.needs_input_grad = needs_input_grad
         self.saved: tuple[Any, ...] = ()
-        self.needs_input_grad: tuple[bool, ...] = ()
+        self.inputs: tuple[Tensor, ...] = ()
+        self.freed = False
 
     def save_for_backward(self, *values: Any) -> None:
         self.saved = values
 
 
-class Node:
-    """A recorded op application: which Function, its context and its input tensors."""
-
-    __slots__ = ("fn", "ctx", "inputs", "freed")
-
-    def __init__(self, fn: type[Function], ctx: Context, inputs: tuple[Tensor, ...]) -> None:
-        self.fn, self.ctx, self.inputs, self.freed = fn, ctx, inputs, False
+Node = Context  # a recorded Context is a node of the graph
 
 
 class Function:
@@ -123,17 +124,24 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> Tensor:
-        from tinymoe.tensor import Tensor, as_tensor
-
-        like = next((x for x in inputs if isinstance(x, Tensor)), None)
-        tensors = tuple(as_tensor(x, like=like) for x in inputs)
-        ctx = Context()
-        ctx.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        out = cls.forward(ctx, *(t.data for t in tensors), **kwargs)
-        record = _GRAD_ENABLED and any(ctx.needs_input_grad)
-        result = Tensor(np.asarray(out), requires_grad=record)
-        if record:
-            result._node = Node(cls, ctx, tensors)
+        Tensor = _TENSOR_TYPES[0]
+        like = None
+        for x in inputs:
+            if isinstance(x, Tensor):
+                like = x
+                break
+        tensors = tuple(x if isinstance(x, Tensor) else _TENSOR_TYPES[1](x, like=like)
+                        for x in inputs)
+        needs = tuple([t.requires_grad for t in tensors])
+        ctx = Context(cls, needs)
+        out = cls.forward(ctx, *[t.data for t in tensors], **kwargs)
+        if not isinstance(out, np.ndarray):
+            out = np.asarray(out)
+        result = Tensor(out)
+        if _GRAD_ENABLED and True in needs:
+            result.requires_grad = True  # a float result: it came from float inputs
+            ctx.inputs = tensors
+            result._node = ctx
         return result
 
 
@@ -191,7 +199,7 @@ def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None
                 f"backward: the graph through {_name(node.fn)} was already freed by an earlier "
                 f"backward(); pass retain_graph=True to the first backward() to "
                 f"backpropagate through the same graph twice")
-        in_grads = node.fn.backward(node.ctx, g)
+        in_grads = node.fn.backward(node, g)
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
         if len(in_grads) != len(node.inputs):
@@ -200,19 +208,19 @@ def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None
         for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
             if pg is None or not parent.requires_grad:
                 continue
-            pg = np.asarray(pg)
-            if pg.shape != parent.shape:
+            if pg.shape != parent.data.shape:
                 raise RuntimeError(
                     f"{_name(node.fn)}.backward returned a gradient of shape {pg.shape} for "
                     f"input {i} of shape {parent.shape}; an unbroadcast() is probably missing")
-            pg = pg.astype(parent.dtype, copy=False)
-            if id(parent) in grads:
-                grads[id(parent)] = grads[id(parent)] + pg  # used twice: the sum
+            if pg.dtype != parent.data.dtype:
+                pg = pg.astype(parent.data.dtype)
+            key = id(parent)
+            if key in grads:
+                grads[key] = grads[key] + pg  # used more than once: the sum
             else:
-                grads[id(parent)] = pg
+                grads[key] = pg
         if not retain_graph:
-            node.ctx = None  # type: ignore[assignment]  # release saved arrays
-            node.freed = True
+            node.saved, node.freed = (), True  # release the saved arrays
 
 
 def graph_nodes(root: Tensor) -> Iterator[Node]:

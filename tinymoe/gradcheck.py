@@ -130,7 +130,8 @@ def gradcheck(fn: Callable[..., Any], inputs: Sequence[Any], *, eps: float = 1e-
             x.data = x.data.copy()
     rng = np.random.default_rng(seed)
 
-    # the exact gradient of L = sum(f(x) * R), via backward
+    # the exact gradient of L = sum(f(x) * R), via backward (.grad is restored afterwards)
+    before = {i: inputs[i].grad for i in checked}
     for i in checked:
         inputs[i].grad = None
     outs = _outputs(fn, inputs)
@@ -144,6 +145,8 @@ def gradcheck(fn: Callable[..., Any], inputs: Sequence[Any], *, eps: float = 1e-
         loss.backward()
     analytic = {i: (inputs[i].grad if inputs[i].grad is not None
                     else np.zeros(inputs[i].shape)) for i in checked}
+    for i in checked:
+        inputs[i].grad = before[i]
 
     report = GradcheckReport()
     L = lambda: _scalar(fn, inputs, cot)  # noqa: E731

@@ -21,7 +21,7 @@ DEFAULT_FLOAT = np.float32
 
 
 def _check_grad_dtype(dtype: np.dtype, where: str) -> None:
-    if not np.issubdtype(dtype, np.floating):
+    if dtype.kind != "f":
         raise TypeError(f"{where}: requires_grad=True needs a floating-point tensor, got "
                         f"{dtype}; convert first, e.g. tm.tensor(x, dtype=np.float32)")
 
@@ -30,6 +30,8 @@ class Tensor:
     """A node of the computation graph wrapping ``data`` (an ``np.ndarray``)."""
 
     __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
+    __slots__ = ("data", "grad", "_node", "_retains_grad", "requires_grad", "__weakref__",
+                 "__dict__")
 
     def __init__(self, data: np.ndarray, requires_grad: bool = False) -> None:
         self.data: np.ndarray = data
@@ -129,19 +131,19 @@ class Tensor:
         autograd.backward(self, g, retain_graph=retain_graph)
 
     # --- operators (the ops live in tinymoe.ops) --------------------------------------------
-    def __add__(self, o: Any) -> Tensor: return ops.add(self, o)
-    def __radd__(self, o: Any) -> Tensor: return ops.add(o, self)
-    def __sub__(self, o: Any) -> Tensor: return ops.sub(self, o)
-    def __rsub__(self, o: Any) -> Tensor: return ops.sub(o, self)
-    def __mul__(self, o: Any) -> Tensor: return ops.mul(self, o)
-    def __rmul__(self, o: Any) -> Tensor: return ops.mul(o, self)
-    def __truediv__(self, o: Any) -> Tensor: return ops.div(self, o)
-    def __rtruediv__(self, o: Any) -> Tensor: return ops.div(o, self)
+    def __add__(self, o: Any) -> Tensor: return Add.apply(self, o)
+    def __radd__(self, o: Any) -> Tensor: return Add.apply(o, self)
+    def __sub__(self, o: Any) -> Tensor: return Sub.apply(self, o)
+    def __rsub__(self, o: Any) -> Tensor: return Sub.apply(o, self)
+    def __mul__(self, o: Any) -> Tensor: return Mul.apply(self, o)
+    def __rmul__(self, o: Any) -> Tensor: return Mul.apply(o, self)
+    def __truediv__(self, o: Any) -> Tensor: return Div.apply(self, o)
+    def __rtruediv__(self, o: Any) -> Tensor: return Div.apply(o, self)
     def __pow__(self, o: Any) -> Tensor: return ops.pow(self, o)
     def __rpow__(self, o: Any) -> Tensor: return ops.pow(o, self)
-    def __neg__(self) -> Tensor: return ops.neg(self)
-    def __matmul__(self, o: Any) -> Tensor: return ops.matmul(self, o)
-    def __rmatmul__(self, o: Any) -> Tensor: return ops.matmul(o, self)
+    def __neg__(self) -> Tensor: return Neg.apply(self)
+    def __matmul__(self, o: Any) -> Tensor: return MatMul.apply(self, o)
+    def __rmatmul__(self, o: Any) -> Tensor: return MatMul.apply(o, self)
     def __getitem__(self, idx: Any) -> Tensor: return ops.getitem(self, idx)
 
     # comparisons give plain boolean arrays: they have no gradient
@@ -235,12 +237,16 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     """
     if isinstance(x, Tensor):
         return x
-    if isinstance(x, (bool, int, float)) and like is not None and \
-            np.issubdtype(like.dtype, np.floating):
+    if isinstance(x, (bool, int, float)) and like is not None and like.dtype.kind == "f":
         return Tensor(np.asarray(x, dtype=like.dtype))
     if isinstance(x, (np.ndarray, np.generic)):
         return Tensor(np.asarray(x))
     return tensor(x)
 
 
-from tinymoe import ops  # noqa: E402  (ops import Tensor; bound here to avoid a cycle)
+autograd._TENSOR_TYPES[:] = [Tensor, as_tensor]
+
+# the ops import Tensor, so they are bound here, after it exists
+from tinymoe import ops  # noqa: E402
+from tinymoe.ops.elementwise import Add, Div, Mul, Neg, Sub  # noqa: E402
+from tinymoe.ops.linalg import MatMul  # noqa: E402

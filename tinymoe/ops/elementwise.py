@@ -13,6 +13,8 @@ from tinymoe.autograd import Function, unbroadcast
 
 def check_broadcast(op: str, a: np.ndarray, b: np.ndarray) -> None:
     """Raise a readable error when two shapes cannot broadcast."""
+    if a.shape == b.shape or not a.ndim or not b.ndim:
+        return  # the common cases, checked cheaply
     try:
         np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -33,7 +35,9 @@ class Add(Function):
     @staticmethod
     def backward(ctx, grad):
         sa, sb = ctx.shapes
-        return unbroadcast(grad, sa), unbroadcast(grad, sb)
+        need_a, need_b = ctx.needs_input_grad
+        return (unbroadcast(grad, sa) if need_a else None,
+                unbroadcast(grad, sb) if need_b else None)
 
 
 class Sub(Function):
@@ -48,7 +52,9 @@ class Sub(Function):
     @staticmethod
     def backward(ctx, grad):
         sa, sb = ctx.shapes
-        return unbroadcast(grad, sa), unbroadcast(-grad, sb)
+        need_a, need_b = ctx.needs_input_grad
+        return (unbroadcast(grad, sa) if need_a else None,
+                unbroadcast(-grad, sb) if need_b else None)
 
 
 class Mul(Function):

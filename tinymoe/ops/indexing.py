@@ -56,7 +56,7 @@ class GetItem(Function):
 
 def along_axis_index(indices: np.ndarray, axis: int) -> tuple[np.ndarray, ...]:
     """The full index tuple that ``take_along_axis(a, indices, axis)`` reads from."""
-    grids = np.ogrid[tuple(slice(n) for n in indices.shape)]
+    grids = list(np.ogrid[tuple(slice(n) for n in indices.shape)])
     grids[axis] = indices
     return tuple(grids)
 

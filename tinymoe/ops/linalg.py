@@ -39,10 +39,10 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a  # (1, k) for a vector on the left
         b2 = b[:, None] if b.ndim == 1 else b  # (k, 1) for a vector on the right
         g = grad
-        if a.ndim == 1:
-            g = np.expand_dims(g, -2)  # re-insert the row axis @ removed
         if b.ndim == 1:
             g = np.expand_dims(g, -1)  # re-insert the column axis @ removed
+        if a.ndim == 1:
+            g = np.expand_dims(g, -2)  # re-insert the row axis @ removed
         da = db = None
         if ctx.needs_input_grad[0]:
             da = unbroadcast(g @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
