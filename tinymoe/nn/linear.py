@@ -1,0 +1,59 @@
+"""Linear: the affine map ``y = x @ W + b`` on the last axis.
+
+The weight is stored as ``(in_features, out_features)`` so the forward reads like the
+math, ``x @ W`` (PyTorch stores the transpose and computes ``x @ W.T``). It starts as
+``N(0, (init_scale / sqrt(in_features))^2)`` (see :mod:`tinymoe.nn.init`), the bias at 0.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tinymoe.nn.init import (
+    RNGLike,
+    as_rng,
+    check_positive_int,
+    float_dtype,
+    lecun_normal,
+)
+from tinymoe.nn.module import Module, Parameter
+from tinymoe.tensor import Tensor, as_tensor
+
+
+def check_last_dim(layer: Module, x: Tensor, expected: int) -> None:
+    """Raise ``Layer(...): input has last dim 3, expected 4`` when the width is wrong."""
+    if x.ndim == 0 or x.shape[-1] != expected:
+        got = "no axes" if x.ndim == 0 else f"last dim {x.shape[-1]}"
+        raise ValueError(f"{type(layer).__name__}({layer.extra_repr()}): input has {got}, "
+                         f"expected {expected} (input shape {x.shape})")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{type(layer).__name__}({layer.extra_repr()}): input dtype {x.dtype} "
+                        f"is not floating; token ids go through an Embedding first")
+
+
+class Linear(Module):
+    """``y = x @ W + b`` for ``x`` of shape ``(..., in_features)``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: Any = np.float32, rng: RNGLike = None,
+                 init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.in_features = check_positive_int(in_features, "in_features", "Linear")
+        self.out_features = check_positive_int(out_features, "out_features", "Linear")
+        dt = float_dtype(dtype, "Linear")
+        w = lecun_normal(as_rng(rng), in_features, (in_features, out_features), dt, init_scale)
+        self.weight = Parameter(w)  # (in, out)
+        self.bias = Parameter(np.zeros(out_features, dt)) if bias else None  # (out,)
+
+    def forward(self, x: Any) -> Tensor:
+        x = as_tensor(x)
+        check_last_dim(self, x, self.in_features)
+        y = x @ self.weight  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias  # (..., out)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}" + \
+            ("" if self.bias is not None else ", bias=False")
