@@ -7,6 +7,7 @@
 
 Where each file came from: ``PROVENANCE.md`` in this folder.
 """
+from .synthetic import two_moons
 from .text import CharTokenizer, get_batch, shakespeare, train_val_split
 from .vowels import (
     PAPER_VOWELS,
@@ -19,6 +20,7 @@ from .vowels import (
 )
 
 __all__ = [
+    "two_moons",
     "PAPER_VOWELS",
     "TEST_SPEAKERS",
     "TRAIN_SPEAKERS",

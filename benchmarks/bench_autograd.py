@@ -1,0 +1,168 @@
+"""Autograd core speed: per-op overhead and an MLP training step.
+
+    python benchmarks/bench_autograd.py [--quick]
+
+1. Per-op overhead: a chain of small ops (8x8 float32: mul, add, tanh) run forward and
+   backward; microseconds per op for tinymoe, hand-written NumPy (forward plus a hand-coded
+   backward, no graph at all) and PyTorch eager (when installed).
+2. An MLP training step: float32, batch 4096, 256 -> 1024 -> 256 with ReLU, MSE loss,
+   forward + backward + SGD update; milliseconds per step for the same three.
+
+Medians over repeats, measured side by side in one process. Issue targets: per-op overhead
+within 1.5x of PyTorch, MLP step within 1.2x.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median_time, table, try_torch  # noqa: E402
+
+import tinymoe as tm  # noqa: E402
+
+
+# --- 1. per-op overhead --------------------------------------------------------------------
+def chain_tinymoe(n_links: int, x0: np.ndarray, a: np.ndarray, b: np.ndarray):
+    def run():
+        x = tm.tensor(x0, requires_grad=True)
+        at, bt = tm.Tensor(a), tm.Tensor(b)
+        y = x
+        for _ in range(n_links):
+            y = (y * at + bt).tanh()
+        y.sum().backward()
+        return x.grad
+    return run
+
+
+def chain_numpy(n_links: int, x0: np.ndarray, a: np.ndarray, b: np.ndarray):
+    def run():
+        y, saved = x0, []
+        for _ in range(n_links):
+            y = np.tanh(y * a + b)
+            saved.append(y)
+        g = np.ones_like(x0)
+        for y in reversed(saved):
+            g = g * (1 - y * y)   # tanh backward
+            g = g * a             # mul backward (add passes through)
+        return g
+    return run
+
+
+def chain_torch(torch, n_links: int, x0: np.ndarray, a: np.ndarray, b: np.ndarray):
+    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+
+    def run():
+        x = torch.tensor(x0, requires_grad=True)
+        y = x
+        for _ in range(n_links):
+            y = (y * at + bt).tanh()
+        y.sum().backward()
+        return x.grad
+    return run
+
+
+# --- 2. MLP training step --------------------------------------------------------------------
+def mlp_numpy(X, Y, W1, b1, W2, b2, lr):
+    W1, b1, W2, b2 = (p.copy() for p in (W1, b1, W2, b2))
+
+    def step():
+        h_pre = X @ W1 + b1                       # (B, 1024)
+        h = np.maximum(h_pre, 0)
+        out = h @ W2 + b2                         # (B, 256)
+        d = out - Y
+        loss = np.mean(d * d)
+        g_out = (2.0 / d.size) * d                # dL/dout
+        gW2, gb2 = h.T @ g_out, g_out.sum(0)
+        g_h = (g_out @ W2.T) * (h_pre > 0)
+        gW1, gb1 = X.T @ g_h, g_h.sum(0)
+        for p, g in ((W1, gW1), (b1, gb1), (W2, gW2), (b2, gb2)):
+            p -= lr * g
+        return loss
+    return step
+
+
+def mlp_tinymoe(X, Y, W1, b1, W2, b2, lr):
+    params = [tm.nn.Parameter(p.copy()) for p in (W1, b1, W2, b2)]
+    opt = tm.optim.SGD(params, lr=lr)
+    x, y = tm.Tensor(X), tm.Tensor(Y)
+
+    def step():
+        w1, c1, w2, c2 = params
+        out = (x @ w1 + c1).relu() @ w2 + c2
+        loss = tm.functional.mse(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def mlp_torch(torch, X, Y, W1, b1, W2, b2, lr):
+    params = [torch.tensor(p.copy(), requires_grad=True) for p in (W1, b1, W2, b2)]
+    opt = torch.optim.SGD(params, lr=lr)
+    x, y = torch.from_numpy(X), torch.from_numpy(Y)
+
+    def step():
+        w1, c1, w2, c2 = params
+        out = torch.relu(x @ w1 + c1) @ w2 + c2
+        loss = torch.nn.functional.mse_loss(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
+    args = ap.parse_args(argv)
+    torch = try_torch()
+    rng = np.random.default_rng(0)
+    reps = 3 if args.quick else 9
+    lines = [f"Machine: {machine()}", ""]
+
+    n_links = 200
+    x0, a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
+    n_ops = 3 * n_links + 1  # mul, add, tanh per link, plus the final sum
+    runs = {"tinymoe": chain_tinymoe(n_links, x0, a, b), "NumPy by hand": chain_numpy(n_links, x0, a, b)}
+    if torch:
+        runs["PyTorch eager"] = chain_torch(torch, n_links, x0, a, b)
+    per_op = {k: median_time(f, repeats=reps) / n_ops * 1e6 for k, f in runs.items()}
+    rows = [[k, f"{v:.2f}", f"{v / per_op['tinymoe']:.2f}",
+             f"{per_op['tinymoe'] / v:.2f}"] for k, v in per_op.items()]
+    lines += [f"Per-op overhead: chain of {n_links} x (mul, add, tanh) on 8x8 float32, "
+              f"forward + backward ({n_ops} ops)", "",
+              table(["implementation", "µs per op", "vs tinymoe", "tinymoe / this"], rows), ""]
+
+    B, d, h = (1024, 256, 1024) if args.quick else (4096, 256, 1024)
+    X = rng.standard_normal((B, d)).astype(np.float32)
+    Y = rng.standard_normal((B, d)).astype(np.float32)
+    W1 = (rng.standard_normal((d, h)) / np.sqrt(d)).astype(np.float32)
+    W2 = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
+    b1, b2 = np.zeros(h, np.float32), np.zeros(d, np.float32)
+    steps = {"tinymoe": mlp_tinymoe(X, Y, W1, b1, W2, b2, 1e-3),
+             "NumPy by hand": mlp_numpy(X, Y, W1, b1, W2, b2, 1e-3)}
+    if torch:
+        steps["PyTorch eager"] = mlp_torch(torch, X, Y, W1, b1, W2, b2, 1e-3)
+    ms = {k: median_time(f, repeats=reps) * 1e3 for k, f in steps.items()}
+    rows = [[k, f"{v:.1f}", f"{v / ms['tinymoe']:.2f}", f"{ms['tinymoe'] / v:.2f}"]
+            for k, v in ms.items()]
+    lines += [f"MLP training step: float32, batch {B}, {d}-{h}-{d}, ReLU, MSE, SGD "
+              f"(forward + backward + update)", "",
+              table(["implementation", "ms per step", "vs tinymoe", "tinymoe / this"], rows)]
+    if torch:
+        lines += ["", f"Targets: per-op overhead tinymoe/PyTorch = "
+                  f"{per_op['tinymoe'] / per_op['PyTorch eager']:.2f} (target <= 1.5); MLP step "
+                  f"tinymoe/PyTorch = {ms['tinymoe'] / ms['PyTorch eager']:.2f} (target <= 1.2)"]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""``tinymoe tour``: run every stage end to end on the shipped data and report.
+
+Each stage lives in ``tinymoe.experiments`` and offers ``tour_line(fast=..., progress=...)``,
+returning a dict with ``stage``, ``paper``, ``trained``, ``params`` (total / active),
+``metric`` (what we measured), ``paper_claim`` and optionally ``figures`` (name -> a
+function that draws a matplotlib Figure). The tour prints a summary table and writes the
+figures plus ``report.md`` and ``report.html`` to an output folder.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# In historical order; each entry names the module that runs the stage.
+STAGES: list[str] = [
+    "tinymoe.experiments.autograd_00",
+]
+
+COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]
+HEADERS = ["stage", "paper", "what was trained", "params (total / active)", "measured",
+           "paper's claim", "s"]
+
+
+def run_stage(module_name: str, fast: bool, progress: bool) -> dict[str, Any]:
+    module = importlib.import_module(module_name)
+    fn: Callable[..., dict[str, Any]] = module.tour_line
+    kwargs: dict[str, Any] = {"fast": fast}
+    if "progress" in inspect.signature(fn).parameters:
+        kwargs["progress"] = progress
+    start = time.perf_counter()
+    line = fn(**kwargs)
+    line["seconds"] = f"{time.perf_counter() - start:.1f}"
+    return line
+
+
+def markdown_table(lines: list[dict[str, Any]]) -> str:
+    rows = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for line in lines:
+        cells = [str(line.get(c, "")).replace("|", "/") for c in COLUMNS]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def text_table(lines: list[dict[str, Any]]) -> str:
+    """A plain table for the terminal: one block per stage (the cells are long)."""
+    out = []
+    for line in lines:
+        out.append(f"{line['stage']}  —  {line['paper']}  ({line['seconds']} s)")
+        out.append(f"    trained : {line['trained']}")
+        out.append(f"    params  : {line['params']} (total / active)")
+        out.append(f"    measured: {line['metric']}")
+        out.append(f"    paper   : {line['paper_claim']}")
+    return "\n".join(out)
+
+
+def write_report(lines: list[dict[str, Any]], out: Path, figures: list[Path],
+                 fast: bool, seconds: float) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "fast" if fast else "full"
+    md = [f"# tinymoe tour ({mode} mode, {seconds:.0f} s)", "", markdown_table(lines), ""]
+    md += [f"![{p.stem}]({p.name})" for p in figures]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(line.get(c, '')))}</td>"
+                                    for c in COLUMNS) + "</tr>" for line in lines)
+    imgs = "".join(f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
+                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in figures)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tinymoe tour</title>"
+            f"<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}"
+            f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;"
+            f"vertical-align:top}}img{{max-width:480px}}figure{{display:inline-block}}"
+            f"</style></head><body><h1>tinymoe tour ({mode} mode, {seconds:.0f} s)</h1>"
+            f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>")
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return md_path, html_path
+
+
+def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool = True,
+             stages: list[str] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
+    """Run the stages, print the summary, write figures and reports to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the tour only writes files; never opens windows
+    from tqdm.auto import tqdm
+
+    from tinymoe import viz
+
+    out = Path(out)
+    start = time.perf_counter()
+    lines, figures = [], []
+    names = stages or STAGES
+    bar = tqdm(names, desc="tinymoe tour", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name.rsplit(".", 1)[-1])
+        line = run_stage(name, fast, progress)
+        for fig_name, draw in (line.pop("figures", None) or {}).items():
+            figures.append(viz.save(draw(), out / f"{fig_name}.png"))
+        lines.append(line)
+    seconds = time.perf_counter() - start
+    md, page = write_report(lines, out, figures, fast, seconds)
+    echo("")
+    echo(text_table(lines))
+    echo(f"\n{len(lines)} stages in {seconds:.0f} s. Report: {md} and {page}; "
+         f"{len(figures)} figures in {out}/")
+    return lines
