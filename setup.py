@@ -32,6 +32,9 @@ setup(
             "ipykernel>=6.20",
             "jupyter>=1.0",
             "ruff>=0.4",
+            "sphinx>=7.0",
+            "myst-nb>=1.0",
+            "sphinx-book-theme>=1.0",
         ],
         "docs": [
             "sphinx>=7.0",
