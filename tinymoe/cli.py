@@ -31,8 +31,62 @@ def _forward(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-# name -> (help, handler or (module, function) taking the remaining argv)
+def main_repro(argv: Sequence[str]) -> int:
+    """``tinymoe repro NAME [options]``: run one paper's reproduction script."""
+    import importlib
+
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in REPRO:
+        print("usage: tinymoe repro NAME [options]   (NAME --help for its options)\n")
+        for name, (module, _, what) in REPRO.items():
+            print(f"  {name:<8} {what}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ntinymoe repro: unknown reproduction {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module, func, _ = REPRO[argv[0]]
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+def main_bench(argv: Sequence[str]) -> int:
+    """``tinymoe bench [NAME] [options]``: run a script from the checkout's benchmarks/."""
+    import runpy
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
+    if not scripts:
+        print("tinymoe bench: no benchmarks/ folder next to the package; the benchmarks ship "
+              "with the source checkout (pip install -e . from a clone)", file=sys.stderr)
+        return 2
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in scripts:
+        print("usage: tinymoe bench NAME [--quick]\n\nbenchmarks: " + ", ".join(scripts))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    sys.argv = [str(folder / f"bench_{argv[0]}.py"), *argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+# name -> (module, function taking argv, one line on what it reproduces)
+REPRO = {
+    "vowels": ("tinymoe.experiments.vowels_1991", "main_vowels",
+               "Jacobs et al. 1991, Table 1: mixtures vs backprop on the vowel task"),
+    "hme": ("tinymoe.experiments.hme_1994", "main_hme",
+            "Jordan & Jacobs 1994: HME trained by EM vs by gradient"),
+    "table6": ("tinymoe.experiments.table6_2017", "main_table6",
+               "Shazeer et al. 2017, Table 6: the balancing losses"),
+    "switch": ("tinymoe.experiments.switch_2021", "main_switch",
+               "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
+}
+
+# name -> (help, (module, function) taking the remaining argv)
 FORWARDED = {
+    "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
+              ("tinymoe.train", "main_train")),
+    "sample": ("print text sampled from a checkpoint", ("tinymoe.train", "main_sample")),
+    "repro": ("reproduce a paper's table (vowels, hme, table6, switch)",
+              ("tinymoe.cli", "main_repro")),
+    "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
+              ("tinymoe.cli", "main_bench")),
     "params": ("total/active parameters and FLOPs per token of an MoE transformer config",
                ("tinymoe.params", "main_params")),
     "classroom": ("student/instructor copies and grading for a course",

@@ -18,6 +18,9 @@ from typing import Any, Callable
 # In historical order; each entry names the module that runs the stage.
 STAGES: list[str] = [
     "tinymoe.experiments.autograd_00",
+    "tinymoe.experiments.vowels_1991",
+    "tinymoe.experiments.hme_1994",
+    "tinymoe.experiments.table6_2017",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

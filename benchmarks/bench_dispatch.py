@@ -1,0 +1,238 @@
+"""Benchmark token dispatch: NumPy reference vs Numba kernels vs PyTorch (CPU).
+
+    python benchmarks/bench_dispatch.py            # T = 65,536, d = 256, E = 8, k = 1 and 2
+    python benchmarks/bench_dispatch.py --quick    # T = 8,192, 3 repeats: a smoke run
+
+For each k it times the four steps of an MoE layer's data movement, forward and backward:
+dispatch (x -> buffer (E, C, d)), combine (buffer_out, w -> y), and their backward passes,
+with the capacity C = ceil(capacity_factor * T * k / E). Each figure is the median of
+``--repeats`` timed calls after one warm-up call; every call allocates its outputs, as the
+library does. Bandwidth counts the bytes an ideal implementation must move (s = bytes per
+element, n = kept (token, choice) pairs, S = E*C slots; index arrays are left out, < 2%):
+
+    dispatch          read n*d*s (token rows)        + write S*d*s (buffer, zeros included)
+    dispatch backward read n*d*s (slot rows)         + write T*d*s (grad x)
+    combine           read n*d*s (slot rows)         + write T*d*s (y)
+    combine backward  read T*d*s + n*d*s (g, rows)   + write S*d*s (grad buffer)
+
+next to the memory-copy bandwidth of ``np.copyto`` on a (T, d) array in the same run
+(2*T*d*s bytes per copy). PyTorch runs its idiomatic version (index_select / index_copy /
+index_add, backward by autograd) and is skipped when not installed.
+
+Also measured: ``import tinymoe`` and the first dispatch call in a fresh process with a warm
+Numba cache. Results: docs/benchmarks.md ("Dispatch").
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import median_time, try_torch  # noqa: E402
+
+from tinymoe.dispatch import kernels, reference  # noqa: E402
+
+STEPS = ("dispatch", "dispatch backward", "combine", "combine backward")
+
+
+def step_bytes(T: int, d: int, s: int, n: int, S: int) -> dict[str, int]:
+    return {"dispatch": (n + S) * d * s, "dispatch backward": (n + T) * d * s,
+            "combine": (n + T) * d * s, "combine backward": (T + n + S) * d * s}
+
+
+def numpy_like_steps(m, x, e, p, E, C, w, buf_out, g_buf, g_y):
+    """The four steps of a backend module with the contract's signatures."""
+    return {
+        "dispatch": lambda: m.dispatch(x, e, p, E, C),
+        "dispatch backward": lambda: m.dispatch_backward(g_buf, e, p, E, C),
+        "combine": lambda: m.combine(buf_out, e, p, w),
+        "combine backward": lambda: m.combine_backward(g_y, buf_out, e, p, w),
+    }
+
+
+def torch_steps(torch, x, e, p, E, C, w, buf_out, g_buf, g_y):
+    """Idiomatic PyTorch: gather/scatter with index_select, index_copy, index_add; autograd."""
+    T, d = x.shape
+    k = e.shape[1]
+    t, j = np.nonzero(p >= 0)
+    tok = torch.from_numpy(t)                          # (n,) token of each kept pair
+    slot = torch.from_numpy(e[t, j] * C + p[t, j])     # (n,) its row of the (E*C, d) buffer
+    pair = torch.from_numpy(t * k + j)                 # (n,) its index into w.view(-1)
+    xt = torch.from_numpy(x).requires_grad_()
+    bt = torch.from_numpy(buf_out).requires_grad_()
+    wt = torch.from_numpy(w).requires_grad_()
+    gb, gy = torch.from_numpy(g_buf), torch.from_numpy(g_y)
+
+    def dispatch(x):
+        rows = x.index_select(0, tok)                                    # (n, d)
+        return x.new_zeros(E * C, d).index_copy(0, slot, rows).view(E, C, d)
+
+    def combine(buf, w):
+        rows = buf.reshape(E * C, d).index_select(0, slot)               # (n, d)
+        rows = rows * w.reshape(-1).index_select(0, pair)[:, None]       # (n, d)
+        return rows.new_zeros(T, d).index_add(0, tok, rows)              # (T, d)
+
+    buf_graph, y_graph = dispatch(xt), combine(bt, wt)  # graphs for the backward steps
+    return {
+        "dispatch": lambda: _no_grad(torch, dispatch, xt),
+        "dispatch backward": lambda: torch.autograd.grad(buf_graph, xt, gb, retain_graph=True),
+        "combine": lambda: _no_grad(torch, combine, bt, wt),
+        "combine backward": lambda: torch.autograd.grad(y_graph, (bt, wt), gy,
+                                                        retain_graph=True),
+    }
+
+
+def _no_grad(torch, fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def copy_bandwidth(T: int, d: int, dtype, repeats: int) -> float:
+    src = np.random.default_rng(0).standard_normal((T, d)).astype(dtype)
+    dst = np.empty_like(src)
+    dst[...] = 1  # touch the pages once, as a steady-state copy would find them
+    t = median_time(lambda: np.copyto(dst, src), repeats, warmup=1)
+    return 2 * src.nbytes / t
+
+
+def fresh_write_bandwidth(T: int, d: int, dtype, repeats: int) -> float:
+    """Bytes per second of filling a newly allocated (T, d) array: what every output costs."""
+    nbytes = T * d * np.dtype(dtype).itemsize
+    t = median_time(lambda: np.empty((T, d), dtype=dtype).fill(1), repeats, warmup=1)
+    return nbytes / t
+
+
+def startup_figures() -> dict[str, float]:
+    """Fresh processes: `import tinymoe`; first dispatch with a warm Numba cache."""
+    import_code = ("import time; t0 = time.perf_counter(); import tinymoe; "
+                   "print(time.perf_counter() - t0)")
+    first_code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np, tinymoe as tm\n"
+        "t1 = time.perf_counter()\n"
+        "from tinymoe.dispatch import kernels as K\n"
+        "t2 = time.perf_counter()\n"
+        "e = np.array([[0, 1], [1, 0], [0, 1]]); x = np.ones((3, 4), np.float32)\n"
+        "p, _ = K.assign_positions(e, 2, 2)\n"
+        "buf = K.dispatch(x, e, p, 2, 2)\n"
+        "y = K.combine(buf, e, p, np.ones((3, 2), np.float32))\n"
+        "t3 = time.perf_counter()\n"
+        "print(t1 - t0, t2 - t1, t3 - t2)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,  # noqa: E731
+                                      capture_output=True, text=True, check=True).stdout
+    imports = sorted(float(run(import_code)) for _ in range(5))
+    run(first_code)  # make sure the cache is warm
+    firsts = [tuple(map(float, run(first_code).split())) for _ in range(3)]
+    med = lambda i: statistics.median(f[i] for f in firsts)  # noqa: E731
+    return {"import tinymoe": statistics.median(imports), "import numba + kernels": med(1),
+            "first assign_positions + dispatch + combine": med(2)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numba
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, Numba {numba.__version__} "
+            f"({numba.get_num_threads()} threads)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="T = 8,192 and 3 repeats")
+    ap.add_argument("--tokens", type=int, default=None, help="T (default 65,536)")
+    ap.add_argument("--dim", type=int, default=256, help="d")
+    ap.add_argument("--experts", type=int, default=8, help="E")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2], help="choices per token")
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 7)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-startup", action="store_true", help="skip the subprocess timings")
+    args = ap.parse_args(argv)
+    T = args.tokens or (8192 if args.quick else 65536)
+    repeats = args.repeats or (3 if args.quick else 7)
+    d, E, dtype = args.dim, args.experts, np.dtype(args.dtype)
+    s = dtype.itemsize
+    torch = None if args.no_torch else try_torch()
+    if torch is None and not args.no_torch:
+        print("PyTorch not installed: skipping its column")
+
+    print(f"machine: {machine()}" + (f", torch {torch.__version__} ({torch.get_num_threads()} "
+                                      f"threads)" if torch else ""))
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    copy_bw = copy_bandwidth(T, d, dtype, repeats)
+    fresh_bw = fresh_write_bandwidth(T, d, dtype, repeats)
+    print(f"T = {T:,}, d = {d}, E = {E}, {dtype}, capacity factor {args.capacity_factor}, "
+          f"median of {repeats}\nnp.copyto bandwidth {copy_bw / 1e9:.2f} GB/s (read + write); "
+          f"writing freshly allocated memory (np.empty + fill, page faults included) "
+          f"{fresh_bw / 1e9:.2f} GB/s\n")
+
+    rng = np.random.default_rng(0)
+    markdown: list[str] = []
+    for k in args.ks:
+        C = math.ceil(args.capacity_factor * T * k / E)
+        logits = rng.standard_normal((T, E))
+        e = np.argsort(-logits, axis=1, kind="stable")[:, :k]          # (T, k) top-k
+        p, counts = kernels.assign_positions(e, E, C)
+        n = int(counts.sum())
+        x = rng.standard_normal((T, d)).astype(dtype)
+        w = rng.random((T, k)).astype(dtype)
+        buf_out = rng.standard_normal((E, C, d)).astype(dtype)
+        g_buf = rng.standard_normal((E, C, d)).astype(dtype)
+        g_y = rng.standard_normal((T, d)).astype(dtype)
+        nbytes = step_bytes(T, d, s, n, E * C)
+        impls = {"numpy": numpy_like_steps(reference, x, e, p, E, C, w, buf_out, g_buf, g_y),
+                 "numba": numpy_like_steps(kernels, x, e, p, E, C, w, buf_out, g_buf, g_y)}
+        if torch is not None:
+            impls["torch"] = torch_steps(torch, x, e, p, E, C, w, buf_out, g_buf, g_y)
+        times = {name: {st: median_time(fn, repeats, warmup=1) for st, fn in steps.items()}
+                 for name, steps in impls.items()}
+        print(f"k = {k}: C = {C:,}, kept pairs n = {n:,} of {T * k:,}")
+        head = f"  {'step':<18}" + "".join(f"{name:>22}" for name in impls) + "   numba/numpy"
+        print(head + "\n  " + "-" * (len(head) - 2))
+        rows_md = []
+        tot = {nm: sum(times[nm].values()) for nm in impls}
+        for st, b, t in [*((st, nbytes[st], {nm: times[nm][st] for nm in impls}) for st in STEPS),
+                         ("all four", sum(nbytes.values()), tot)]:
+            cells = "".join(f"{t[nm] * 1e3:8.2f} ms {b / t[nm] / 1e9:6.2f} GB/s" for nm in impls)
+            ratio = t["numpy"] / t["numba"]
+            print(f"  {st:<18}{cells}   {ratio:6.2f}x")
+            rows_md.append(f"| {k} | {st} | " + " | ".join(
+                f"{t[nm] * 1e3:.1f} ms ({b / t[nm] / 1e9:.1f} GB/s)" for nm in impls)
+                + f" | {ratio:.1f}x | {100 * b / t['numba'] / copy_bw:.0f}% |")
+        frac = sum(nbytes.values()) / tot["numba"] / copy_bw
+        speedup = tot["numpy"] / tot["numba"]
+        print(f"  targets: numba >= 4x numpy: {speedup:.2f}x "
+              f"({'met' if speedup >= 4 else 'NOT met'}); numba >= 60% of copy bandwidth: "
+              f"{100 * frac:.0f}% ({'met' if frac >= 0.6 else 'NOT met'})\n")
+        markdown += rows_md
+
+    print("markdown rows (k | step | " + " | ".join(impls) + " | numba/numpy | numba/copy):")
+    print("\n".join(markdown) + "\n")
+    if not args.no_startup:
+        for name, sec in startup_figures().items():
+            print(f"fresh process: {name:<45} {sec * 1e3:8.1f} ms")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
