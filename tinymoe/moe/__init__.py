@@ -1,0 +1,38 @@
+"""``tm.moe``: the history of gating, one home per idea.
+
+- 1991 adaptive mixture of local experts (Jacobs, Jordan, Nowlan & Hinton): ``mixture``
+- 1994 hierarchical mixture of experts, gradient and EM (Jordan & Jacobs): ``hme``
+- 2017 sparsely-gated MoE (Shazeer et al.): noisy top-k gate ``noisy_topk``, balancing
+  losses ``balance``, stacked FFN experts ``experts``, the layer ``layer``
+"""
+from tinymoe.moe.balance import (  # noqa: F401
+    balance_loss,
+    cv_squared,
+    hierarchical_importance,
+    hierarchical_load,
+    importance,
+    load,
+)
+from tinymoe.moe.experts import StackedExperts, grouped_linear  # noqa: F401
+from tinymoe.moe.hme import HME, fit_em, fit_gradient  # noqa: F401
+from tinymoe.moe.layer import MoELayer, hierarchical_moe  # noqa: F401
+from tinymoe.moe.mixture import (  # noqa: F401
+    AdaptiveMixture,
+    LinearExpert,
+    MixtureOutput,
+    categorical_log_likelihood,
+    competitive_loss,
+    cooperative_loss,
+    gaussian_log_likelihood,
+    mixture_classification_nll,
+    mixture_nll,
+    posterior_responsibilities,
+)
+from tinymoe.moe.noisy_topk import (  # noqa: F401
+    GateOutput,
+    NoisyTopKGate,
+    kth_excluding,
+    kth_excluding_top,
+    noisy_top_k_gating,
+    prob_in_top_k,
+)
