@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = ["Tensor", "tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled",
            "unbroadcast", "gradcheck", "GradcheckError", "GradcheckReport", "functional",
-           "nn", "optim", "moe", "data", "viz", "dispatch", "losses"]
+           "nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params"]
 
-_LAZY = {"nn", "optim", "moe", "data", "viz", "dispatch", "losses"}
+_LAZY = {"nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params"}
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,8 @@ STAGES: list[str] = [
     "tinymoe.experiments.vowels_1991",
     "tinymoe.experiments.hme_1994",
     "tinymoe.experiments.table6_2017",
+    "tinymoe.experiments.gshard_2020",
+    "tinymoe.experiments.switch_2021",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

@@ -4,7 +4,15 @@
 - 1994 hierarchical mixture of experts, gradient and EM (Jordan & Jacobs): ``hme``
 - 2017 sparsely-gated MoE (Shazeer et al.): noisy top-k gate ``noisy_topk``, balancing
   losses ``balance``, stacked FFN experts ``experts``, the layer ``layer``
+- 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``, ``capacity``
+- 2021 Switch Transformer top-1 (Fedus et al.): ``switch``; both end in the capacity-mode
+  layer ``capacity_layer``, with the balancing and z-losses in ``aux_losses``
 """
+from tinymoe.moe.aux_losses import (  # noqa: F401
+    gshard_aux_loss,
+    load_balancing_loss,
+    router_z_loss,
+)
 from tinymoe.moe.balance import (  # noqa: F401
     balance_loss,
     cv_squared,
@@ -13,6 +21,8 @@ from tinymoe.moe.balance import (  # noqa: F401
     importance,
     load,
 )
+from tinymoe.moe.capacity import capacity_positions, expert_capacity  # noqa: F401
+from tinymoe.moe.capacity_layer import CapacityMoELayer  # noqa: F401
 from tinymoe.moe.experts import StackedExperts, grouped_linear  # noqa: F401
 from tinymoe.moe.hme import HME, fit_em, fit_gradient  # noqa: F401
 from tinymoe.moe.layer import MoELayer, hierarchical_moe  # noqa: F401
@@ -36,3 +46,5 @@ from tinymoe.moe.noisy_topk import (  # noqa: F401
     noisy_top_k_gating,
     prob_in_top_k,
 )
+from tinymoe.moe.gshard import Top2Gate  # noqa: F401,E402
+from tinymoe.moe.switch import SwitchGate, SwitchRouter  # noqa: F401,E402

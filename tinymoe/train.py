@@ -1,0 +1,488 @@
+"""``tinymoe train`` and ``tinymoe sample``: train the tiny Switch Transformer on Shakespeare.
+
+    tinymoe train --out runs/switch --steps 2000             # progress bar, checkpoints
+    tinymoe train --out runs/switch --steps 4000 --resume    # continue where it stopped
+    tinymoe train --kind dense --out runs/dense              # the FLOP-matched baseline
+    tinymoe sample --checkpoint runs/switch --prompt "ROMEO:" --temperature 0.8
+
+A checkpoint (``<out>/checkpoint.npz``, written with :func:`tinymoe.nn.save`) holds the
+model's weights (``model.*``), the optimizer's state (``optim.*``) and JSON metadata: the
+step, both configs, the vocabulary, the training history and the state of **every** random
+generator (the batch sampler and the model's jitter / dropout / routing generators). So a
+resumed run draws exactly the batches and noise an uninterrupted one would have drawn, and
+ends with the same weights, bit for bit.
+
+Saving is atomic (a temporary file, fsync, then ``os.replace``): a crash or Ctrl-C during a
+save leaves the previous checkpoint intact. Ctrl-C during training saves the last completed
+step before stopping.
+
+Tip: on a small or shared machine, ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS=1``) is
+often several times faster for these small matrices.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tinymoe as tm
+from tinymoe.autograd import no_grad
+from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
+from tinymoe.models.switch_lm import KINDS, SwitchLMConfig, TransformerLM, build_model
+from tinymoe.nn.module import Module
+
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (everything besides the model's shape)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 200
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
+                     "ckpt_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TrainConfig: {name}={v!r} must be a positive integer")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
+            raise ValueError(f"TrainConfig: lr={self.lr} must be > 0, min_lr_ratio="
+                             f"{self.min_lr_ratio} in [0, 1] and warmup={self.warmup} >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class History:
+    """What the loop logged. Per logged step: ``steps``, ``train_loss`` (cross-entropy),
+    ``router_loss``, ``dropped`` (fraction of tokens dropped, one value per MoE layer),
+    ``load`` (tokens kept per expert, one (E,) list per MoE layer), ``demand`` (tokens that
+    chose each expert, before dropping, likewise) and ``step_time`` (mean seconds per step
+    since the last log). Per evaluation: ``val_steps``, ``val_loss``."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    router_loss: list[float] = field(default_factory=list)
+    dropped: list[list[float]] = field(default_factory=list)
+    load: list[list[list[int]]] = field(default_factory=list)
+    demand: list[list[list[int]]] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        return cls(**{f.name: list(d.get(f.name, [])) for f in fields(cls)})
+
+
+@dataclass
+class TrainResult:
+    model: TransformerLM
+    history: History
+    tokenizer: CharTokenizer
+    model_config: SwitchLMConfig
+    train_config: TrainConfig
+    final_val_loss: float
+    seconds: float
+    checkpoint: Path | None = None
+
+
+# --- data ----------------------------------------------------------------------------------
+def load_data(val_fraction: float = 0.1) -> tuple[CharTokenizer, np.ndarray, np.ndarray]:
+    """The shipped Shakespeare: tokenizer, training ids, validation ids (the last 10%)."""
+    text = shakespeare()
+    tok = CharTokenizer(text)
+    train_ids, val_ids = train_val_split(tok.encode(text), val_fraction)
+    return tok, train_ids, val_ids
+
+
+def val_batches(val_ids: np.ndarray, cfg: TrainConfig, block_size: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fixed held-out batches (their own generator: they never touch the training streams)."""
+    rng = np.random.default_rng(cfg.seed + 12345)
+    return [get_batch(val_ids, cfg.batch_size, block_size, rng) for _ in range(cfg.eval_batches)]
+
+
+def evaluate(model: TransformerLM, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean cross-entropy (nats per character) in eval mode: no jitter, no dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            return float(np.mean([model.loss(x, y)[1].item() for x, y in batches]))
+    finally:
+        model.train(was_training)
+
+
+# --- random generators of a model ------------------------------------------------------------
+def model_generators(model: Module) -> dict[str, np.random.Generator]:
+    """Every ``np.random.Generator`` held by the model's modules, by dotted path."""
+    out = {}
+    for name, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, np.random.Generator):
+                out[f"{name}.{attr}" if name else attr] = v
+    return out
+
+
+def generator_states(model: Module) -> dict[str, Any]:
+    return {k: g.bit_generator.state for k, g in model_generators(model).items()}
+
+
+def set_generator_states(model: Module, states: dict[str, Any]) -> None:
+    gens = model_generators(model)
+    missing = sorted(set(gens) - set(states))
+    if missing:
+        raise ValueError(f"set_generator_states: the checkpoint has no state for the "
+                         f"generators {missing}; it was written by a different model")
+    for k, g in gens.items():
+        g.bit_generator.state = states[k]
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """``out`` itself when it names a ``.npz`` file, else ``out/checkpoint.npz``."""
+    p = Path(out)
+    return p if p.suffix == ".npz" else p / CHECKPOINT_NAME
+
+
+def save_checkpoint(path: Path, model: TransformerLM, opt: tm.optim.Optimizer, step: int,
+                    train_cfg: TrainConfig, tok: CharTokenizer, batch_rng: np.random.Generator,
+                    history: History) -> None:
+    """One atomic ``.npz``: weights, optimizer state, configs, vocabulary, RNG states."""
+    arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"optim.{k}": v for k, v in opt.state_dict().items()})
+    meta = {"step": int(step), "model_config": model.cfg.to_dict(),
+            "train_config": asdict(train_cfg), "chars": tok.chars,
+            "rng": {"batch": batch_rng.bit_generator.state, "model": generator_states(model)},
+            "history": history.to_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tm.nn.save(arrays, path, metadata=meta)
+
+
+def split_state(state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    optim = {k[len("optim."):]: v for k, v in state.items() if k.startswith("optim.")}
+    return model, optim
+
+
+def load_model(path: str | os.PathLike, **config_changes: Any
+               ) -> tuple[TransformerLM, CharTokenizer, dict[str, Any]]:
+    """The model and tokenizer of a checkpoint (a file, or a folder holding
+    ``checkpoint.npz``), and its metadata. ``config_changes`` override settings that do
+    not change the weights' shapes (e.g. ``eval_capacity_factor``)."""
+    state, meta = tm.nn.load(checkpoint_path(path))
+    if "model_config" not in meta:
+        raise ValueError(f"load_model: {checkpoint_path(path)} is not a tinymoe training "
+                         f"checkpoint (no model_config in its metadata)")
+    cfg = SwitchLMConfig.from_dict(meta["model_config"]).replace(**config_changes)
+    model = build_model(cfg, rng=0)
+    model.load_state_dict(split_state(state)[0])
+    return model, CharTokenizer(meta["chars"]), meta
+
+
+# --- the loop ------------------------------------------------------------------------------
+def make_optimizer(model: TransformerLM, cfg: TrainConfig) -> tm.optim.Optimizer:
+    return tm.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(model_cfg: SwitchLMConfig | None = None, train_cfg: TrainConfig | None = None, *,
+          out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+          data: tuple[CharTokenizer, np.ndarray, np.ndarray] | None = None,
+          desc: str | None = None,
+          on_step: Callable[[int, TransformerLM], None] | None = None) -> TrainResult:
+    """Train a :class:`~tinymoe.models.switch_lm.TransformerLM` on Shakespeare characters.
+
+    ``out``: folder (or ``.npz`` path) for the checkpoint, written every ``ckpt_every``
+    steps and at the end; ``None`` writes nothing. ``resume=True`` continues from the
+    checkpoint at ``out``: its model config wins, and without ``train_cfg`` its training
+    config too. Resuming with the same ``steps`` reproduces the uninterrupted run exactly;
+    a larger ``steps`` continues with the learning-rate schedule of the longer run.
+    ``data`` = ``(tokenizer, train_ids, val_ids)`` (default: :func:`load_data`).
+    ``on_step(step, model)`` is called after every optimizer step (step counted from 1),
+    after that step's checkpoint (if any) was written.
+    """
+    from tqdm.auto import tqdm
+
+    path = None if out is None else checkpoint_path(out)
+    start_step, history, meta = 0, History(), None
+    if resume:
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"train: resume=True needs a checkpoint, and there is none "
+                                    f"at {path}; start without resuming")
+        state, meta = tm.nn.load(path)
+        model_cfg = SwitchLMConfig.from_dict(meta["model_config"])
+        train_cfg = train_cfg or TrainConfig.from_dict(meta["train_config"])
+    train_cfg = train_cfg or TrainConfig()
+    tok, train_ids, val_ids = data if data is not None else load_data(train_cfg.val_fraction)
+    if meta is not None and meta["chars"] != tok.chars:
+        raise ValueError("train: the checkpoint's vocabulary differs from the data's")
+    model_cfg = model_cfg or SwitchLMConfig(vocab_size=tok.vocab_size)
+    if model_cfg.vocab_size != tok.vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+    model = build_model(model_cfg, rng=train_cfg.seed)
+    opt = make_optimizer(model, train_cfg)
+    batch_rng = np.random.default_rng(train_cfg.seed + 1)
+    if meta is not None:
+        model_state, optim_state = split_state(state)
+        model.load_state_dict(model_state)
+        opt.load_state_dict(optim_state)
+        set_generator_states(model, meta["rng"]["model"])
+        batch_rng.bit_generator.state = meta["rng"]["batch"]
+        history = History.from_dict(meta["history"])
+        start_step = int(meta["step"])
+    sched = tm.optim.LinearWarmupCosine(train_cfg.steps, min(train_cfg.warmup, train_cfg.steps),
+                                        train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio)
+    held_out = val_batches(val_ids, train_cfg, model_cfg.block_size)
+    model.train()
+
+    def save(step: int) -> None:
+        if path is not None:
+            save_checkpoint(path, model, opt, step, train_cfg, tok, batch_rng, history)
+
+    bar = tqdm(range(start_step, train_cfg.steps), initial=start_step, total=train_cfg.steps,
+               desc=desc or f"train {model_cfg.kind}", disable=not progress)
+    began = time.perf_counter()
+    tick, since = time.perf_counter(), 0
+    completed, in_update, snapshot = start_step, False, None
+    try:
+        for step in bar:
+            snapshot = (batch_rng.bit_generator.state, generator_states(model))
+            x, y = get_batch(train_ids, train_cfg.batch_size, model_cfg.block_size, batch_rng)
+            loss, ce = model.loss(x, y)
+            opt.zero_grad()
+            loss.backward()
+            if train_cfg.clip > 0:
+                tm.optim.clip_grad_norm_(model.parameters(), train_cfg.clip)
+            opt.lr = sched(step)
+            in_update = True
+            opt.step()
+            completed, in_update, snapshot = step + 1, False, None
+            since += 1
+            if completed % train_cfg.log_every == 0 or completed == 1:
+                now = time.perf_counter()
+                _log(history, completed, model, ce, loss, (now - tick) / since)
+                tick, since = now, 0
+                postfix = {"ce": f"{ce.item():.3f}"}
+                if history.dropped and history.dropped[-1]:
+                    postfix["drop"] = f"{100 * np.mean(history.dropped[-1]):.1f}%"
+                if history.val_loss:
+                    postfix["val"] = f"{history.val_loss[-1]:.3f}"
+                bar.set_postfix(postfix)
+            if completed % train_cfg.eval_every == 0:
+                history.val_steps.append(completed)
+                history.val_loss.append(evaluate(model, held_out))
+            if completed % train_cfg.ckpt_every == 0 or completed == train_cfg.steps:
+                save(completed)
+            if on_step is not None:
+                on_step(completed, model)
+    except KeyboardInterrupt:
+        if not in_update:  # mid-update weights are half-stepped: keep the last checkpoint
+            if snapshot is not None:  # the interrupted step drew noise and a batch: undo
+                batch_rng.bit_generator.state = snapshot[0]
+                set_generator_states(model, snapshot[1])
+            save(completed)  # atomic, so the previous file stays valid even now
+        raise
+    finally:
+        bar.close()
+    final = evaluate(model, held_out)
+    return TrainResult(model, history, tok, model_cfg, train_cfg, final,
+                       time.perf_counter() - began, path)
+
+
+def _log(history: History, step: int, model: TransformerLM, ce: Any, loss: Any,
+         step_time: float) -> None:
+    history.steps.append(step)
+    history.train_loss.append(float(ce.item()))
+    history.router_loss.append(float(loss.item() - ce.item()))
+    history.dropped.append([m.stats.dropped_fraction for m in model.moe_layers])
+    history.load.append([m.stats.load.tolist() for m in model.moe_layers])
+    history.demand.append([m.stats.demand.tolist() for m in model.moe_layers])
+    history.step_time.append(float(step_time))
+
+
+# --- sampling ------------------------------------------------------------------------------
+def generate(model: TransformerLM, tok: CharTokenizer, prompt: str = "\n", length: int = 200,
+             temperature: float = 1.0, seed: int | None = 0) -> str:
+    """``length`` characters after ``prompt``, one at a time from the model's softmax.
+
+    ``temperature`` divides the logits (0: always the most likely character). The context
+    is the last ``block_size`` characters. Eval mode: no jitter, no dropout.
+    """
+    if temperature < 0:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0")
+    if length < 0:
+        raise ValueError(f"generate: length={length} must be >= 0")
+    rng = np.random.default_rng(seed)
+    ids = list(tok.encode(prompt or "\n"))
+    block = model.cfg.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for _ in range(length):
+                ctx = np.asarray(ids[-block:], dtype=np.int64)[None]  # (1, L)
+                logits = model(ctx).numpy()[0, -1].astype(np.float64)  # (V,)
+                if temperature == 0:
+                    nxt = int(np.argmax(logits))
+                else:
+                    z = logits / temperature
+                    p = np.exp(z - z.max())
+                    nxt = int(rng.choice(len(p), p=p / p.sum()))
+                ids.append(nxt)
+    finally:
+        model.train(was_training)
+    return tok.decode(np.asarray(ids[len(ids) - length:] if length else [], dtype=np.int64))
+
+
+# --- command lines -------------------------------------------------------------------------
+FAST_MODEL = {"block_size": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
+              "num_experts": 4}
+FAST_TRAIN = {"steps": 60, "batch_size": 8, "warmup": 10, "eval_every": 20, "eval_batches": 2,
+              "log_every": 5, "ckpt_every": 20}
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tinymoe train",
+        description="Train the tiny Switch Transformer (or its dense baseline, or a GShard "
+                    "top-2 model) on the shipped Shakespeare characters, with checkpoints.")
+    ap.add_argument("--out", default="runs/switch",
+                    help="folder for checkpoint.npz (default: runs/switch)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in --out (its model settings win)")
+    ap.add_argument("--fast", action="store_true",
+                    help="a tiny model and 60 steps (a smoke test; also TINYMOE_FAST=1)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    m = ap.add_argument_group("model")
+    m.add_argument("--kind", choices=KINDS, default="switch")
+    defaults = SwitchLMConfig()
+    for name, typ in (("block_size", int), ("d_model", int), ("n_layers", int),
+                      ("n_heads", int), ("d_ff", int), ("num_experts", int),
+                      ("moe_every", int), ("capacity_factor", float),
+                      ("eval_capacity_factor", float), ("group_size", int),
+                      ("jitter", float), ("aux_loss_coef", float), ("z_loss_coef", float),
+                      ("expert_dropout", float), ("dropout", float), ("init_scale", float)):
+        m.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                       help=f"default {getattr(defaults, name)}")
+    m.add_argument("--router-dtype", choices=["float16", "bfloat16", "float32", "float64"],
+                   default=None, help="precision of the router (default float32)")
+    t = ap.add_argument_group("training")
+    tdefaults = TrainConfig()
+    for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("warmup", int),
+                      ("weight_decay", float), ("clip", float), ("eval_every", int),
+                      ("eval_batches", int), ("log_every", int), ("ckpt_every", int),
+                      ("seed", int)):
+        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                       help=f"default {getattr(tdefaults, name)}")
+    return ap
+
+
+def configs_from_args(args: argparse.Namespace, resume_meta: dict[str, Any] | None = None
+                      ) -> tuple[SwitchLMConfig, TrainConfig]:
+    """The configs a command line asks for. When resuming, the checkpoint's training config
+    is the base and only the options given on the command line change it (the model config
+    always comes from the checkpoint)."""
+    fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
+    model_kw: dict[str, Any] = dict(FAST_MODEL) if fast else {}
+    if resume_meta is not None:
+        train_kw: dict[str, Any] = dict(resume_meta["train_config"])
+    else:
+        train_kw = dict(FAST_TRAIN) if fast else {}
+    model_kw["kind"] = args.kind
+    for f in fields(SwitchLMConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "kind":
+            model_kw[f.name] = v
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            train_kw[f.name] = v
+    return SwitchLMConfig(**model_kw), TrainConfig.from_dict(train_kw)
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """``tinymoe train ...``: see ``tinymoe train --help``."""
+    args = build_train_parser().parse_args(argv)
+    path = checkpoint_path(args.out)
+    try:
+        meta = None
+        if args.resume:
+            if not path.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without "
+                                        f"--resume")
+            _, meta = tm.nn.load(path)
+            print(f"resuming from {path} at step {meta['step']}")
+        elif path.is_file():
+            print(f"note: {path} exists and will be overwritten (use --resume to continue)")
+        model_cfg, train_cfg = configs_from_args(args, meta)
+        res = train(model_cfg, train_cfg, out=args.out, resume=args.resume,
+                    progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; the last completed step is saved in {path} (continue with "
+              f"--resume)")
+        return 130
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"tinymoe train: error: {e}")
+        return 2
+    m = res.model
+    drops = [d for row in res.history.dropped[-10:] for d in row]
+    print(f"{m.cfg.kind} LM, params {m.num_parameters():,} total / "
+          f"{m.active_parameters():,} active; {res.train_config.steps} steps in "
+          f"{res.seconds:.0f} s")
+    print(f"validation loss {res.final_val_loss:.4f} nats/char"
+          + (f"; dropped tokens (last logs) {100 * np.mean(drops):.2f}%" if drops else ""))
+    print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def main_sample(argv: Sequence[str] | None = None) -> int:
+    """``tinymoe sample --checkpoint PATH [--prompt TEXT] [--length N] [--temperature T]``."""
+    ap = argparse.ArgumentParser(prog="tinymoe sample",
+                                 description="Print text sampled from a trained checkpoint.")
+    ap.add_argument("--checkpoint", default="runs/switch",
+                    help="checkpoint file or the --out folder of tinymoe train")
+    ap.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    ap.add_argument("--length", "-n", type=int, default=300, help="characters to generate")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="softmax temperature; 0 picks the most likely character")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="eval capacity factor of the MoE layers (default: the model's)")
+    args = ap.parse_args(argv)
+    try:
+        changes: dict[str, Any] = {"group_size": None}  # the context is one group
+        if args.capacity_factor is not None:
+            changes["eval_capacity_factor"] = args.capacity_factor
+        model, tok, _ = load_model(args.checkpoint, **changes)
+        text = generate(model, tok, args.prompt, args.length, args.temperature, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tinymoe sample: error: {e}")
+        return 2
+    print(args.prompt + text)
+    return 0
