@@ -129,7 +129,8 @@ def main(argv=None) -> str:
     n_links = 200
     x0, a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
     n_ops = 3 * n_links + 1  # mul, add, tanh per link, plus the final sum
-    runs = {"tinymoe": chain_tinymoe(n_links, x0, a, b), "NumPy by hand": chain_numpy(n_links, x0, a, b)}
+    runs = {"tinymoe": chain_tinymoe(n_links, x0, a, b),
+            "NumPy by hand": chain_numpy(n_links, x0, a, b)}
     if torch:
         runs["PyTorch eager"] = chain_torch(torch, n_links, x0, a, b)
     per_op = {k: median_time(f, repeats=reps) / n_ops * 1e6 for k, f in runs.items()}

@@ -5,7 +5,6 @@ Notebooks run in fast mode (``TINYMOE_FAST=1``) with the working directory set t
 exercise cells run those tasks' solution regions.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -308,9 +308,11 @@ def explain(cfg: MoEConfig, name: str | None = None, seq_len: int | None = None)
     kv = f"{cfg.n_heads} heads" + (f" / {cfg.kv_heads} KV heads" if cfg.kv_heads != cfg.n_heads
                                    else "")
     head = f"config {name}" if name else "config"
+    moe_layers = ("all MoE" if cfg.moe_every == 1
+                  else f"{n_moe} MoE: every {_ordinal(cfg.moe_every)}")
     lines = [
         f"{head}: vocab {cfg.vocab_size:,}, d_model {cfg.d_model:,}, {L} layers "
-        f"({'all MoE' if cfg.moe_every == 1 else f'{n_moe} MoE: every {_ordinal(cfg.moe_every)}'}), {kv} x {cfg.head_size}, "
+        f"({moe_layers}), {kv} x {cfg.head_size}, "
         f"FFN {cfg.ffn_kind} d_ff {cfg.d_ff:,}, {E} experts top-{k}"
         + (f" + {S} shared" if S else "")
         + f", {'tied' if cfg.tie_embeddings else 'untied'} embeddings, {cfg.norm_kind}",

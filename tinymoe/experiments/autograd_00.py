@@ -72,7 +72,6 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     n_params = res["model"].num_parameters()
 
     def decision_plot():
-        from tinymoe import viz
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(4.5, 4))

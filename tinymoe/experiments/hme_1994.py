@@ -62,7 +62,7 @@ PAPER = {"linear": (0.31, 1), "backprop": (0.09, 5500), "hme_em": (0.10, 35),
          "hme_lsq": (0.12, 39)}
 
 
-# --- the task --------------------------------------------------------------------------------------
+# --- the task --------------------------------------------------------------------------------
 PIECES = np.array([  # (w1, w2, b) of f_q for the quadrants (x1<0,x2<0), (x1<0,x2>=0), ...
     [2.0, 0.0, 1.0],
     [0.0, 1.0, -1.0],
@@ -103,7 +103,7 @@ def make_tree(seed: int, y: np.ndarray) -> HME:
     return HME(2, 1, 2, 2, expert="gaussian", variance=float(np.var(y)), rng=seed)
 
 
-# --- one comparison --------------------------------------------------------------------------------
+# --- one comparison --------------------------------------------------------------------------
 def final_level(curve: Sequence[float]) -> float:
     """The median of the last 10% of a training curve: its final value, robust to spikes."""
     c = np.asarray(curve, dtype=float)
@@ -164,7 +164,7 @@ def compare(seed: int, *, n_train: int = N_TRAIN, grad_epochs: int = GRAD_EPOCHS
     return comp, tree_g, tree_e
 
 
-# --- the reproduction -----------------------------------------------------------------------------
+# --- the reproduction ------------------------------------------------------------------------
 @dataclass
 class HMEResult:
     seeds: int
@@ -225,7 +225,8 @@ def format_table(result: HMEResult) -> str:
                 f"0.09 (backprop) | 5,500 (backprop) |")
     em_row = (f"| HME by EM (Algorithm 1) | {m('rel_err_em'):.3f} | {m('em_epochs'):.1f} | "
               f"0.10 | 35 |")
-    columns = "| method | rel. test error | epochs to converge | paper: rel. error | paper: epochs |"
+    columns = ("| method | rel. test error | epochs to converge | paper: rel. error "
+               "| paper: epochs |")
     lines = [head, "", columns,
              "|---|---|---|---|---|",
              f"| linear (least squares) | {m('rel_err_linear'):.3f} | 1 | 0.31 | 1 |",
@@ -249,7 +250,7 @@ def format_table(result: HMEResult) -> str:
     return "\n".join(lines)
 
 
-# --- figures ------------------------------------------------------------------------------------------
+# --- figures ---------------------------------------------------------------------------------
 def figure_curves(comp: Comparison, ax: Any = None) -> Any:
     """Mean log-likelihood per epoch: gradient vs EM (log-scaled epochs)."""
     from tinymoe import viz
@@ -280,7 +281,7 @@ def write_outputs(result: HMEResult, out: Path) -> None:
     figure_curves(comp).savefig(out / "hme_1994_curves.png", dpi=120)
 
 
-# --- step-size exploration -------------------------------------------------------------------------
+# --- step-size exploration ----------------------------------------------------------
 def explore(grid: Sequence[float] = EXPLORE_GRID, seed: int = 1000, epochs: int = GRAD_EPOCHS,
             progress: bool = True) -> dict[float, tuple[float, int]]:
     """``lr -> (final level, drops)`` of gradient ascent from one start: the final level
@@ -308,7 +309,7 @@ def best_lr(table: dict[float, tuple[float, int]]) -> float:
     return max(stable, key=stable.get)
 
 
-# --- tour and CLI ------------------------------------------------------------------------------------
+# --- tour and CLI ----------------------------------------------------------------------------
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     """One line for ``tinymoe tour``: one start, gradient vs EM."""
     cfg = {k: FAST[k] for k in ("n_train", "grad_epochs", "em_iters")} if fast else {}

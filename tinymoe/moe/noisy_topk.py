@@ -122,7 +122,8 @@ def kth_excluding_top(H: Tensor, top_values: Tensor, k: int) -> Tensor:
 
 def prob_in_top_k(clean_logits: Tensor, H: Tensor, noise_stddev: Tensor, top_values: Tensor,
                   k: int) -> Tensor:
-    """The smooth load estimator, eq. (9): ``P(x, i) = Φ((clean_i − kth_excluding(H, k, i)) / σ_i)``.
+    """The smooth load estimator, eq. (9):
+    ``P(x, i) = Φ((clean_i − kth_excluding(H, k, i)) / σ_i)``.
 
     ``clean_logits``, ``H`` and ``noise_stddev`` are ``(T, E)``; ``top_values`` the top
     ``k+1`` entries of ``H`` per row, largest first. The clean logit is compared with a

@@ -3,8 +3,8 @@
 NumPy has no ``erf``; we compile ``math.erf`` (the C library's, accurate to the last bit)
 into a NumPy ufunc with Numba the first time it is needed, so ``import tinymoe`` stays fast.
 
-    erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt,        d erf/dx = 2/sqrt(pi) exp(-x^2)
-    Phi(x) = (1 + erf(x / sqrt(2))) / 2,                      d Phi/dx = phi(x) = exp(-x^2/2)/sqrt(2 pi)
+    erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt,   d erf/dx = 2/sqrt(pi) exp(-x^2)
+    Phi(x) = (1 + erf(x / sqrt(2))) / 2,           d Phi/dx = phi(x) = exp(-x^2/2) / sqrt(2 pi)
 """
 from __future__ import annotations
 
