@@ -19,7 +19,7 @@ def _tour(args: argparse.Namespace) -> int:
 def _gradcheck(args: argparse.Namespace) -> int:
     from tinymoe.checks import main_gradcheck
 
-    return main_gradcheck(verbose=args.verbose)
+    return main_gradcheck(verbose=args.verbose, only=args.only, list_only=args.list)
 
 
 def _forward(module: str, func: str) -> Callable[[argparse.Namespace], int]:
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gradcheck", help="gradient-check every op, layer, gate and loss")
     g.add_argument("-v", "--verbose", action="store_true", help="print each report")
+    g.add_argument("--only", metavar="TEXT", help="run the checks whose name contains TEXT")
+    g.add_argument("--list", action="store_true", help="list the checks' names, run nothing")
     g.set_defaults(handler=_gradcheck)
 
     for name, (helptext, target) in FORWARDED.items():
