@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tinymoe.autograd import no_grad
-from tinymoe.experiments.switch_2021 import FAST, FULL, TOUR, ExperimentConfig
+from tinymoe.experiments.switch_2021 import FAST, TOUR, TOUR_FULL, ExperimentConfig
 from tinymoe.models.switch_lm import describe
 from tinymoe.train import TrainResult, load_data, train, val_batches
 
@@ -100,8 +100,8 @@ def figure_routing(g: GShardResult) -> Any:
 
 
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
-    """One line for ``tinymoe tour`` (about 15 s with ``fast``; about 2 minutes without)."""
-    g = run(progress=progress, config=TOUR if fast else FULL)
+    """One line for ``tinymoe tour`` (about 15 s with ``fast``; under a minute without)."""
+    g = run(progress=progress, config=TOUR if fast else TOUR_FULL)
     res = g.result
     c = res.model_config
     return {

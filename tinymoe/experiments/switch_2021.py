@@ -31,7 +31,7 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,10 @@ TOUR = ExperimentConfig(
     SwitchLMConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=128, num_experts=8),
     TrainConfig(steps=500, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_batches=4,
                 log_every=10, ckpt_every=10_000))
+# ``tinymoe tour`` without --fast: the full-size models, trained long enough to show the
+# effect but short enough that the whole tour stays under about 3 minutes on 2 cores
+# (``tinymoe repro switch`` runs FULL).
+TOUR_FULL = ExperimentConfig(FULL.model, replace(FULL.train, steps=300, eval_every=50))
 
 
 @dataclass
@@ -304,7 +308,7 @@ def figure_dropped(result: SwitchResult) -> Any:
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     """One line for ``tinymoe tour``: Switch vs dense on a tiny LM (about 15 s with
     ``fast``; ``fast=False`` runs the full-size pair, about 4 minutes)."""
-    cfg = TOUR if fast else FULL
+    cfg = TOUR if fast else TOUR_FULL
     result = run(config=cfg, fast=fast, progress=progress, runs=TOUR_RUNS)
     dense, switch = result.run("dense"), result.run("switch")
     E = cfg.model.num_experts
