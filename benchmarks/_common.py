@@ -22,6 +22,25 @@ def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2,
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds.
+
+    Interleaving (a, b, c, a, b, c, ...) spreads any background load over all of the
+    implementations instead of penalising whichever ran while the machine was busy.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def try_torch():
     try:
         import torch

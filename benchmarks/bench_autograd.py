@@ -8,7 +8,7 @@
 2. An MLP training step: float32, batch 4096, 256 -> 1024 -> 256 with ReLU, MSE loss,
    forward + backward + SGD update; milliseconds per step for the same three.
 
-Medians over repeats, measured side by side in one process. Issue targets: per-op overhead
+Medians over repeats, timed in alternating rounds in one process. Issue targets: per-op overhead
 within 1.5x of PyTorch, MLP step within 1.2x.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median_time, table, try_torch  # noqa: E402
+from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 
 import tinymoe as tm  # noqa: E402
 
@@ -133,7 +133,7 @@ def main(argv=None) -> str:
             "NumPy by hand": chain_numpy(n_links, x0, a, b)}
     if torch:
         runs["PyTorch eager"] = chain_torch(torch, n_links, x0, a, b)
-    per_op = {k: median_time(f, repeats=reps) / n_ops * 1e6 for k, f in runs.items()}
+    per_op = {k: v / n_ops * 1e6 for k, v in interleaved_medians(runs, reps).items()}
     rows = [[k, f"{v:.2f}", f"{v / per_op['tinymoe']:.2f}",
              f"{per_op['tinymoe'] / v:.2f}"] for k, v in per_op.items()]
     lines += [f"Per-op overhead: chain of {n_links} x (mul, add, tanh) on 8x8 float32, "
@@ -150,7 +150,7 @@ def main(argv=None) -> str:
              "NumPy by hand": mlp_numpy(X, Y, W1, b1, W2, b2, 1e-3)}
     if torch:
         steps["PyTorch eager"] = mlp_torch(torch, X, Y, W1, b1, W2, b2, 1e-3)
-    ms = {k: median_time(f, repeats=reps) * 1e3 for k, f in steps.items()}
+    ms = {k: v * 1e3 for k, v in interleaved_medians(steps, reps).items()}
     rows = [[k, f"{v:.1f}", f"{v / ms['tinymoe']:.2f}", f"{ms['tinymoe'] / v:.2f}"]
             for k, v in ms.items()]
     lines += [f"MLP training step: float32, batch {B}, {d}-{h}-{d}, ReLU, MSE, SGD "

@@ -17,7 +17,7 @@ class ReLU(Function):
     def forward(ctx, a):
         mask = a > 0
         ctx.save_for_backward(mask)
-        return a * mask
+        return np.maximum(a, 0)
 
     @staticmethod
     def backward(ctx, grad):
