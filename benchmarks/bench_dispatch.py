@@ -6,9 +6,11 @@
 For each k it times the four steps of an MoE layer's data movement, forward and backward:
 dispatch (x -> buffer (E, C, d)), combine (buffer_out, w -> y), and their backward passes,
 with the capacity C = ceil(capacity_factor * T * k / E). Each figure is the median of
-``--repeats`` timed calls after one warm-up call; every call allocates its outputs, as the
-library does. Bandwidth counts the bytes an ideal implementation must move (s = bytes per
-element, n = kept (token, choice) pairs, S = E*C slots; index arrays are left out, < 2%):
+``--repeats`` timed calls after one warm-up call, the implementations timed in alternating
+rounds. Every call allocates its outputs, as the library does; the column "numba, outputs
+reused" runs the same kernels into outputs allocated once, to show what fresh memory costs.
+Bandwidth counts the bytes an ideal implementation must move (s = bytes per element,
+n = kept (token, choice) pairs, S = E*C slots; index arrays are left out, < 2%):
 
     dispatch          read n*d*s (token rows)        + write S*d*s (buffer, zeros included)
     dispatch backward read n*d*s (slot rows)         + write T*d*s (grad x)
@@ -31,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +44,33 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import median_time, try_torch  # noqa: E402
 
+# PyTorch first: importing tinymoe's kernels sets OMP_WAIT_POLICY=PASSIVE (unless already
+# set) for Numba's OpenMP threads, and PyTorch's own OpenMP should keep its default.
+TORCH = None if "--no-torch" in sys.argv else try_torch()
+
 from tinymoe.dispatch import kernels, reference  # noqa: E402
 
 STEPS = ("dispatch", "dispatch backward", "combine", "combine backward")
+
+
+def interleaved_medians(impls: dict, repeats: int) -> dict:
+    """Median seconds per (implementation, step), timed in alternating rounds.
+
+    One warm-up call each (JIT compile or cache load), then ``repeats`` rounds that time
+    every step of every implementation once, so background load falls on all alike.
+    """
+    for steps in impls.values():
+        for fn in steps.values():
+            fn()
+    samples = {nm: {st: [] for st in steps} for nm, steps in impls.items()}
+    for _ in range(repeats):
+        for st in STEPS:
+            for nm, steps in impls.items():
+                t0 = time.perf_counter()
+                steps[st]()
+                samples[nm][st].append(time.perf_counter() - t0)
+    return {nm: {st: statistics.median(v) for st, v in by_step.items()}
+            for nm, by_step in samples.items()}
 
 
 def step_bytes(T: int, d: int, s: int, n: int, S: int) -> dict[str, int]:
@@ -58,6 +85,35 @@ def numpy_like_steps(m, x, e, p, E, C, w, buf_out, g_buf, g_y):
         "dispatch backward": lambda: m.dispatch_backward(g_buf, e, p, E, C),
         "combine": lambda: m.combine(buf_out, e, p, w),
         "combine backward": lambda: m.combine_backward(g_y, buf_out, e, p, w),
+    }
+
+
+def reused_output_steps(x, e, p, E, C, w, buf_out, g_buf, g_y):
+    """Diagnostic: the same Numba kernels writing into outputs allocated (and touched) once.
+
+    Calls the private kernels of tinymoe.dispatch.kernels directly, index work included, to
+    separate the kernels' own speed from the cost of fresh memory (page faults).
+    """
+    K = kernels
+    T, d = x.shape
+    k = e.shape[1]
+    touched = lambda shape, dt: np.ones(shape, dtype=dt)  # noqa: E731
+    buf, gx = touched((E * C, d), x.dtype), touched((T, d), x.dtype)
+    y, g_out = touched((T, d), x.dtype), touched((E * C, d), x.dtype)
+    dots = touched((T, k), x.dtype)
+    out2, gbuf2 = buf_out.reshape(E * C, d), g_buf.reshape(E * C, d)
+
+    def combine_backward():
+        row = K._slot_rows(e, p, C)
+        K._scatter_and_dot(out2, row, g_y, w, x.dtype.type(0), g_out, dots)
+        K._zero_rows(K._invert_rows(row, E * C), g_out)
+
+    return {
+        "dispatch": lambda: K._gather_rows(x, K._invert_rows(K._slot_rows(e, p, C), E * C), k,
+                                           buf),
+        "dispatch backward": lambda: K._gather_sum(gbuf2, K._slot_rows(e, p, C), gx),
+        "combine": lambda: K._gather_weighted_sum(out2, K._slot_rows(e, p, C), w, y),
+        "combine backward": combine_backward,
     }
 
 
@@ -172,7 +228,7 @@ def main(argv=None) -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     d, E, dtype = args.dim, args.experts, np.dtype(args.dtype)
     s = dtype.itemsize
-    torch = None if args.no_torch else try_torch()
+    torch = None if args.no_torch else TORCH
     if torch is None and not args.no_torch:
         print("PyTorch not installed: skipping its column")
 
@@ -204,16 +260,17 @@ def main(argv=None) -> None:
                  "numba": numpy_like_steps(kernels, x, e, p, E, C, w, buf_out, g_buf, g_y)}
         if torch is not None:
             impls["torch"] = torch_steps(torch, x, e, p, E, C, w, buf_out, g_buf, g_y)
-        times = {name: {st: median_time(fn, repeats, warmup=1) for st, fn in steps.items()}
-                 for name, steps in impls.items()}
+        impls["numba, outputs reused"] = reused_output_steps(x, e, p, E, C, w, buf_out, g_buf,
+                                                             g_y)
+        times = interleaved_medians(impls, repeats)
         print(f"k = {k}: C = {C:,}, kept pairs n = {n:,} of {T * k:,}")
-        head = f"  {'step':<18}" + "".join(f"{name:>22}" for name in impls) + "   numba/numpy"
+        head = f"  {'step':<18}" + "".join(f"{name:>24}" for name in impls) + "   numba/numpy"
         print(head + "\n  " + "-" * (len(head) - 2))
         rows_md = []
         tot = {nm: sum(times[nm].values()) for nm in impls}
         for st, b, t in [*((st, nbytes[st], {nm: times[nm][st] for nm in impls}) for st in STEPS),
                          ("all four", sum(nbytes.values()), tot)]:
-            cells = "".join(f"{t[nm] * 1e3:8.2f} ms {b / t[nm] / 1e9:6.2f} GB/s" for nm in impls)
+            cells = "".join(f"{t[nm] * 1e3:10.2f} ms {b / t[nm] / 1e9:6.2f} GB/s" for nm in impls)
             ratio = t["numpy"] / t["numba"]
             print(f"  {st:<18}{cells}   {ratio:6.2f}x")
             rows_md.append(f"| {k} | {st} | " + " | ".join(
