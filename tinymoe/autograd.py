@@ -26,7 +26,6 @@ gradient flowing into a tensor from every place it was used.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -145,11 +144,6 @@ class Function:
         return result
 
 
-@functools.lru_cache(maxsize=None)
-def _name(fn: type) -> str:
-    return fn.__name__
-
-
 def topological_order(root: Tensor) -> list[Tensor]:
     """Tensors that ``root`` depends on (and that need gradients), inputs before outputs.
 
@@ -196,21 +190,21 @@ def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None
             continue
         if node.freed:
             raise RuntimeError(
-                f"backward: the graph through {_name(node.fn)} was already freed by an earlier "
+                f"backward: the graph through {node.fn.__name__} was already freed by an earlier "
                 f"backward(); pass retain_graph=True to the first backward() to "
                 f"backpropagate through the same graph twice")
         in_grads = node.fn.backward(node, g)
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
         if len(in_grads) != len(node.inputs):
-            raise RuntimeError(f"{_name(node.fn)}.backward returned {len(in_grads)} gradients "
+            raise RuntimeError(f"{node.fn.__name__}.backward returned {len(in_grads)} gradients "
                                f"for {len(node.inputs)} inputs")
         for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
             if pg is None or not parent.requires_grad:
                 continue
             if pg.shape != parent.data.shape:
                 raise RuntimeError(
-                    f"{_name(node.fn)}.backward returned a gradient of shape {pg.shape} for "
+                    f"{node.fn.__name__}.backward returned a gradient of shape {pg.shape} for "
                     f"input {i} of shape {parent.shape}; an unbroadcast() is probably missing")
             if pg.dtype != parent.data.dtype:
                 pg = pg.astype(parent.data.dtype)

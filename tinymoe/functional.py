@@ -1,6 +1,5 @@
 """``tm.functional``: every differentiable op and loss as a function of tensors."""
 from tinymoe.losses import cross_entropy, mse, nll  # noqa: F401
-from tinymoe.ops import *  # noqa: F401,F403
 from tinymoe.ops import (abs, add, astype, broadcast_to, clip, concatenate, div, dropout,  # noqa: F401
                          erf, exp, gelu, getitem, log, log_softmax, logsumexp, matmul, max,
                          maximum, mean, minimum, mul, neg, normal_cdf, one_hot, permute, pow,
