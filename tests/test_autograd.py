@@ -1,5 +1,8 @@
 """The engine: graph walk, accumulation, reuse, deep chains, no_grad, second backward,
 unbroadcast, and the errors users see."""
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -92,8 +95,33 @@ def test_topological_order_puts_inputs_first():
     x = leaf(1.0)
     a = x * 2.0
     b = a + 1.0
-    order = topological_order(b)
-    assert order.index(x) < order.index(a) < order.index(b)
+    order = topological_order(b)  # vertices: leaf tensors and the nodes of op outputs
+    assert order.index(x) < order.index(a._node) < order.index(b._node)
+    assert order[-1] is b._node
+
+
+def test_graph_does_not_keep_intermediate_arrays_alive():
+    # Add saves nothing for backward, so once the Python name is gone, a's array is freed
+    # even though b's node still routes the gradient through a's node (PyTorch does the same).
+    x = leaf(np.ones(1000))
+    a = x * 2.0
+    b = a + 1.0
+    data = weakref.ref(a.data)
+    del a
+    gc.collect()
+    assert data() is None
+    b.sum().backward()
+    np.testing.assert_array_equal(x.grad, np.full(1000, 2.0))
+
+
+def test_retain_grad_called_after_the_tensor_was_used():
+    x = leaf(np.arange(3.0))
+    a = x * 2.0
+    loss = (a * a).sum()
+    a.retain_grad()
+    loss.backward()
+    np.testing.assert_array_equal(a.grad, 2 * a.numpy())
+    np.testing.assert_array_equal(x.grad, 4 * a.numpy())
 
 
 @pytest.mark.parametrize("g,shape,expected", [

@@ -26,6 +26,7 @@ gradient flowing into a tensor from every place it was used.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -94,13 +95,23 @@ _TENSOR_TYPES: list = []  # [Tensor, as_tensor], filled in by tinymoe.tensor (av
 
 class Context:
     """One op application: scratch space shared by its forward and backward, and (once
-    recorded in the graph) the op and the input tensors it was applied to."""
+    recorded in the graph) a node standing for the op's output.
+
+    A recorded node remembers, for each input, where its gradient goes: the input's own
+    node if an op made it, the tensor itself if it is a leaf, ``None`` if it needs no
+    gradient. It does **not** keep the input tensors, so an intermediate array stays in
+    memory only while something uses it or a backward ``saved`` it (as in PyTorch): the
+    graph of a big layer holds what backward needs, not every array the forward made.
+    """
 
     def __init__(self, fn: type[Function], needs_input_grad: tuple[bool, ...]) -> None:
         self.fn = fn
         self.needs_input_grad = needs_input_grad
         self.saved: tuple[Any, ...] = ()
-        self.inputs: tuple[Tensor, ...] = ()
+        self.inputs: tuple[Context | Tensor | None, ...] = ()  # where each gradient goes
+        self.out_shape: tuple[int, ...] = ()  # the output's shape and dtype
+        self.out_dtype: np.dtype | None = None
+        self.output: weakref.ref | None = None  # the output tensor, for retain_grad()
         self.freed = False
 
     def save_for_backward(self, *values: Any) -> None:
@@ -108,6 +119,13 @@ class Context:
 
 
 Node = Context  # a recorded Context is a node of the graph
+
+
+def _edge(t: Tensor) -> Context | Tensor | None:
+    """Where the gradient of input ``t`` goes: its node, the leaf itself, or nowhere."""
+    if not t.requires_grad:
+        return None
+    return t if t._node is None else t._node
 
 
 class Function:
@@ -139,33 +157,37 @@ class Function:
         result = Tensor(out)
         if _GRAD_ENABLED and True in needs:
             result.requires_grad = True  # a float result: it came from float inputs
-            ctx.inputs = tensors
+            ctx.inputs = tuple([_edge(t) for t in tensors])
+            ctx.out_shape, ctx.out_dtype = out.shape, out.dtype
+            ctx.output = weakref.ref(result)
             result._node = ctx
         return result
 
 
-def topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors that ``root`` depends on (and that need gradients), inputs before outputs.
+def topological_order(root: Tensor) -> list[Context | Tensor]:
+    """The graph behind ``root``, inputs before outputs: nodes and the leaves they reach.
 
-    An iterative depth-first search: a tensor is appended once all of its inputs have been,
-    so reversing the list gives an order in which every gradient is complete before it is
+    A vertex is a recorded node (standing for the tensor an op made) or a leaf tensor. An
+    iterative depth-first search appends a vertex once all of its inputs have been, so
+    reversing the list gives an order in which every gradient is complete before it is
     passed on.
     """
-    order: list[Tensor] = []
+    order: list[Context | Tensor] = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    start = root if root._node is None else root._node
+    stack: list[tuple[Context | Tensor, bool]] = [(start, False)]
     while stack:
-        t, inputs_done = stack.pop()
+        v, inputs_done = stack.pop()
         if inputs_done:
-            order.append(t)
+            order.append(v)
             continue
-        if id(t) in visited:
+        if id(v) in visited:
             continue
-        visited.add(id(t))
-        stack.append((t, True))
-        if t._node is not None:
-            for parent in t._node.inputs:
-                if parent.requires_grad and id(parent) not in visited:
+        visited.add(id(v))
+        stack.append((v, True))
+        if isinstance(v, Context):
+            for parent in v.inputs:
+                if parent is not None and id(parent) not in visited:
                     stack.append((parent, False))
     return order
 
@@ -178,47 +200,55 @@ def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None
     graph's saved arrays are released afterwards and a second backward through it raises.
     """
     order = topological_order(root)
-    grads: dict[int, np.ndarray] = {id(root): grad}
-    for t in reversed(order):
-        g = grads.pop(id(t), None)
-        if g is None:  # not reached from root (cannot happen) or a branch with no gradient
+    grads: dict[int, np.ndarray] = {id(order[-1]): grad}
+    for v in reversed(order):
+        g = grads.pop(id(v), None)
+        if g is None:  # a branch that received no gradient
             continue
-        if t._node is None or t._retains_grad:
-            t._accumulate(g)
-        node = t._node
-        if node is None:
+        if not isinstance(v, Context):  # a leaf tensor
+            v._accumulate(g)
             continue
+        node = v
+        out = node.output()
+        if out is not None and out._retains_grad:
+            out._accumulate(g)
         if node.freed:
             raise RuntimeError(
                 f"backward: the graph through {node.fn.__name__} was already freed by an earlier "
                 f"backward(); pass retain_graph=True to the first backward() to "
                 f"backpropagate through the same graph twice")
         in_grads = node.fn.backward(node, g)
+        del g
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
         if len(in_grads) != len(node.inputs):
             raise RuntimeError(f"{node.fn.__name__}.backward returned {len(in_grads)} gradients "
                                f"for {len(node.inputs)} inputs")
         for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
-            if pg is None or not parent.requires_grad:
+            if pg is None or parent is None:
                 continue
-            if pg.shape != parent.data.shape:
+            if isinstance(parent, Context):
+                shape, dtype = parent.out_shape, parent.out_dtype
+            else:
+                shape, dtype = parent.shape, parent.dtype
+            if pg.shape != shape:
                 raise RuntimeError(
                     f"{node.fn.__name__}.backward returned a gradient of shape {pg.shape} for "
-                    f"input {i} of shape {parent.shape}; an unbroadcast() is probably missing")
-            if pg.dtype != parent.data.dtype:
-                pg = pg.astype(parent.data.dtype)
+                    f"input {i} of shape {shape}; an unbroadcast() is probably missing")
+            if pg.dtype != dtype:
+                pg = pg.astype(dtype)
             key = id(parent)
             if key in grads:
                 grads[key] = grads[key] + pg  # used more than once: the sum
             else:
                 grads[key] = pg
+        in_grads = pg = None  # drop references before the next node runs
         if not retain_graph:
             node.saved, node.freed = (), True  # release the saved arrays
 
 
 def graph_nodes(root: Tensor) -> Iterator[Node]:
-    """The recorded nodes behind ``root`` (for lessons that draw the graph)."""
-    for t in topological_order(root):
-        if t._node is not None:
-            yield t._node
+    """The recorded nodes behind ``root``, inputs first (for lessons that draw the graph)."""
+    for v in topological_order(root):
+        if isinstance(v, Context):
+            yield v

@@ -11,18 +11,22 @@ from tinymoe.ops.special import normal_cdf_array, normal_pdf_array
 
 
 class ReLU(Function):
-    """out = max(a, 0);  da = grad * [a > 0]."""
+    """out = max(a, 0);  da = grad * [out > 0].
+
+    Saves the output, not the input or a mask: the next op (a matmul) usually saves the same
+    array, so ReLU's backward costs no extra memory ([a > 0] equals [out > 0]).
+    """
 
     @staticmethod
     def forward(ctx, a):
-        mask = a > 0
-        ctx.save_for_backward(mask)
-        return np.maximum(a, 0)
+        out = np.maximum(a, 0)
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved
-        return (grad * mask,)
+        (out,) = ctx.saved
+        return (grad * (out > 0),)
 
 
 class GELU(Function):
