@@ -103,6 +103,23 @@ def test_matmul_batched_and_vectors(shapes):
     tm.gradcheck(lambda a, b: a @ b, [a, b], names=["a", "b"])
 
 
+@pytest.mark.parametrize("shapes", [((3, 4), (4, 2), (2,)), ((2, 3, 4), (2, 4, 5), (2, 1, 5)),
+                                    ((3, 4), (4, 2), (3, 2)), ((4,), (4, 3), (3,)),
+                                    ((3, 4), (4, 2), (1, 3, 2))])
+def test_linear_fused_bias(shapes):
+    # The last two widen the output: the bias's own shape (3, 2) and a new leading axis.
+    a, b, c = (leaf(normal(s, RNG)) for s in shapes)
+    tm.gradcheck(F.linear, [a, b, c], names=["a", "b", "bias"])
+    np.testing.assert_allclose(F.linear(a, b, c).numpy(), (a @ b + c).numpy(), rtol=1e-12)
+
+
+def test_linear_keeps_the_dtype_rules_of_matmul_plus_add():
+    a = tm.tensor(np.ones((2, 3), np.float32))
+    w = tm.tensor(np.ones((3, 4), np.float32))
+    assert F.linear(a, w, np.ones(4, np.float64)).dtype == (a @ w + np.ones(4)).dtype
+    assert F.linear(a, w, np.ones(4, np.float32)).dtype == np.float32
+
+
 @pytest.mark.parametrize("axis,keepdims", [(0, False), (1, True), ((0, 2), False), (-1, True),
                                            (None, True)])
 @pytest.mark.parametrize("op", ["sum", "mean", "max", "var"])

@@ -18,6 +18,7 @@ CASES = {
     "pow": (lambda a, b: a ** b, lambda a, b: a ** b, 2, lambda x: np.abs(x) + 0.5),
     "maximum": (F.maximum, torch.maximum, 2, None),
     "matmul": (lambda a, b: a @ b.T, lambda a, b: a @ b.T, 2, None),
+    "linear": (lambda a, b: F.linear(a, b.T, b[:, 0]), lambda a, b: a @ b.T + b[:, 0], 2, None),
     "exp": (F.exp, torch.exp, 1, None),
     "log": (F.log, torch.log, 1, lambda x: np.abs(x) + 0.1),
     "sqrt": (F.sqrt, torch.sqrt, 1, lambda x: np.abs(x) + 0.1),

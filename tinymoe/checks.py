@@ -80,6 +80,12 @@ def _matmul(rng):
                                   leaf(rng.standard_normal((4, 5)))]
 
 
+@register("op linear (a @ b + bias, fused)")
+def _linear(rng):
+    return F.linear, [leaf(rng.standard_normal((2, 3, 4))), leaf(rng.standard_normal((2, 4, 5))),
+                      leaf(rng.standard_normal((2, 1, 5)))]
+
+
 @register("loss cross_entropy")
 def _ce(rng):
     y = rng.integers(0, 4, 5)

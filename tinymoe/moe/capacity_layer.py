@@ -67,13 +67,14 @@ def expert_ffn(experts: StackedExperts, buffer: Tensor, dropout: Dropout | None 
     """E FFNs on their buffers at once: ``(E, n, d) -> (E, n, d)``, GShard's Algorithm 2.
 
     ``h = act(buffer @ W1 + b1)`` (E, n, d_ff) ("EGCM,EMH->EGCH"), expert dropout on h,
-    then ``h @ W2 + b2``. Works in the experts' dtype.
+    then ``h @ W2 + b2`` (each ``@ ... +`` is one :func:`~tinymoe.ops.linear`: the bias is
+    added into the product's array). Works in the experts' dtype.
     """
-    h = buffer @ experts.W1 + ops.unsqueeze(experts.b1, 1)  # (E, n, d_ff)
+    h = ops.linear(buffer, experts.W1, ops.unsqueeze(experts.b1, 1))  # (E, n, d_ff)
     h = ACTIVATIONS[experts.activation](h)  # (E, n, d_ff)
     if dropout is not None:
         h = dropout(h)  # (E, n, d_ff) expert dropout on the interim activations
-    return h @ experts.W2 + ops.unsqueeze(experts.b2, 1)  # (E, n, d)
+    return ops.linear(h, experts.W2, ops.unsqueeze(experts.b2, 1))  # (E, n, d)
 
 
 def _cast(a: Tensor, dtype: Any) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tinymoe import ops
 from tinymoe.nn.init import (
     RNGLike,
     as_rng,
@@ -49,10 +50,9 @@ class Linear(Module):
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
         check_last_dim(self, x, self.in_features)
-        y = x @ self.weight  # (..., out)
-        if self.bias is not None:
-            y = y + self.bias  # (..., out)
-        return y
+        if self.bias is None:
+            return x @ self.weight  # (..., out)
+        return ops.linear(x, self.weight, self.bias)  # (..., out) x W + b as one op
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}" + \

@@ -13,7 +13,7 @@ from tinymoe.ops.activations import GELU, ReLU, Sigmoid, Softplus, Tanh
 from tinymoe.ops.elementwise import (Abs, Add, Clip, Div, Exp, Log, Maximum, Minimum, Mul,
                                      Neg, Pow, Sqrt, Sub, Where)
 from tinymoe.ops.indexing import GetItem, TakeAlongAxis, _as_index
-from tinymoe.ops.linalg import MatMul
+from tinymoe.ops.linalg import Linear, MatMul
 from tinymoe.ops.reductions import Max, Mean, Sum, normalize_axes
 from tinymoe.ops.shape import AsType, BroadcastTo, Concatenate, Reshape, Transpose
 from tinymoe.ops.softmax import LogSoftmax, LogSumExp, Softmax
@@ -62,6 +62,7 @@ def normal_cdf(a: Any): return NormalCDF.apply(a)
 
 # --- matmul and reductions -----------------------------------------------------------------------
 def matmul(a: Any, b: Any): return MatMul.apply(a, b)
+def linear(a: Any, b: Any, bias: Any): return Linear.apply(a, b, bias)  # a @ b + bias
 def sum(a: Any, axis: Any = None, keepdims: bool = False):  # noqa: A001
     return Sum.apply(a, axis=axis, keepdims=keepdims)
 def mean(a: Any, axis: Any = None, keepdims: bool = False):
