@@ -21,8 +21,9 @@ next to the memory-copy bandwidth of ``np.copyto`` on a (T, d) array in the same
 (2*T*d*s bytes per copy). PyTorch runs its idiomatic version (index_select / index_copy /
 index_add, backward by autograd) and is skipped when not installed.
 
-Also measured: ``import tinymoe`` and the first dispatch call in a fresh process with a warm
-Numba cache. Results: docs/benchmarks.md ("Dispatch").
+Also measured: ``import tinymoe`` and the first dispatch + combine in a fresh process with a
+warm Numba cache (Numba is imported on that first call), with where the time goes.
+Results: docs/benchmarks.md ("Dispatch").
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from _common import median_time, try_torch  # noqa: E402
 TORCH = None if "--no-torch" in sys.argv else try_torch()
 
 from tinymoe.dispatch import kernels, reference  # noqa: E402
+from tinymoe.dispatch.backend import ENV_VAR as ENV_BACKEND  # noqa: E402
 
 STEPS = ("dispatch", "dispatch backward", "combine", "combine backward")
 
@@ -103,14 +105,18 @@ def reused_output_steps(x, e, p, E, C, w, buf_out, g_buf, g_y):
     dots = touched((T, k), x.dtype)
     out2, gbuf2 = buf_out.reshape(E * C, d), g_buf.reshape(E * C, d)
 
+    def dispatch():
+        src = K._invert_rows(K._slot_rows(e, p, C), E * C)
+        K._gather_rows(x, src, k, buf)
+        buf[src < 0] = 0  # a reused buffer's empty slots must be zeroed again
+
     def combine_backward():
         row = K._slot_rows(e, p, C)
         K._scatter_and_dot(out2, row, g_y, w, x.dtype.type(0), g_out, dots)
-        K._zero_rows(K._invert_rows(row, E * C), g_out)
+        g_out[K._invert_rows(row, E * C) < 0] = 0
 
     return {
-        "dispatch": lambda: K._gather_rows(x, K._invert_rows(K._slot_rows(e, p, C), E * C), k,
-                                           buf),
+        "dispatch": dispatch,
         "dispatch backward": lambda: K._gather_sum(gbuf2, K._slot_rows(e, p, C), gx),
         "combine": lambda: K._gather_weighted_sum(out2, K._slot_rows(e, p, C), w, y),
         "combine backward": combine_backward,
@@ -169,31 +175,54 @@ def fresh_write_bandwidth(T: int, d: int, dtype, repeats: int) -> float:
     return nbytes / t
 
 
-def startup_figures() -> dict[str, float]:
-    """Fresh processes: `import tinymoe`; first dispatch with a warm Numba cache."""
+def startup_figures(runs: int = 7) -> dict[str, float]:
+    """Fresh processes, medians of ``runs``: ``import tinymoe``; the first dispatch with a warm
+    Numba cache, as a user meets it (``route`` + ``dispatch`` + ``combine`` right after
+    ``import tinymoe``, so Numba is imported inside); and where that time goes."""
     import_code = ("import time; t0 = time.perf_counter(); import tinymoe; "
                    "print(time.perf_counter() - t0)")
     first_code = (
-        "import time; t0 = time.perf_counter()\n"
+        "import time\n"
         "import numpy as np, tinymoe as tm\n"
-        "t1 = time.perf_counter()\n"
-        "from tinymoe.dispatch import kernels as K\n"
-        "t2 = time.perf_counter()\n"
+        "e = np.array([[0, 1], [1, 0], [0, 1]]); x = tm.tensor(np.ones((3, 4), np.float32))\n"
+        "w = np.ones((3, 2), np.float32)\n"
+        "t0 = time.perf_counter()\n"
+        "r = tm.dispatch.route(e, w, num_experts=2, capacity=2)\n"
+        "y = tm.dispatch.combine(tm.dispatch.dispatch(x, r), r)\n"
+        "print(time.perf_counter() - t0)\n")
+    parts_code = (  # the same first calls, split: Numba's import, its set-up, our kernels
+        "import time\n"
+        "import numpy as np, tinymoe as tm\n"
         "e = np.array([[0, 1], [1, 0], [0, 1]]); x = np.ones((3, 4), np.float32)\n"
+        "t0 = time.perf_counter()\n"
+        "import numba\n"
+        "t1 = time.perf_counter()\n"
+        "from numba.core.registry import cpu_target\n"
+        "cpu_target.target_context.refresh()  # what loading the first cached kernel starts with\n"
+        "t2 = time.perf_counter()\n"
+        "from tinymoe.dispatch import kernels as K\n"
         "p, _ = K.assign_positions(e, 2, 2)\n"
-        "buf = K.dispatch(x, e, p, 2, 2)\n"
-        "y = K.combine(buf, e, p, np.ones((3, 2), np.float32))\n"
+        "y = K.combine(K.dispatch(x, e, p, 2, 2), e, p, np.ones((3, 2), np.float32))\n"
         "t3 = time.perf_counter()\n"
         "print(t1 - t0, t2 - t1, t3 - t2)\n")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", ENV_BACKEND)}
     run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,  # noqa: E731
                                       capture_output=True, text=True, check=True).stdout
-    imports = sorted(float(run(import_code)) for _ in range(5))
     run(first_code)  # make sure the cache is warm
-    firsts = [tuple(map(float, run(first_code).split())) for _ in range(3)]
-    med = lambda i: statistics.median(f[i] for f in firsts)  # noqa: E731
-    return {"import tinymoe": statistics.median(imports), "import numba + kernels": med(1),
-            "first assign_positions + dispatch + combine": med(2)}
+    imports = [float(run(import_code)) for _ in range(runs)]
+    firsts = [float(run(first_code)) for _ in range(runs)]
+    parts = [tuple(map(float, run(parts_code).split())) for _ in range(runs)]
+    med = statistics.median
+    return {"import tinymoe": med(imports),
+            "first route + dispatch + combine (Numba imported inside)": med(firsts),
+            "  of which: import numba": med(p[0] for p in parts),
+            "  of which: Numba's registry set-up (first cached kernel)": med(p[1] for p in parts),
+            "  of which: tinymoe's kernels (cache loads + calls)": med(p[2] for p in parts)}
+
+
+def scipy_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("scipy") is not None
 
 
 def machine() -> str:
@@ -286,8 +315,11 @@ def main(argv=None) -> None:
     print("markdown rows (k | step | " + " | ".join(impls) + " | numba/numpy | numba/copy):")
     print("\n".join(markdown) + "\n")
     if not args.no_startup:
+        print(f"start-up, fresh processes, warm Numba cache (SciPy installed: "
+              f"{'yes' if scipy_installed() else 'no'}; Numba's set-up imports scipy.linalg "
+              f"when it is):")
         for name, sec in startup_figures().items():
-            print(f"fresh process: {name:<45} {sec * 1e3:8.1f} ms")
+            print(f"  {name:<60} {sec * 1e3:8.1f} ms")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 

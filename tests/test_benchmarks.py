@@ -1,0 +1,56 @@
+"""The benchmarks compare like with like: every implementation in a benchmark computes the same
+numbers as tinymoe before anything is timed. (No timing is asserted anywhere.)"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    path = ROOT / "benchmarks" / f"bench_{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def switch_bench():
+    return load_benchmark("switch_layer")
+
+
+def test_switch_layer_numpy_by_hand_matches_tinymoe(switch_bench):
+    # T = 512 tokens, 8 experts, C = 80: the router sends one expert 86 tokens, so dropping
+    # is part of what is compared.
+    layer, x, g = switch_bench.make_problem(512, 32, 64, 8)
+    tinymoe = switch_bench.tinymoe_step(layer, x, g)
+    assert layer.stats.dropped_tokens > 0
+    assert switch_bench.check_agreement(T=512, d=32, d_ff=64, E=8) == ["tinymoe", "numpy"]
+    numpy = switch_bench.numpy_step(switch_bench.weights(layer), x, g)
+    assert set(numpy) == set(tinymoe)
+    np.testing.assert_allclose(numpy["x"], tinymoe["x"], rtol=1e-4, atol=1e-6)
+
+
+def test_switch_layer_agreement_check_catches_a_wrong_implementation(switch_bench, monkeypatch):
+    real = switch_bench.numpy_step
+
+    def wrong(w, x, g):
+        out = real(w, x, g)
+        out["W1"] = out["W1"] * 1.01  # a 1 % error in one gradient
+        return out
+
+    monkeypatch.setattr(switch_bench, "numpy_step", wrong)
+    with pytest.raises(AssertionError, match="numpy disagrees with tinymoe on W1"):
+        switch_bench.check_agreement(T=256, d=16, d_ff=32, E=4)
+
+
+@pytest.mark.torch
+def test_switch_layer_torch_version_matches_tinymoe(switch_bench):
+    torch = pytest.importorskip("torch")
+    assert switch_bench.check_agreement(T=512, d=32, d_ff=64, E=8, torch=torch) == [
+        "tinymoe", "numpy", "torch"]
