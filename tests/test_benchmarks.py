@@ -1,5 +1,9 @@
 """The benchmarks compare like with like: every implementation in a benchmark computes the same
-numbers as tinymoe before anything is timed. (No timing is asserted anywhere.)"""
+numbers as tinymoe before anything is timed. (No timing is asserted anywhere.)
+
+The Switch layer runs the code of three classroom tasks (capacity positions, the balancing
+loss, the z-loss), so its tests carry those tasks' markers.
+"""
 import importlib.util
 import sys
 from pathlib import Path
@@ -8,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.task4_1, pytest.mark.task4_2, pytest.mark.task4_3]
 
 
 def load_benchmark(name: str):
