@@ -7,6 +7,9 @@
 - 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``, ``capacity``
 - 2021 Switch Transformer top-1 (Fedus et al.): ``switch``; both end in the capacity-mode
   layer ``capacity_layer``, with the balancing and z-losses in ``aux_losses``
+- 2022-2024 modern routers, all run by the layer ``routed_layer`` (with shared experts):
+  Mixtral's top-k ``topk_router``, expert choice ``expert_choice`` (Zhou et al.),
+  DeepSeek-V3's auxiliary-loss-free balancing ``aux_free``
 """
 from tinymoe.moe.aux_losses import (  # noqa: F401
     gshard_aux_loss,
@@ -48,3 +51,12 @@ from tinymoe.moe.noisy_topk import (  # noqa: F401
 )
 from tinymoe.moe.gshard import Top2Gate  # noqa: F401,E402
 from tinymoe.moe.switch import SwitchGate, SwitchRouter  # noqa: F401,E402
+from tinymoe.moe.routed_layer import RoutedMoELayer, RouterOutput  # noqa: F401,E402
+from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates  # noqa: F401,E402
+from tinymoe.moe.expert_choice import (  # noqa: F401,E402
+    ExpertChoiceRouter,
+    expert_choice_positions,
+    experts_per_token,
+    unrouted_fraction,
+)
+from tinymoe.moe.aux_free import AuxFreeRouter, bias_update  # noqa: F401,E402

@@ -1,0 +1,210 @@
+"""The top-k softmax router of Mixtral (Jiang et al. 2024) and DeepSeekMoE (Dai et al. 2024).
+
+    l = x · W_g                              router logits, (T, E), no bias
+    p = softmax(l)                           over all E experts
+    T_x = TopK(p, k)                         the k most probable experts (ties: lowest index)
+    w_i = p_i / Σ_{j ∈ T_x} p_j              normalize=True: Mixtral, the k gates sum to 1
+    w_i = p_i                                normalize=False: DeepSeekMoE, they sum to < 1
+    y = Σ_{i ∈ T_x} w_i · FFN_i(x)
+
+Mixtral's paper (§2.1) writes the gate as ``Softmax(TopK(x · W_g))``: the logits outside the
+top k are set to -inf and a softmax is taken over the k that remain. That is the same number
+as the renormalised probabilities above, because the softmax's denominator cancels::
+
+    e^{l_i} / Σ_{j∈T_x} e^{l_j} = (e^{l_i}/Z) / (Σ_{j∈T_x} e^{l_j}/Z) = p_i / Σ_{j∈T_x} p_j
+
+HF's ``MixtralSparseMoeBlock`` computes it the second way (softmax in float32, top-k, divide
+by the sum), and so do we. DeepSeekMoE (§3.2, with shared experts, and its 16B model's
+``norm_topk_prob=False``) keeps the raw ``p_i``: the routed gates then sum to less than 1 and
+the shared experts (:class:`~tinymoe.moe.routed_layer.RoutedMoELayer`, ``num_shared``)
+carry the rest. With k = 1 and ``normalize=True`` every gate is exactly 1 and the router
+gets no gradient from the task loss, only from the auxiliary loss (reference §7.5): use
+``normalize=False`` (Switch's raw p) for top-1.
+
+Routing is **dropless** (no capacity, reference §6.6): every expert processes all the tokens
+that chose it, as sorted rows and one grouped matmul.
+
+Load balancing, for T tokens each with k choices (:func:`topk_balance_loss`)::
+
+    f_i = (1 / (T·k)) Σ_t Σ_{j=1..k} 1{e_tj = i}     share of the T·k (token, choice) pairs
+    P_i = (1 / T) Σ_t p_i(x_t)                        mean router probability
+    loss = E · Σ_i f_i · P_i                          1 under uniform routing, for any k
+
+The router follows the Switch router's stability measures (:mod:`tinymoe.moe.switch`):
+selective precision (``router_dtype``, float32 by default) and the truncated-normal
+initialisation with ``init_scale`` 0.1 (HF's Mixtral instead draws every Linear, the router
+included, from N(0, 0.02²), its ``initializer_range``); the optional z-loss is ST-MoE's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tinymoe import ops
+from tinymoe.dispatch.functions import route
+from tinymoe.moe.aux_losses import router_z_loss
+from tinymoe.moe.capacity import check_num_experts
+from tinymoe.moe.routed_layer import RouterOutput
+from tinymoe.moe.switch import (
+    INIT_SCALE,
+    check_finite_logits,
+    check_router_dtype,
+    router_probabilities,
+    switch_init,
+)
+from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
+from tinymoe.nn.module import Module, Parameter
+from tinymoe.tensor import Tensor, as_tensor
+
+
+def check_router_k(k: Any, num_experts: int, where: str) -> int:
+    """``k`` as an int in [1, E], or a ValueError naming ``where`` and the fix."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
+            or not 1 <= k <= num_experts:
+        raise ValueError(f"{where}: k={k!r} must be an integer in [1, {num_experts}] for "
+                         f"num_experts={num_experts}; choose 1 <= k <= num_experts (Mixtral "
+                         f"uses k=2 of 8)")
+    return int(k)
+
+
+def check_coef(value: Any, name: str, where: str) -> float:
+    """A finite coefficient >= 0 (0 switches the term off)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{where}: {name}={value!r} must be a finite number >= 0 (0 turns "
+                         f"the term off)")
+    return v
+
+
+def _choices(expert_index: Any, T: int, E: int, op: str) -> np.ndarray:
+    """``expert_index`` as a (T, k) integer array in [0, E) ((T,) counts as k = 1)."""
+    e = np.asarray(expert_index.data if isinstance(expert_index, Tensor) else expert_index)
+    if e.ndim == 1:
+        e = e[:, None]  # (T, 1)
+    if e.ndim != 2 or e.shape[0] != T or e.shape[1] < 1:
+        raise ValueError(f"{op}: expert_index has shape {e.shape}, expected (T, k) = ({T}, k) "
+                         f"with k >= 1: the chosen experts of the {T} tokens of router_probs")
+    if not np.issubdtype(e.dtype, np.integer):
+        raise TypeError(f"{op}: expert_index must hold integers, got dtype {e.dtype}")
+    if e.size and (e.min() < 0 or e.max() >= E):
+        raise ValueError(f"{op}: expert_index must lie in [0, {E}) for E = {E} experts, got "
+                         f"min {e.min()} max {e.max()}")
+    return e
+
+
+def topk_balance_loss(router_probs: Any, expert_index: Any) -> Tensor:
+    """``E · Σ_i f_i · P_i`` for top-k routing (no coefficient): a scalar Tensor.
+
+    ``router_probs`` (T, E) the softmax probabilities p(x_t); ``expert_index`` (T, k) the
+    chosen experts (counted as chosen, before anything else could drop them). ``f_i`` is the
+    share of the T·k (token, choice) pairs that go to expert i (a count: no gradient),
+    ``P_i`` the mean of ``p_i`` over the tokens (the gradient flows through it). Under
+    uniform routing ``f_i = P_i = 1/E``, so the loss is **1 for any k** (and any E); it grows
+    as the routing concentrates, up to E when every pair goes to one expert that has all
+    the probability.
+
+    Conventions (reference §6.2, §6.4, §7.7): HF Mixtral's ``load_balancing_loss_func``
+    keeps one ``f`` per choice slot (``tokens_per_expert`` of shape (k, E)) and sums over
+    the k slots, so its uniform value is k: k times ours. DeepSeekMoE's expert-level loss
+    ``Σ_i f_i P_i`` with ``f_i = N'/(K'T) Σ_t 1(token t selects i)`` scales f so that
+    ``f_i = 1`` at uniform: ``N'/(K'T)·count_i = E · count_i/(T·k)``, the same number as
+    ours (with N' = E routed experts and K' = k).
+    """
+    p = as_tensor(router_probs)
+    if p.ndim != 2:
+        raise ValueError(f"topk_balance_loss: router_probs must be (T, E) (tokens, experts), "
+                         f"got shape {p.shape}; flatten the leading axes first")
+    T, E = p.shape
+    e = _choices(expert_index, T, E, "topk_balance_loss")  # (T, k)
+    if T == 0:
+        return Tensor(np.zeros((), dtype=p.dtype))  # no tokens, nothing to balance
+    ### BEGIN SOLUTION task6_1
+    f = np.bincount(e.reshape(-1), minlength=E) / e.size  # (E,) share of the T·k pairs
+    P = p.mean(axis=0)                                     # (E,) mean probability
+    loss = (P * f.astype(p.dtype)).sum() * float(E)        # E · Σ_i f_i P_i
+    ### END SOLUTION
+    return loss
+
+
+def topk_gates(probs: Tensor, k: int, normalize: bool = True) -> tuple[np.ndarray, Tensor]:
+    """Top-k selection and the combine weights: ``(expert_index (T, k), weight (T, k))``.
+
+    ``expert_index`` holds the k most probable experts of each token, most probable first
+    (ties go to the lowest index, as ``ops.topk``); ``weight`` their probabilities,
+    divided by their sum when ``normalize`` (Mixtral: equal to a softmax over the k kept
+    logits) or raw otherwise (DeepSeekMoE). The selection gets no gradient; the weights do,
+    through the kept probabilities (and, renormalised, through their sum).
+    """
+    ### BEGIN SOLUTION task6_1
+    weight, expert_index = ops.topk(probs, k, axis=-1)        # (T, k) each, largest first
+    if normalize:
+        weight = weight / weight.sum(axis=-1, keepdims=True)  # (T, k) rows sum to 1
+    ### END SOLUTION
+    return expert_index, weight
+
+
+class TopKRouter(Module):
+    """Mixtral's router (``normalize=True``) or DeepSeekMoE's (``normalize=False``).
+
+    ``W_g`` (d_model, E) Parameter, no bias, stored in float32 (float64 when
+    ``router_dtype="float64"``, for gradchecks). ``forward(x)`` for ``x`` (T, d_model)
+    computes the logits and the softmax in ``router_dtype`` (selective precision), picks
+    the top k experts of each token, and returns a
+    :class:`~tinymoe.moe.routed_layer.RouterOutput` with a dropless routing (``capacity``
+    None), ``logits`` (T, E), ``scores`` = the probabilities p (T, E), and
+
+        aux_loss = aux_loss_coef · topk_balance_loss(p, e) + z_loss_coef · router_z_loss(l)
+
+    (None when both coefficients are 0). HF Mixtral's coefficient is 1e-3 on a loss whose
+    uniform value is k (= 2): ``aux_loss_coef = 2e-3`` here gives the same gradient.
+    The combine weights are cast to the dtype of ``x`` (when it is floating).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int = 2, *, normalize: bool = True,
+                 aux_loss_coef: float = 1e-2, z_loss_coef: float = 0.0,
+                 router_dtype: Any = "float32", init_scale: float = INIT_SCALE,
+                 rng: RNGLike = None) -> None:
+        super().__init__()
+        self.d_model = check_positive_int(d_model, "d_model", "TopKRouter")
+        self.num_experts = check_num_experts(num_experts, "TopKRouter")
+        self.k = check_router_k(k, self.num_experts, "TopKRouter")
+        self.normalize = bool(normalize)
+        self.aux_loss_coef = check_coef(aux_loss_coef, "aux_loss_coef", "TopKRouter")
+        self.z_loss_coef = check_coef(z_loss_coef, "z_loss_coef", "TopKRouter")
+        self.router_dtype = check_router_dtype(router_dtype, "TopKRouter")
+        scale = check_coef(init_scale, "init_scale", "TopKRouter")
+        self.rng = as_rng(rng)
+        store = np.float64 if self.router_dtype == "float64" else np.float32
+        self.W_g = Parameter(switch_init(self.rng, self.d_model,
+                                         (self.d_model, self.num_experts), store, scale))  # (d, E)
+
+    def forward(self, x: Any) -> RouterOutput:
+        x = as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"TopKRouter(d_model={self.d_model}): x must be (T, "
+                             f"{self.d_model}), got shape {x.shape}; flatten the leading "
+                             f"axes first, e.g. x.reshape(-1, {self.d_model})")
+        logits, probs = router_probabilities(x, self.W_g, self.router_dtype)  # (T, E) each
+        check_finite_logits(logits, "TopKRouter")
+        expert_index, weight = topk_gates(probs, self.k, self.normalize)  # (T, k) each
+        out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
+        if weight.dtype != out_dtype:
+            weight = weight.astype(out_dtype)
+        routing = route(expert_index, weight, self.num_experts)  # dropless: capacity None
+        aux = None
+        if self.aux_loss_coef:
+            aux = topk_balance_loss(probs, expert_index) * self.aux_loss_coef
+        if self.z_loss_coef:
+            z = router_z_loss(logits) * self.z_loss_coef
+            aux = z if aux is None else aux + z
+        return RouterOutput(routing, logits, probs, aux)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
+                f"normalize={self.normalize}, aux_loss_coef={self.aux_loss_coef:g}, "
+                f"z_loss_coef={self.z_loss_coef:g}, router_dtype={self.router_dtype!r}")
