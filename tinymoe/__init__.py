@@ -6,7 +6,7 @@
     y.backward()          # x.grad == [[3., 4.]]
 
 Sub-packages load when first used, so ``import tinymoe`` stays fast: ``tm.nn``, ``tm.optim``,
-``tm.moe``, ``tm.data``, ``tm.viz``, ``tm.dispatch``.
+``tm.moe``, ``tm.data``, ``tm.viz``, ``tm.dispatch``, ``tm.parallel``.
 """
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = ["Tensor", "tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled",
            "unbroadcast", "gradcheck", "GradcheckError", "GradcheckReport", "functional",
-           "nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params"]
+           "nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params",
+           "parallel"]
 
-_LAZY = {"nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params"}
+_LAZY = {"nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params",
+         "parallel"}
 
 
 def __getattr__(name: str) -> Any:
