@@ -29,11 +29,11 @@ SUBCOMMANDS = ["tour", "train", "sample", "gradcheck", "bench", "params", "class
 # the regions a full `tinymoe gradcheck` runs (mixture NLL and posteriors, the noisy top-k
 # gate and load estimator, capacity, the balancing and z-losses)
 GRADCHECK_TASKS = ["task1_1", "task1_2", "task3_1", "task3_2", "task3_3", "task4_1",
-                   "task4_2", "task4_3"]
+                   "task4_2", "task4_3", "task6_1", "task6_2", "task7_1"]
 # the regions `tinymoe tour --fast` runs: the 1991 NLL, the EM of 1994 (E-step, least
 # squares, IRLS), noisy top-k, GShard and Switch (capacity, balancing loss, z-loss)
 TOUR_TASKS = ["task1_1", "task2_1", "task2_2", "task2_3", "task3_1", "task3_2", "task3_3",
-              "task4_1", "task4_2", "task4_3"]
+              "task4_1", "task4_2", "task4_3", "task6_1", "task6_2", "task6_3"]
 
 
 def tagged(tasks):
@@ -137,7 +137,8 @@ def test_gradcheck_reports_failures_and_errors(monkeypatch, capsys):
 
 def test_every_stage_has_gradient_checks():
     groups = {name.split()[0] for name in CHECKS}
-    assert {"op", "nn", "1991", "1994", "2017", "dispatch", "2020", "2021"} <= groups
+    assert {"op", "nn", "1991", "1994", "2017", "dispatch", "2020", "2021", "2022", "2024",
+            "parallel"} <= groups
 
 
 @tagged(GRADCHECK_TASKS)

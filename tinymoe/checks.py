@@ -507,6 +507,83 @@ def _switch_lm(rng):
     return fn, [params[n] for n in wanted], {"names": wanted, "max_elements": 100}
 
 
+@register("2024 TopKRouter (Mixtral top-2, renormalised)")
+def _topk_router(rng):
+    def draw():
+        router = moe.TopKRouter(5, 4, 2, aux_loss_coef=0.1, z_loss_coef=0.01,
+                                router_dtype="float64", rng=rng)
+        router.W_g.data = rng.standard_normal((5, 4))
+        return router, rng.standard_normal((7, 5))
+
+    router, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].W_g.data, 2))
+
+    def fn(x, W):
+        out = router(x)
+        return out.routing.combine_weight, out.aux_loss
+    return fn, [leaf(x), router.W_g], {"names": ["x", "W_g"]}
+
+
+def _routed_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Generator,
+                  num_shared: int = 0) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
+    """A float64 RoutedMoELayer around ``router``, its input and every trainable weight."""
+    def draw():
+        router.W_g.data = rng.standard_normal(router.W_g.shape)
+        layer = moe.RoutedMoELayer(router, 5, num_shared=num_shared, dtype=F64, rng=rng)
+        for b in (layer.experts.b1, layer.experts.b2):
+            b.data = 0.1 * rng.standard_normal(b.shape)
+        return layer.eval(), rng.standard_normal((8, router.d_model))
+
+    layer, x = with_margin(draw, lambda v: gap(v[1] @ v[0].router.W_g.data))
+    named = [(n, p) for n, p in layer.named_parameters() if n != "router.bias"]
+
+    def fn(x, *ps):
+        y = layer(x)
+        return y if layer.aux_loss is None else (y, layer.aux_loss)
+    return fn, [leaf(x)] + [p for _, p in named], {"names": ["x"] + [n for n, _ in named],
+                                                   "max_elements": 100}
+
+
+@register("2024 RoutedMoELayer (top-2 + 1 shared expert)")
+def _routed_topk(rng):
+    router = moe.TopKRouter(4, 3, 2, normalize=False, router_dtype="float64", rng=rng)
+    return _routed_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
+
+
+@register("2022 ExpertChoiceRouter + RoutedMoELayer")
+def _expert_choice(rng):
+    router = moe.ExpertChoiceRouter(4, 3, capacity_factor=1.5, router_dtype="float64",
+                                    rng=rng)
+    C = 4  # ceil(8 tokens · 1.5 / 3 experts): each expert's top 4 of 8 must be clear
+
+    def gap(z):
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        return top_gap((p / p.sum(axis=1, keepdims=True)).T, C)  # (E, T): top-C per expert
+    return _routed_layer(router, gap, rng)
+
+
+@register("2024 AuxFreeRouter + RoutedMoELayer (sigmoid, bias)")
+def _aux_free(rng):
+    router = moe.AuxFreeRouter(4, 4, 2, seq_aux_loss_coef=0.1, route_scale=2.5,
+                               router_dtype="float64", rng=rng)
+    router.bias.data = 0.3 * rng.standard_normal(4)
+    bias = router.bias.data
+
+    def gap(z):
+        return top_gap(1.0 / (1.0 + np.exp(-z)) + bias, 2)  # the selection uses s + b
+    return _routed_layer(router, gap, rng)
+
+
+@register("parallel all_to_all (D = 3)")
+def _all_to_all(rng):
+    from tinymoe.parallel import all_to_all
+
+    chunks = [leaf(rng.standard_normal((3, 2, 4))) for _ in range(3)]  # (D_dst, C, d) each
+
+    def fn(*cs):
+        return tuple(all_to_all(list(cs)))
+    return fn, chunks, {"names": [f"device {r}" for r in range(3)]}
+
+
 # --- running them --------------------------------------------------------------------------------
 def run_check(name: str, seed: int = 0) -> GradcheckReport:
     """Build check ``name`` from ``seed`` and run ``tm.gradcheck`` on it (never raises on a

@@ -64,4 +64,14 @@ TASKS: dict[str, Task] = {
                     "lessons/05_numba_dispatch.ipynb", 2),
     "task5_2": Task("slots in the experts' buffers: the exclusive prefix sum of assign_positions",
                     "lessons/05_numba_dispatch.ipynb", 3),
+    # --- lesson 06: modern routers (Mixtral, expert choice, DeepSeek) ----------------------
+    "task6_1": Task("Mixtral's router: softmax, top-k, renormalise the kept probabilities",
+                    "lessons/06_modern_routers.ipynb", 2),
+    "task6_2": Task("expert choice: every expert takes its top-C tokens",
+                    "lessons/06_modern_routers.ipynb", 3),
+    "task6_3": Task("auxiliary-loss-free balancing: the bias update b += γ·sign(mean - load)",
+                    "lessons/06_modern_routers.ipynb", 2),
+    # --- lesson 07: experts across machines ----------------------------------------------
+    "task7_1": Task("expert parallelism: the all-to-all that carries tokens to their experts",
+                    "lessons/07_expert_parallelism.ipynb", 3),
 }
