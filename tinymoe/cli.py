@@ -76,6 +76,8 @@ REPRO = {
                "Shazeer et al. 2017, Table 6: the balancing losses"),
     "switch": ("tinymoe.experiments.switch_2021", "main_switch",
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
+    "modern": ("tinymoe.experiments.modern_2024", "main_modern",
+               "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
@@ -83,7 +85,7 @@ FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
               ("tinymoe.train", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.train", "main_sample")),
-    "repro": ("reproduce a paper's table (vowels, hme, table6, switch)",
+    "repro": ("reproduce a paper's table (vowels, hme, table6, switch, modern)",
               ("tinymoe.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.cli", "main_bench")),

@@ -23,6 +23,7 @@ STAGES: list[str] = [
     "tinymoe.experiments.table6_2017",
     "tinymoe.experiments.gshard_2020",
     "tinymoe.experiments.switch_2021",
+    "tinymoe.experiments.modern_2024",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

@@ -13,7 +13,7 @@ The training loss is ``cross_entropy + Σ_layers aux_loss`` where each layer's a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,16 +43,27 @@ class CharLMConfig:
 
 
 class MoEBlock(Module):
-    """Pre-norm transformer block with an MoE feed-forward: attention, then MoE, each residual."""
+    """Pre-norm transformer block with an MoE feed-forward: attention, then MoE, each residual.
 
-    def __init__(self, cfg: CharLMConfig, rng: np.random.Generator) -> None:
+    The MoE is the 2017 :class:`~tinymoe.moe.layer.MoELayer`, or whatever ``make_moe(cfg,
+    rng)`` builds (e.g. a :class:`~tinymoe.moe.routed_layer.RoutedMoELayer` with a modern
+    router): any Module mapping (..., d_model) to (..., d_model) with an ``aux_loss``
+    attribute (a scalar Tensor or None) after each call.
+    """
+
+    def __init__(self, cfg: CharLMConfig, rng: np.random.Generator,
+                 make_moe: Callable[[CharLMConfig, np.random.Generator], Module] | None = None
+                 ) -> None:
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model, dtype=cfg.dtype)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, dtype=cfg.dtype, rng=rng)
         self.ln2 = LayerNorm(cfg.d_model, dtype=cfg.dtype)
-        self.moe = MoELayer(cfg.d_model, cfg.num_experts, cfg.k, d_ff=cfg.d_ff,
-                            w_importance=cfg.w_importance, w_load=cfg.w_load,
-                            noisy_gating=cfg.noisy_gating, rng=rng, dtype=cfg.dtype)
+        if make_moe is None:
+            self.moe = MoELayer(cfg.d_model, cfg.num_experts, cfg.k, d_ff=cfg.d_ff,
+                                w_importance=cfg.w_importance, w_load=cfg.w_load,
+                                noisy_gating=cfg.noisy_gating, rng=rng, dtype=cfg.dtype)
+        else:
+            self.moe = make_moe(cfg, rng)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))  # (B, L, d)
@@ -62,7 +73,9 @@ class MoEBlock(Module):
 class CharMoELM(Module):
     """``model(ids) -> logits``; ``model.loss(ids, targets) -> (total, cross_entropy)``."""
 
-    def __init__(self, cfg: CharLMConfig, rng: RNGLike = None) -> None:
+    def __init__(self, cfg: CharLMConfig, rng: RNGLike = None,
+                 make_moe: Callable[[CharLMConfig, np.random.Generator], Module] | None = None
+                 ) -> None:
         super().__init__()
         gen = as_rng(rng)
         self.cfg = cfg
@@ -70,12 +83,12 @@ class CharMoELM(Module):
                              init_scale=0.1)
         self.pos = Embedding(cfg.block_size, cfg.d_model, dtype=cfg.dtype, rng=gen,
                              init_scale=0.1)
-        self.blocks = ModuleList([MoEBlock(cfg, gen) for _ in range(cfg.n_layers)])
+        self.blocks = ModuleList([MoEBlock(cfg, gen, make_moe) for _ in range(cfg.n_layers)])
         self.ln_f = LayerNorm(cfg.d_model, dtype=cfg.dtype)
         self.head = Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rng=gen)
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[Module]:
         return [b.moe for b in self.blocks]
 
     def forward(self, ids: Any) -> Tensor:
@@ -89,8 +102,11 @@ class CharMoELM(Module):
         return self.head(self.ln_f(x))  # (B, L, V)
 
     def aux_loss(self) -> Tensor:
-        """Σ over MoE layers of their balancing loss from the last forward."""
-        return ops.stack([m.aux_loss for m in self.moe_layers]).sum()
+        """Σ over MoE layers of their balancing loss from the last forward (0 if none)."""
+        terms = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
+        if not terms:
+            return Tensor(np.zeros((), dtype=self.cfg.dtype))
+        return ops.stack(terms).sum()
 
     def loss(self, ids: Any, targets: Any) -> tuple[Tensor, Tensor]:
         """``(cross_entropy + aux_loss, cross_entropy)`` for one batch."""
