@@ -34,7 +34,6 @@ modelled here: V3's group-limited (node-limited) selection, which first keeps th
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -62,14 +61,9 @@ NORMALIZE_EPS = 1e-20  # HF DeepseekV3's guard on the sum of the k gates
 
 
 def check_speed(speed: Any, where: str) -> float:
-    try:
-        v = float(speed)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(speed, bool) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{where}: bias_update_speed={speed!r} must be a finite number >= 0 "
-                         f"(DeepSeek-V3 uses 1e-3; 0 turns the bias updates off)")
-    return v
+    """The bias update speed γ: a finite number >= 0."""
+    return check_coef(speed, "bias_update_speed", where,
+                      "DeepSeek-V3 uses 1e-3; 0 turns the bias updates off")
 
 
 def bias_update(bias: Any, load: Any, speed: float) -> np.ndarray:

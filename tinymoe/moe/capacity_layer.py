@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tinymoe import ops
-from tinymoe.dispatch.functions import combine, dispatch
+from tinymoe.dispatch.functions import Routing, combine, dispatch
 from tinymoe.moe.capacity import CapacityRouting, check_num_experts
 from tinymoe.moe.experts import ACTIVATIONS, StackedExperts
 from tinymoe.moe.gshard import Top2Gate
@@ -77,14 +77,28 @@ def expert_ffn(experts: StackedExperts, buffer: Tensor, dropout: Dropout | None 
     return ops.linear(h, experts.W2, ops.unsqueeze(experts.b2, 1))  # (E, n, d)
 
 
-def _cast(a: Tensor, dtype: Any) -> Tensor:
+def as_dtype(a: Tensor, dtype: Any) -> Tensor:
+    """``a`` in ``dtype`` (no op when it already is)."""
     return a if a.dtype == np.dtype(dtype) else a.astype(dtype)
 
 
-def _wide(a: Tensor) -> Tensor:
+def kernel_dtype(a: Tensor) -> Tensor:
     """float16 (which the Numba dispatch kernels do not support) moves as float32: exact for
     the copies of dispatch, and combine's products are rounded once, at the end."""
-    return _cast(a, np.float32) if a.dtype not in (np.float32, np.float64) else a
+    return as_dtype(a, np.float32) if a.dtype not in (np.float32, np.float64) else a
+
+
+def gate_routing(gate: Module, x: Tensor, where: str, **gate_inputs: Any
+                 ) -> tuple[CapacityRouting, Routing]:
+    """Run a capacity-mode ``gate`` on ``x`` (T, d): its :class:`CapacityRouting`, and the
+    dispatch routing with the combine weights in a dtype the kernels take."""
+    r = gate(x, **gate_inputs)
+    if not isinstance(r, CapacityRouting):
+        raise TypeError(f"{where}: the gate returned {type(r).__name__}, not a CapacityRouting")
+    routing = r.routing
+    if routing.combine_weight.dtype != kernel_dtype(routing.combine_weight).dtype:
+        routing = replace(routing, combine_weight=kernel_dtype(routing.combine_weight))
+    return r, routing
 
 
 def make_gate(kind: str, d_model: int, num_experts: int, rng: np.random.Generator,
@@ -164,18 +178,12 @@ class CapacityMoELayer(Module):
         check_last_dim(self, x, self.d_model)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)  # (T, d)
-        r = self.gate(x2, **gate_inputs)
-        if not isinstance(r, CapacityRouting):
-            raise TypeError(f"CapacityMoELayer: the gate returned {type(r).__name__}, not a "
-                            f"CapacityRouting")
-        routing = r.routing
-        if routing.combine_weight.dtype != _wide(routing.combine_weight).dtype:
-            routing = replace(routing, combine_weight=_wide(routing.combine_weight))
-        buf = dispatch(_wide(x2), routing)  # (E, G·C, d) tokens in their slots, 0 padding
-        buf = _cast(buf, self.experts.W1.dtype)
+        r, routing = gate_routing(self.gate, x2, "CapacityMoELayer", **gate_inputs)
+        buf = dispatch(kernel_dtype(x2), routing)  # (E, G·C, d) tokens in slots, 0 padding
+        buf = as_dtype(buf, self.experts.W1.dtype)
         out = expert_ffn(self.experts, buf, self.expert_dropout)  # (E, G·C, d)
-        y = combine(_wide(out), routing)  # (T, d): Σ_j w_tj FFN_e(x_t), 0 if dropped
-        y = _cast(y, x.dtype)
+        y = combine(kernel_dtype(out), routing)  # (T, d): Σ_j w_tj FFN_e(x_t), 0 if dropped
+        y = as_dtype(y, x.dtype)
         self._record(r)
         if self.residual:
             y = x2 + y  # (T, d) dropped tokens: exactly x

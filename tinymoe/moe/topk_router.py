@@ -69,15 +69,15 @@ def check_router_k(k: Any, num_experts: int, where: str) -> int:
     return int(k)
 
 
-def check_coef(value: Any, name: str, where: str) -> float:
-    """A finite coefficient >= 0 (0 switches the term off)."""
+def check_coef(value: Any, name: str, where: str, hint: str = "0 turns the term off"
+               ) -> float:
+    """A finite coefficient >= 0, or a ValueError naming ``where``, ``name`` and ``hint``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = float("nan")
     if isinstance(value, bool) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{where}: {name}={value!r} must be a finite number >= 0 (0 turns "
-                         f"the term off)")
+        raise ValueError(f"{where}: {name}={value!r} must be a finite number >= 0 ({hint})")
     return v
 
 

@@ -38,7 +38,7 @@ devices of the tokens processed / their mean.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -46,7 +46,8 @@ import numpy as np
 from tinymoe import ops
 from tinymoe.dispatch.functions import Routing, combine, dispatch
 from tinymoe.moe.capacity import CapacityRouting, expert_capacity
-from tinymoe.moe.capacity_layer import CapacityMoELayer, expert_ffn
+from tinymoe.moe.capacity_layer import (CapacityMoELayer, as_dtype, expert_ffn, gate_routing,
+                                         kernel_dtype)
 from tinymoe.nn.linear import check_last_dim
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
@@ -269,15 +270,6 @@ class _LocalExperts(NamedTuple):
     activation: str
 
 
-def _cast(a: Tensor, dtype: Any) -> Tensor:
-    return a if a.dtype == np.dtype(dtype) else a.astype(dtype)
-
-
-def _wide(a: Tensor) -> Tensor:
-    """float16 moves through dispatch/combine as float32, as in CapacityMoELayer."""
-    return _cast(a, np.float32) if a.dtype not in (np.float32, np.float64) else a
-
-
 class ExpertParallelOutput(NamedTuple):
     y: Tensor                        # the layer's output, x's shape
     routings: list[CapacityRouting]  # one per device, for its own T/D tokens
@@ -319,14 +311,8 @@ def expert_parallel_forward(layer: CapacityMoELayer, x: Any, num_devices: int,
     send: list[Tensor] = []
     for r in range(D):
         shard = x2[r * S:(r + 1) * S]  # (S, d) the tokens device r owns
-        cr = layer.gate(shard, **inputs[r])
-        if not isinstance(cr, CapacityRouting):
-            raise TypeError(f"expert_parallel_forward: the gate returned "
-                            f"{type(cr).__name__}, not a CapacityRouting")
-        routing = cr.routing
-        if routing.combine_weight.dtype != _wide(routing.combine_weight).dtype:
-            routing = replace(routing, combine_weight=_wide(routing.combine_weight))
-        buf = _cast(dispatch(_wide(shard), routing), dtype)  # (E, C, d) 0 in empty slots
+        cr, routing = gate_routing(layer.gate, shard, "expert_parallel_forward", **inputs[r])
+        buf = as_dtype(dispatch(kernel_dtype(shard), routing), dtype)  # (E, C, d) 0 padding
         C = buf.shape[1]
         send.append(buf.reshape(D, El, C, d))  # (D, E_local, C, d) chunk q for device q
         routings.append(cr)
@@ -351,8 +337,8 @@ def expert_parallel_forward(layer: CapacityMoELayer, x: Any, num_devices: int,
     # 5. every device r combines its own tokens
     ys = []
     for r in range(D):
-        out = _wide(home[r].reshape(E, C, d))  # (E, C, d) device r's buffer, processed
-        ys.append(_cast(combine(out, kept[r]), x.dtype))  # (S, d) Σ_j w_tj FFN_e(x_t)
+        out = kernel_dtype(home[r].reshape(E, C, d))  # (E, C, d) device r's buffer, processed
+        ys.append(as_dtype(combine(out, kept[r]), x.dtype))  # (S, d) Σ_j w_tj FFN_e(x_t)
     y = ops.concatenate(ys, axis=0)  # (T, d) devices' shards back in token order
     if layer.residual:
         y = x2 + y  # (T, d)
