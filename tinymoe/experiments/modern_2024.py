@@ -28,17 +28,16 @@ no expert took.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-import tinymoe as tm
 from tinymoe.autograd import no_grad
-from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
+from tinymoe.data import CharTokenizer, shakespeare
+from tinymoe.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
+                                             shakespeare_data, train_char_lm)
 from tinymoe.models.char_lm import CharLMConfig, CharMoELM
 from tinymoe.moe.aux_free import AuxFreeRouter
 from tinymoe.moe.expert_choice import ExpertChoiceRouter
@@ -147,13 +146,6 @@ def build_model(name: str, cfg: TrainConfig, vocab_size: int) -> CharMoELM:
     return CharMoELM(lm, rng=cfg.seed, make_moe=make_moe(name, cfg))
 
 
-def _data() -> tuple[CharTokenizer, np.ndarray, np.ndarray]:
-    text = shakespeare()
-    tok = CharTokenizer(text)
-    train_ids, val_ids = train_val_split(tok.encode(text), 0.1)
-    return tok, train_ids, val_ids
-
-
 def routed_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarray]]
                  ) -> dict[str, Any]:
     """Validation loss, max/mean load and unrouted share on ``batches`` (eval mode)."""
@@ -176,32 +168,18 @@ def routed_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarra
 
 def train_run(name: str, cfg: TrainConfig, data: tuple, progress: bool = False) -> RunResult:
     """Train one named run of :data:`RUNS` and measure it."""
-    from tqdm.auto import tqdm
-
     tok, train_ids, val_ids = data
     model = build_model(name, cfg, tok.vocab_size)
-    opt = tm.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = tm.optim.LinearWarmupCosine(cfg.steps, min(cfg.warmup, cfg.steps), cfg.lr,
-                                        cfg.lr * 0.1)
-    batch_rng = np.random.default_rng(cfg.seed + 1)  # the same batches for every run
     res = RunResult(name, 0.0, 0.0, 0.0, [])
     start = time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc=name, disable=not progress, leave=False):
-        x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, batch_rng)
-        loss, ce = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        tm.optim.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.lr = sched(step)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            res.steps.append(step)
-            res.train_loss.append(ce.item())
-            res.load_history.append(model.moe_layers[0].last_router.load.tolist())
-    eval_rng = np.random.default_rng(12345)  # fixed held-out batches
-    batches = [get_batch(val_ids, cfg.batch_size, cfg.block_size, eval_rng)
-               for _ in range(cfg.eval_batches)]
-    for key, value in routed_stats(model, batches).items():
+
+    def log(step: int, ce: float) -> None:
+        res.steps.append(step)
+        res.train_loss.append(ce)
+        res.load_history.append(model.moe_layers[0].last_router.load.tolist())
+
+    train_char_lm(model, cfg, train_ids, desc=name, progress=progress, on_log=log)
+    for key, value in routed_stats(model, held_out_batches(val_ids, cfg)).items():
         setattr(res, key, value)
     res.seconds = time.perf_counter() - start
     return res
@@ -221,7 +199,7 @@ def run(fast: bool = False, steps: int | None = None, progress: bool = True,
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise ValueError(f"modern_2024.run: unknown runs {unknown}; choose from {list(RUNS)}")
-    data = _data()
+    data = shakespeare_data()
     start = time.perf_counter()
     results = [train_run(name, cfg, data, progress) for name in runs]
     return ModernResult(cfg, fast, results, time.perf_counter() - start)
@@ -286,30 +264,16 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
 
 def main_modern(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro modern [--steps N] [--fast] [--json PATH] [--no-progress]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe repro modern",
-                                 description="Modern routers side by side on a char LM: "
-                                             "balance and loss of top-k with and without a "
-                                             "balancing loss, a loss-free bias, expert choice "
-                                             "and shared + fine-grained experts.")
-    ap.add_argument("--steps", type=int, default=None,
-                    help=f"training steps per run (default {TrainConfig.steps}; fast: "
-                         f"{FAST.steps})")
-    ap.add_argument("--fast", action="store_true",
-                    help="tiny model and few steps (also TINYMOE_FAST=1)")
+    ap = repro_parser("tinymoe repro modern", "Modern routers side by side on a char LM: "
+                      "balance and loss of top-k with and without a balancing loss, a "
+                      "loss-free bias, expert choice and shared + fine-grained experts.",
+                      TrainConfig.steps, FAST.steps, what="run")
     ap.add_argument("--seed", type=int, default=None,
                     help="initial weights and batches (default 0)")
-    ap.add_argument("--json", default=None, help="also write the full result as JSON here")
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
-    result = run(fast=fast, steps=args.steps, progress=not args.no_progress, seed=args.seed)
-    print(format_table(result))
-    if args.json:
-        import json
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=1)
-    return 0
+    result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress,
+                 seed=args.seed)
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,16 @@ experts), a few thousand batches instead of 10 epochs of 1B words.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-import tinymoe as tm
 from tinymoe.autograd import no_grad
-from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
+from tinymoe.data import CharTokenizer, shakespeare
+from tinymoe.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
+                                             shakespeare_data, train_char_lm)
 from tinymoe.moe.balance import cv, max_over_mean
 from tinymoe.models.char_lm import CharLMConfig, CharMoELM
 
@@ -117,13 +116,6 @@ class Table6Result:
                 "settings": [asdict(s) for s in self.settings]}
 
 
-def _data(cfg: TrainConfig) -> tuple[CharTokenizer, np.ndarray, np.ndarray]:
-    text = shakespeare()
-    tok = CharTokenizer(text)
-    train_ids, val_ids = train_val_split(tok.encode(text), 0.1)
-    return tok, train_ids, val_ids
-
-
 def build_model(cfg: TrainConfig, vocab_size: int, w_importance: float,
                 w_load: float) -> CharMoELM:
     """The LM of a setting; the same ``cfg.seed`` gives the same initial weights."""
@@ -157,35 +149,19 @@ def balance_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarr
 def train_setting(w_importance: float, w_load: float, cfg: TrainConfig,
                   data: tuple | None = None, progress: bool = False) -> SettingResult:
     """Train one (w_importance, w_load) setting and measure it."""
-    from tqdm.auto import tqdm
-
-    tok, train_ids, val_ids = data if data is not None else _data(cfg)
+    tok, train_ids, val_ids = data if data is not None else shakespeare_data()
     model = build_model(cfg, tok.vocab_size, w_importance, w_load)
-    opt = tm.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = tm.optim.LinearWarmupCosine(cfg.steps, min(cfg.warmup, cfg.steps), cfg.lr,
-                                        cfg.lr * 0.1)
-    batch_rng = np.random.default_rng(cfg.seed + 1)  # the same batches for every setting
     res = SettingResult(w_importance, w_load, 0.0, 0.0, 0.0, 0.0, [])
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"w_imp={w_importance:g} w_load={w_load:g}",
-               disable=not progress, leave=False)
-    for step in bar:
-        x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, batch_rng)
-        loss, ce = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        tm.optim.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.lr = sched(step)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            res.steps.append(step)
-            res.train_loss.append(ce.item())
-            res.load_history.append(model.moe_layers[0].last_counts.tolist())
-            bar.set_postfix(ce=f"{ce.item():.3f}")
-    eval_rng = np.random.default_rng(12345)  # fixed held-out batches
-    batches = [get_batch(val_ids, cfg.batch_size, cfg.block_size, eval_rng)
-               for _ in range(cfg.eval_batches)]
-    for key, value in balance_stats(model, batches).items():
+
+    def log(step: int, ce: float) -> None:
+        res.steps.append(step)
+        res.train_loss.append(ce)
+        res.load_history.append(model.moe_layers[0].last_counts.tolist())
+
+    train_char_lm(model, cfg, train_ids, desc=f"w_imp={w_importance:g} w_load={w_load:g}",
+                  progress=progress, on_log=log)
+    for key, value in balance_stats(model, held_out_batches(val_ids, cfg)).items():
         setattr(res, key, value)
     res.seconds = time.perf_counter() - start
     return res
@@ -200,7 +176,7 @@ def run(fast: bool = False, steps: int | None = None, progress: bool = True,
         if steps < 1:
             raise ValueError(f"table6_2017.run: steps={steps} must be >= 1")
         cfg = TrainConfig(**{**asdict(cfg), "steps": int(steps)})
-    data = _data(cfg)
+    data = shakespeare_data()
     start = time.perf_counter()
     results = [train_setting(wi, wl, cfg, data, progress) for wi, wl in settings]
     return Table6Result(cfg, fast, results, time.perf_counter() - start)
@@ -284,26 +260,11 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
 
 def main_table6(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro table6 [--steps N] [--fast] [--json PATH] [--no-progress]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe repro table6",
-                                 description="Reproduce Table 6 of Shazeer et al. (2017): "
-                                             "the effect of the balancing losses.")
-    ap.add_argument("--steps", type=int, default=None,
-                    help=f"training steps per setting (default {TrainConfig.steps}; "
-                         f"fast: {FAST.steps})")
-    ap.add_argument("--fast", action="store_true",
-                    help="tiny model and few steps (also TINYMOE_FAST=1)")
-    ap.add_argument("--json", default=None, help="also write the full result as JSON here")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = repro_parser("tinymoe repro table6", "Reproduce Table 6 of Shazeer et al. (2017): "
+                      "the effect of the balancing losses.", TrainConfig.steps, FAST.steps)
     args = ap.parse_args(argv)
-    fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
-    result = run(fast=fast, steps=args.steps, progress=not args.no_progress)
-    print(format_table(result))
-    if args.json:
-        import json
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=1)
-    return 0
+    result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress)
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":
