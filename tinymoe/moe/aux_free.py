@@ -47,8 +47,9 @@ from tinymoe.moe.switch import (
     RoundBFloat16,
     check_finite_logits,
     check_router_dtype,
-    switch_init,
-    to_router_precision,
+    check_router_input,
+    router_logits,
+    router_weight,
 )
 from tinymoe.moe.topk_router import check_coef, check_router_k
 from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
@@ -192,12 +193,9 @@ class AuxFreeRouter(Module):
         self.sequence_length = sequence_length
         self.router_dtype = check_router_dtype(router_dtype, "AuxFreeRouter")
         self.rng = as_rng(rng)
-        store = np.float64 if self.router_dtype == "float64" else np.float32
-        self.W_g = Parameter(switch_init(self.rng, self.d_model,
-                                         (self.d_model, self.num_experts), store,
-                                         check_coef(init_scale, "init_scale",
-                                                    "AuxFreeRouter")))  # (d, E)
-        self.bias = Parameter(np.zeros(self.num_experts, dtype=store))  # (E,) no gradient
+        self.W_g = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
+                                 check_coef(init_scale, "init_scale", "AuxFreeRouter"))  # (d, E)
+        self.bias = Parameter(np.zeros(self.num_experts, dtype=self.W_g.dtype))  # (E,) no grad
         self.last_load: np.ndarray | None = None
 
     def update_bias(self, load: Any) -> None:
@@ -206,15 +204,8 @@ class AuxFreeRouter(Module):
 
     def forward(self, x: Any) -> RouterOutput:
         x = as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"AuxFreeRouter(d_model={self.d_model}): x must be (T, "
-                             f"{self.d_model}), got shape {x.shape}; flatten the leading "
-                             f"axes first, e.g. x.reshape(-1, {self.d_model})")
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow: check_finite_logits
-            xr = to_router_precision(x, self.router_dtype)  # (T, d) selective precision
-            logits = xr @ to_router_precision(self.W_g, self.router_dtype)  # (T, E)
-            if self.router_dtype == "bfloat16":
-                logits = RoundBFloat16.apply(logits)
+        check_router_input(x, self.d_model, "AuxFreeRouter")
+        logits = router_logits(x, self.W_g, self.router_dtype)  # (T, E) selective precision
         check_finite_logits(logits, "AuxFreeRouter")
         scores = ops.sigmoid(logits)  # (T, E) s, affinities in (0, 1)
         if self.router_dtype == "bfloat16":

@@ -56,11 +56,12 @@ from tinymoe.moe.switch import (
     INIT_SCALE,
     check_finite_logits,
     check_router_dtype,
+    check_router_input,
     router_probabilities,
-    switch_init,
+    router_weight,
 )
 from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
-from tinymoe.nn.module import Module, Parameter
+from tinymoe.nn.module import Module
 from tinymoe.tensor import as_tensor
 
 
@@ -169,19 +170,13 @@ class ExpertChoiceRouter(Module):
                 and math.isfinite(init_scale)):
             raise ValueError(f"ExpertChoiceRouter: init_scale={init_scale!r} must be a finite "
                              f"number > 0 (Switch's 0.1 is the default)")
-        store = np.float64 if self.router_dtype == "float64" else np.float32
-        self.W_g = Parameter(switch_init(as_rng(rng), self.d_model,
-                                         (self.d_model, self.num_experts), store,
-                                         float(init_scale)))  # (d, E)
+        self.W_g = router_weight(as_rng(rng), self.d_model, self.num_experts,
+                                 self.router_dtype, float(init_scale))  # (d, E)
         self.capacity: int | None = None
 
     def forward(self, x: Any) -> RouterOutput:
         x = as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.d_model or x.shape[0] < 1:
-            raise ValueError(f"ExpertChoiceRouter(d_model={self.d_model}): x must be (T, "
-                             f"{self.d_model}) with T >= 1 tokens, got shape {x.shape}; "
-                             f"flatten the leading axes first, e.g. x.reshape(-1, "
-                             f"{self.d_model})")
+        check_router_input(x, self.d_model, "ExpertChoiceRouter", min_tokens=1)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"ExpertChoiceRouter: x has dtype {x.dtype}; the router needs "
                             f"floating inputs (token ids go through an Embedding first)")

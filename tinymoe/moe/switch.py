@@ -112,14 +112,31 @@ def switch_init(rng: np.random.Generator, fan_in: int, shape: tuple[int, ...], d
 
 
 # --- the router -----------------------------------------------------------------------------
-def router_probabilities(x: Tensor, W_r: Tensor, router_dtype: str = "float32",
-                         jitter_noise: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
-    """``(logits, probs)`` (T, N) of eq. (1), computed in ``router_dtype``.
+def router_weight(rng: np.random.Generator, d_model: int, num_experts: int, router_dtype: str,
+                  init_scale: float = INIT_SCALE) -> Parameter:
+    """A router's (d_model, E) matrix, Switch-initialised (:func:`switch_init`), stored in
+    float32 like a master copy (float64 when the router runs in float64)."""
+    store = np.float64 if router_dtype == "float64" else np.float32
+    return Parameter(switch_init(rng, d_model, (d_model, num_experts), store, init_scale))
+
+
+def check_router_input(x: Tensor, d_model: int, where: str, min_tokens: int = 0) -> None:
+    """``x`` must be (T, d_model), T >= ``min_tokens``: a ValueError naming ``where`` if not."""
+    if x.ndim != 2 or x.shape[1] != d_model or x.shape[0] < min_tokens:
+        at_least = f" with T >= {min_tokens} tokens" if min_tokens else ""
+        raise ValueError(f"{where}(d_model={d_model}): x must be (T, {d_model}){at_least}, got "
+                         f"shape {x.shape}; flatten the leading axes first, e.g. "
+                         f"x.reshape(-1, {d_model})")
+
+
+def router_logits(x: Tensor, W_r: Tensor, router_dtype: str = "float32",
+                  jitter_noise: np.ndarray | None = None) -> Tensor:
+    """``h(x) = x · W_r`` (T, N), computed in ``router_dtype`` (selective precision).
 
     ``jitter_noise`` (T, d), if given, multiplies the router's input (already drawn from
-    U(1 - ε, 1 + ε)). The softmax subtracts the row maximum before exponentiating.
-    Overflow in a low precision gives inf/NaN logits silently here: the gates check them
-    (:func:`check_finite_logits`) and raise a FloatingPointError that says what to do.
+    U(1 - ε, 1 + ε)). Overflow in a low precision gives inf/NaN logits silently here: the
+    gates check them (:func:`check_finite_logits`) and raise a FloatingPointError that says
+    what to do.
     """
     with np.errstate(over="ignore", invalid="ignore"):  # overflow: see check_finite_logits
         xr = to_router_precision(as_tensor(x), router_dtype)  # (T, d) selective precision
@@ -129,6 +146,16 @@ def router_probabilities(x: Tensor, W_r: Tensor, router_dtype: str = "float32",
         logits = xr @ to_router_precision(W_r, router_dtype)  # (T, N)
         if router_dtype == "bfloat16":
             logits = RoundBFloat16.apply(logits)
+    return logits
+
+
+def router_probabilities(x: Tensor, W_r: Tensor, router_dtype: str = "float32",
+                         jitter_noise: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    """``(logits, probs)`` (T, N) of eq. (1), computed in ``router_dtype``
+    (:func:`router_logits`, then a softmax that subtracts the row maximum first)."""
+    logits = router_logits(x, W_r, router_dtype, jitter_noise)  # (T, N)
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN logits: see check_finite_logits
+        if router_dtype == "bfloat16":
             return logits, RoundBFloat16.apply(ops.softmax(logits, axis=-1))
         return logits, ops.softmax(logits, axis=-1)  # (T, N) each
 
@@ -165,9 +192,8 @@ class SwitchRouter(Module):
                              f"uses 1e-2; 0 turns it off)")
         self.jitter = float(jitter)
         self.rng = as_rng(rng)
-        store = np.float64 if self.router_dtype == "float64" else np.float32
-        self.W_r = Parameter(switch_init(self.rng, self.d_model, (self.d_model, num_experts),
-                                         store, init_scale))  # (d, N)
+        self.W_r = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
+                                 init_scale)  # (d, N)
 
     def draw_jitter(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """U(1 - ε, 1 + ε) noise of ``shape`` in training, None in eval or with ε = 0."""
@@ -177,10 +203,7 @@ class SwitchRouter(Module):
 
     def forward(self, x: Any, jitter_noise: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         x = as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"SwitchRouter(d_model={self.d_model}): x must be (T, "
-                             f"{self.d_model}), got shape {x.shape}; flatten the leading "
-                             f"axes first, e.g. x.reshape(-1, d)")
+        check_router_input(x, self.d_model, "SwitchRouter")
         if jitter_noise is None:
             jitter_noise = self.draw_jitter(x.shape)
         elif not self.training:

@@ -51,11 +51,12 @@ from tinymoe.moe.switch import (
     INIT_SCALE,
     check_finite_logits,
     check_router_dtype,
+    check_router_input,
     router_probabilities,
-    switch_init,
+    router_weight,
 )
 from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
-from tinymoe.nn.module import Module, Parameter
+from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
 
 
@@ -179,16 +180,12 @@ class TopKRouter(Module):
         self.router_dtype = check_router_dtype(router_dtype, "TopKRouter")
         scale = check_coef(init_scale, "init_scale", "TopKRouter")
         self.rng = as_rng(rng)
-        store = np.float64 if self.router_dtype == "float64" else np.float32
-        self.W_g = Parameter(switch_init(self.rng, self.d_model,
-                                         (self.d_model, self.num_experts), store, scale))  # (d, E)
+        self.W_g = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
+                                 scale)  # (d, E)
 
     def forward(self, x: Any) -> RouterOutput:
         x = as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"TopKRouter(d_model={self.d_model}): x must be (T, "
-                             f"{self.d_model}), got shape {x.shape}; flatten the leading "
-                             f"axes first, e.g. x.reshape(-1, {self.d_model})")
+        check_router_input(x, self.d_model, "TopKRouter")
         logits, probs = router_probabilities(x, self.W_g, self.router_dtype)  # (T, E) each
         check_finite_logits(logits, "TopKRouter")
         expert_index, weight = topk_gates(probs, self.k, self.normalize)  # (T, k) each
