@@ -31,7 +31,8 @@ def _targets(op: str, logits: Tensor, targets: Any) -> np.ndarray:
     return t
 
 
-def _reduce(op: str, per_item: Tensor, reduction: str) -> Tensor:
+def apply_reduction(op: str, per_item: Tensor, reduction: str) -> Tensor:
+    """``per_item`` averaged (``"mean"``), summed (``"sum"``) or as it is (``"none"``)."""
     if reduction == "mean":
         return per_item.mean()
     if reduction == "sum":
@@ -46,7 +47,7 @@ def nll(log_probs: Any, targets: Any, reduction: str = "mean") -> Tensor:
     log_probs = as_tensor(log_probs)
     t = _targets("nll", log_probs, targets)
     picked = ops.take_along_axis(log_probs, t[..., None], axis=-1)  # (..., 1)
-    return _reduce("nll", -ops.squeeze(picked, -1), reduction)
+    return apply_reduction("nll", -ops.squeeze(picked, -1), reduction)
 
 
 def cross_entropy(logits: Any, targets: Any, reduction: str = "mean") -> Tensor:
@@ -63,4 +64,4 @@ def mse(pred: Any, target: Any, reduction: str = "mean") -> Tensor:
         raise ValueError(f"mse: prediction {pred.shape} and target {target.shape} differ; "
                          f"reshape the target (a silent broadcast would give a wrong loss)")
     d = pred - target
-    return _reduce("mse", d * d, reduction)
+    return apply_reduction("mse", d * d, reduction)

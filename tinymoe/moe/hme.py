@@ -55,6 +55,7 @@ import numpy as np
 
 import tinymoe as tm
 from tinymoe import ops
+from tinymoe.losses import apply_reduction
 from tinymoe.nn import Module, Parameter, as_rng
 from tinymoe.nn.init import lecun_normal
 from tinymoe.ops.softmax import logsumexp_array, softmax_array
@@ -175,14 +176,7 @@ class HME(Module):
         """``log P(y|x) = log sum_ij g_i g_{j|i} P_ij(y)`` (2.8), via logsumexp."""
         a = self.joint_log(X, Y)  # (n, I, J)
         per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], -1)), axis=-1)  # (n,)
-        if reduction == "mean":
-            return per_case.mean()
-        if reduction == "sum":
-            return per_case.sum()
-        if reduction == "none":
-            return per_case
-        raise ValueError(f"HME.log_likelihood: reduction={reduction!r}; choose 'mean', "
-                         f"'sum' or 'none'")
+        return apply_reduction("HME.log_likelihood", per_case, reduction)
 
     def forward(self, X: Any) -> Tensor:
         """The tree's prediction ``mu = sum_i g_i sum_j g_{j|i} mu_ij``: (n, D)."""

@@ -33,10 +33,10 @@ import numpy as np
 
 from tinymoe import ops
 from tinymoe.autograd import no_grad
+from tinymoe.losses import apply_reduction
 from tinymoe.nn import Linear, Module, ModuleList, as_rng
 from tinymoe.tensor import Tensor, as_tensor
 
-REDUCTIONS = ("mean", "sum", "none")
 ACTIVATIONS = ("identity", "sigmoid", "softmax")
 
 
@@ -81,16 +81,6 @@ def _check_labels(op: str, y: Any, n: int, n_classes: int) -> np.ndarray:
         raise ValueError(f"{op}: unknown class label {y[bad][0]} (row {np.flatnonzero(bad)[0]}); "
                          f"labels must lie in [0, {n_classes})")
     return y
-
-
-def _reduce(op: str, per_case: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_case.mean()
-    if reduction == "sum":
-        return per_case.sum()
-    if reduction == "none":
-        return per_case
-    raise ValueError(f"{op}: reduction={reduction!r}; choose one of {REDUCTIONS}")
 
 
 # --- per-expert likelihoods --------------------------------------------------------------------
@@ -139,7 +129,7 @@ def cooperative_loss(gate_logits: Any, expert_outputs: Any, target: Any,
     p = ops.softmax(gate_logits, axis=-1)  # (n, E)
     blend = (ops.unsqueeze(p, -1) * expert_outputs).sum(axis=1)  # (n, D)
     diff = target - blend  # (n, D)
-    return _reduce(op, (diff * diff).sum(axis=-1), reduction)
+    return apply_reduction(op, (diff * diff).sum(axis=-1), reduction)
 
 
 def competitive_loss(gate_logits: Any, expert_outputs: Any, target: Any,
@@ -153,7 +143,7 @@ def competitive_loss(gate_logits: Any, expert_outputs: Any, target: Any,
     target = _check_target(op, target, expert_outputs)
     p = ops.softmax(gate_logits, axis=-1)  # (n, E)
     sq = gaussian_log_likelihood(expert_outputs, target) * -2.0  # (n, E) ||d - o_i||^2
-    return _reduce(op, (p * sq).sum(axis=-1), reduction)
+    return apply_reduction(op, (p * sq).sum(axis=-1), reduction)
 
 
 def mixture_nll(gate_logits: Any, expert_outputs: Any, target: Any,
@@ -173,7 +163,7 @@ def mixture_nll(gate_logits: Any, expert_outputs: Any, target: Any,
     log_lik = gaussian_log_likelihood(expert_outputs, target)  # (n, E)  -1/2 ||d - o_i||^2
     per_case = -ops.logsumexp(log_p + log_lik, axis=-1)  # (n,)
     ### END SOLUTION
-    return _reduce(op, per_case, reduction)
+    return apply_reduction(op, per_case, reduction)
 
 
 def mixture_classification_nll(gate_logits: Any, expert_logits: Any, y: Any,
@@ -187,7 +177,7 @@ def mixture_classification_nll(gate_logits: Any, expert_logits: Any, y: Any,
     gate_logits, expert_logits = _check_parts(op, gate_logits, expert_logits)
     log_p = ops.log_softmax(gate_logits, axis=-1)  # (n, E)
     log_P = categorical_log_likelihood(expert_logits, y)  # (n, E)
-    return _reduce(op, -ops.logsumexp(log_p + log_P, axis=-1), reduction)
+    return apply_reduction(op, -ops.logsumexp(log_p + log_P, axis=-1), reduction)
 
 
 def posterior_responsibilities(gate_logits: Any, expert_outputs: Any, target: Any, *,
