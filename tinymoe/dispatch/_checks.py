@@ -14,6 +14,15 @@ def _is_int(n: Any) -> bool:
     return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
 
 
+def _int64(a: np.ndarray, what: str, op: str) -> np.ndarray:
+    """An index array as int64; an empty float array (``np.zeros((0, k))``) counts as one."""
+    if a.size == 0 and a.dtype == np.float64:
+        a = a.astype(np.int64)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{op}: {what} must hold integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
 def check_num_experts(num_experts: Any, op: str) -> int:
     if not _is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op}: num_experts must be an integer >= 1, got {num_experts!r}")
@@ -40,11 +49,7 @@ def check_expert_index(expert_index: Any, num_experts: Any, op: str) -> tuple[np
     if e.shape[1] < 1:
         raise ValueError(f"{op}: expert_index has shape {e.shape}: every token needs k >= 1 "
                          f"choices")
-    if e.size == 0 and e.dtype == np.float64:  # np.zeros((0, k)) defaults to float
-        e = e.astype(np.int64)
-    if not np.issubdtype(e.dtype, np.integer):
-        raise TypeError(f"{op}: expert_index must hold integers, got dtype {e.dtype}")
-    e = e.astype(np.int64, copy=False)
+    e = _int64(e, "expert_index", op)
     if e.size:
         lo, hi = int(e.min()), int(e.max())
         if lo < 0 or hi >= E:
@@ -61,11 +66,7 @@ def check_position(position: Any, expert_index: np.ndarray, capacity: int | None
     if p.shape != expert_index.shape:
         raise ValueError(f"{op}: position has shape {p.shape} but expert_index has shape "
                          f"{expert_index.shape}; both are (T, k)")
-    if p.size == 0 and p.dtype == np.float64:
-        p = p.astype(np.int64)
-    if not np.issubdtype(p.dtype, np.integer):
-        raise TypeError(f"{op}: position must hold integers, got dtype {p.dtype}")
-    p = p.astype(np.int64, copy=False)
+    p = _int64(p, "position", op)
     if p.size:
         lo, hi = int(p.min()), int(p.max())
         if lo < -1:
@@ -124,11 +125,7 @@ def check_order(order: Any, num_tokens: int, k: int, op: str) -> np.ndarray:
     o = np.asarray(order)
     if o.ndim != 1:
         raise ValueError(f"{op}: order must be 1-D (N,), got shape {o.shape}")
-    if o.size == 0 and o.dtype == np.float64:
-        o = o.astype(np.int64)
-    if not np.issubdtype(o.dtype, np.integer):
-        raise TypeError(f"{op}: order must hold integers, got dtype {o.dtype}")
-    o = o.astype(np.int64, copy=False)
+    o = _int64(o, "order", op)
     if o.size:
         lo, hi = int(o.min()), int(o.max())
         if lo < 0 or hi >= num_tokens * k:
