@@ -39,6 +39,7 @@ from tinymoe.data import CharTokenizer, shakespeare
 from tinymoe.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
                                              shakespeare_data, train_char_lm)
 from tinymoe.models.char_lm import CharLMConfig, CharMoELM
+from tinymoe.moe.balance import max_over_mean
 from tinymoe.moe.aux_free import AuxFreeRouter
 from tinymoe.moe.expert_choice import ExpertChoiceRouter
 from tinymoe.moe.routed_layer import RoutedMoELayer
@@ -156,7 +157,7 @@ def routed_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarra
             losses.append(model.loss(x, y)[1].item())
             layer = model.moe_layers[0]
             load = layer.last_router.load  # (E,)
-            ratios.append(float(load.max() / max(load.mean(), 1e-12)))
+            ratios.append(max_over_mean(load))
             kept = layer.last_router.routing.position >= 0  # (T, k)
             unrouted.append(float((~kept.any(axis=1)).mean()))
             counts = counts + load
