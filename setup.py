@@ -42,7 +42,7 @@ setup(
             "sphinx-book-theme>=1.0",
         ],
     },
-    entry_points={"console_scripts": ["tinymoe=tinymoe.cli:main"]},
+    entry_points={"console_scripts": ["tinymoe=tinymoe.app.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Intended Audience :: Education",

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 
 from hypothesis import settings  # noqa: E402
 
-from tinymoe.tasks import TASKS  # noqa: E402
+from tinymoe.classroom.registry import TASKS  # noqa: E402
 
 # Numba's first call compiles; never let that count against hypothesis' deadline.
 settings.register_profile("tinymoe", deadline=None, max_examples=25, derandomize=True)

@@ -34,7 +34,7 @@ def mark(text: str) -> str:
     return text
 
 
-class T:  # a stand-in for tinymoe.tasks.Task
+class T:  # a stand-in for tinymoe.classroom.registry.Task
     def __init__(self, title, lesson, points):
         self.title, self.lesson, self.points = title, lesson, points
 
@@ -88,7 +88,7 @@ double = Doubler()
 '''
 
 CONFTEST_PY = '''
-from tinymoe.tasks import TASKS
+from tinymoe.classroom.registry import TASKS
 
 
 def pytest_configure(config):
@@ -163,7 +163,7 @@ LESSON = notebook([
 def make_tree(root: Path, lesson: bool = True) -> Path:
     """Write the synthetic course tree under ``root`` and return it."""
     files = {"tinymoe/__init__.py": "from .core import add_one, double\n",
-             "tinymoe/tasks.py": TASKS_PY.lstrip("\n"), "tinymoe/core.py": mark(CORE_PY),
+             "tinymoe/classroom/registry.py": TASKS_PY.lstrip("\n"), "tinymoe/core.py": mark(CORE_PY),
              "tests/conftest.py": CONFTEST_PY.lstrip("\n"),
              "tests/test_core.py": mark(TEST_CORE_PY), "pytest.ini": PYTEST_INI,
              "setup.py": "from setuptools import setup\nsetup(name='mini')\n",
@@ -316,7 +316,7 @@ def test_student_and_instructor_copies(tmp_path):
     instructor(tmp_path / "ins", src)
     expected = ["README.md", "lessons/00_intro.ipynb", "pytest.ini", "setup.py",
                 "tests/conftest.py", "tests/test_core.py", "tinymoe/__init__.py",
-                "tinymoe/core.py", "tinymoe/tasks.py"]
+                "tinymoe/classroom/registry.py", "tinymoe/core.py"]
     assert source_files(src) == expected
     stu, ins = tree_bytes(tmp_path / "stu"), tree_bytes(tmp_path / "ins")
     assert sorted(stu) == sorted(ins) == expected
@@ -396,7 +396,7 @@ def test_check_lists_tasks_and_regions(tmp_path, capsys):
 def test_real_repo_student_copy_has_no_solutions():
     """For every region of the repository, no line of its body survives in the student copy.
 
-    (Building the copy also validates every marker against tinymoe/tasks.py.)
+    (Building the copy also validates every marker against tinymoe/classroom/registry.py.)
     """
     stu, ins = build(REPO, student=True), build(REPO, student=False)
     assert sorted(stu.files) == sorted(ins.files)

@@ -1,6 +1,6 @@
 """The ``tinymoe`` command: its subcommands, params, gradcheck, repro, bench and the tour.
 
-Most tests call :func:`tinymoe.cli.main` in-process (no interpreter start-up, and a stub's
+Most tests call :func:`tinymoe.app.cli.main` in-process (no interpreter start-up, and a stub's
 NotImplementedError reaches pytest as itself); ``--help`` runs in a subprocess to check the
 real ``python -m tinymoe`` entry point.
 
@@ -19,9 +19,9 @@ import pytest
 
 import tinymoe as tm
 from tinymoe.autograd import Function
-from tinymoe.checks import CHECKS
-from tinymoe.cli import FORWARDED, REPRO, main
-from tinymoe.tour import STAGES
+from tinymoe.app.gradcheck_table import CHECKS
+from tinymoe.app.cli import FORWARDED, REPRO, main
+from tinymoe.app.tour import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["tour", "train", "sample", "gradcheck", "bench", "params", "classroom", "repro"]
@@ -129,7 +129,7 @@ def test_gradcheck_reports_failures_and_errors(monkeypatch, capsys):
     assert re.search(r"^zz unfinished .* ERROR NotImplementedError: tinymoe task 9_9", out,
                      flags=re.M)
     assert "0 of 2 gradient checks passed" in out
-    from tinymoe.checks import main_gradcheck
+    from tinymoe.app.gradcheck_table import main_gradcheck
 
     with pytest.raises(NotImplementedError, match="task 9_9"):
         main_gradcheck(only="zz unfinished", raise_errors=True)
@@ -143,7 +143,7 @@ def test_every_stage_has_gradient_checks():
 
 @tagged(GRADCHECK_TASKS)
 def test_gradcheck_passes_every_registered_check(capsys):
-    from tinymoe.checks import main_gradcheck
+    from tinymoe.app.gradcheck_table import main_gradcheck
 
     with tm.dispatch.use_backend("numba"):
         status = main_gradcheck(raise_errors=True)  # an unfinished task raises its stub

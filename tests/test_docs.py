@@ -173,7 +173,7 @@ def test_valid_rest_docstrings_are_left_alone():
 
 
 def test_program_help_runs_in_process():
-    text = _ext().program_help("tinymoe.cli:main", "tour")
+    text = _ext().program_help("tinymoe.app.cli:main", "tour")
     assert text.startswith("usage: tinymoe tour") and "--fast" in text
 
 

@@ -20,7 +20,7 @@ from tinymoe.moe.hme import (
 
 
 def _regression(n=60, seed=0):
-    from tinymoe.experiments.hme_1994 import piecewise_data
+    from tinymoe.app.experiments.hme_1994 import piecewise_data
 
     return piecewise_data(n, seed)
 
@@ -208,7 +208,7 @@ def test_em_never_lowers_the_likelihood(expert, seed):
 @pytest.mark.task2_2
 @pytest.mark.task2_3
 def test_em_beats_gradient_in_epochs():
-    from tinymoe.experiments.hme_1994 import make_tree
+    from tinymoe.app.experiments.hme_1994 import make_tree
 
     X, Y = _regression(300, 0)
     tree_g = make_tree(0, Y)
@@ -260,7 +260,7 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.task2_2
 @pytest.mark.task2_3
 def test_hme_script_end_to_end_fast():
-    from tinymoe.experiments import hme_1994 as h
+    from tinymoe.app.experiments import hme_1994 as h
 
     comp, _, tree_e = h.compare(0, n_train=300, grad_epochs=300, em_iters=15)
     assert comp.em_epochs is not None and comp.ratio > 1
@@ -271,7 +271,7 @@ def test_hme_script_end_to_end_fast():
 
 
 def test_hme_script_helpers():
-    from tinymoe.experiments import hme_1994 as h
+    from tinymoe.app.experiments import hme_1994 as h
 
     assert h.best_lr({0.01: (-1.0, 0), 0.1: (0.5, 3), 0.03: (-0.2, 0)}) == 0.03
     assert h.final_level([0.0] * 90 + [1.0, 5.0, 1.0, 1.0, -9.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 1.0

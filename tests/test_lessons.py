@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinymoe.tasks import TASKS
+from tinymoe.classroom.registry import TASKS
 
 LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("*.ipynb"))

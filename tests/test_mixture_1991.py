@@ -203,7 +203,7 @@ def test_unknown_label_and_shape_errors():
 # --- the reproduction script ----------------------------------------------------------------
 @pytest.mark.task1_1
 def test_vowel_script_end_to_end_fast(tmp_path):
-    from tinymoe.experiments import vowels_1991 as v
+    from tinymoe.app.experiments import vowels_1991 as v
 
     res = v.run(seeds=2, fast=True, progress=False, systems=("ME4", "BP6"))
     assert set(res.summaries) == {"ME4", "BP6"} and len(res.runs) == 4
@@ -217,7 +217,7 @@ def test_vowel_script_end_to_end_fast(tmp_path):
 
 @pytest.mark.task1_1
 def test_vowel_training_criterion_and_figures():
-    from tinymoe.experiments import vowels_1991 as v
+    from tinymoe.app.experiments import vowels_1991 as v
 
     r, model = v.train("ME4", 0, max_epochs=3000)
     assert r.epochs is not None and r.mse_curve[r.epochs] <= v.CRITERION
@@ -229,7 +229,7 @@ def test_vowel_training_criterion_and_figures():
 
 def test_vowel_script_rejects_bad_data():
     from tinymoe.data import vowels
-    from tinymoe.experiments import vowels_1991 as v
+    from tinymoe.app.experiments import vowels_1991 as v
 
     tr, te = vowels("train"), vowels("test")
     bad = type(tr)(X=tr.X, y=np.where(tr.y == 3, 9, tr.y), labels=tr.labels, speaker=tr.speaker)
@@ -247,7 +247,7 @@ def test_vowel_script_rejects_bad_data():
 
 
 def test_vowel_script_helpers():
-    from tinymoe.experiments import vowels_1991 as v
+    from tinymoe.app.experiments import vowels_1991 as v
 
     assert v.build("ME1", 0).num_parameters() == 15  # the control: one expert, trivial gate
     assert v.build("BP6", 0).num_parameters() == 46

@@ -4,7 +4,7 @@ The experiment runs all three regions of lesson 06 (top-k, expert choice, the bi
 import numpy as np
 import pytest
 
-from tinymoe.experiments import modern_2024 as m
+from tinymoe.app.experiments import modern_2024 as m
 
 
 @pytest.mark.task6_1

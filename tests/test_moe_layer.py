@@ -302,7 +302,7 @@ def test_char_lm_shapes_and_aux_loss():
 
 @gate_train
 def test_table6_experiment_runs_end_to_end(capsys):
-    from tinymoe.experiments import table6_2017 as t6
+    from tinymoe.app.experiments import table6_2017 as t6
 
     res = t6.run(fast=True, steps=3, progress=False, settings=((0.0, 0.0), (0.1, 0.1)))
     table = t6.format_table(res)

@@ -8,7 +8,7 @@ import pytest
 import tinymoe as tm
 from tinymoe.models.switch_lm import SwitchLMConfig
 from tinymoe.nn import serialization
-from tinymoe.train import (
+from tinymoe.app.train import (
     TrainConfig,
     checkpoint_path,
     generate,

@@ -1,6 +1,6 @@
 """``python -m tinymoe ...`` runs the command-line interface."""
 import sys
 
-from tinymoe.cli import main
+from tinymoe.app.cli import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """Classroom tooling: student and instructor copies from solution markers, and grading.
 
 One source tree holds the solutions, between nbgrader-style markers naming a task of
-``tinymoe/tasks.py``. From it:
+``tinymoe/classroom/registry.py``. From it:
 
 * :func:`student` writes the copy students get: each solution region replaced by a stub
   raising ``NotImplementedError("tinymoe task N_M: <title> — see <lesson>")``, hidden tests

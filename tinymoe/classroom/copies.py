@@ -127,7 +127,7 @@ class CheckReport:
     tests: dict[str, list[str]]  # task -> test files that mention its marker
 
     def text(self) -> str:
-        lines = ["tasks (tinymoe/tasks.py):"]
+        lines = ["tasks (tinymoe/classroom/registry.py):"]
         for name, t in self.tasks.items():
             where = [_where(r) for r in self.regions if r.task == name]
             lines.append(f"  {name}  {t.points} pts  {t.title}")

@@ -134,7 +134,7 @@ def grade(directory=".", json_path=None, *, separate: bool = False,
 
     One pytest run selects every task (``-m "task0_1 or task0_2 ..."``) and results are
     split by marker; ``separate=True`` runs ``pytest -m taskN_M`` once per task instead.
-    ``tasks`` defaults to the registry of the graded tree (its ``tinymoe/tasks.py``).
+    ``tasks`` defaults to the registry of the graded tree (its ``tinymoe/classroom/registry.py``).
     """
     directory = Path(directory).resolve()
     tasks = dict(load_tasks(directory) if tasks is None else tasks)

@@ -17,7 +17,7 @@ Rules, each refused with a :class:`ClassroomError` naming the file and line:
   ``END SOLUTION``, ``BEGIN HIDDEN TESTS`` or ``END HIDDEN TESTS`` must be exactly one of the
   four markers: ``###``, the keyword, the task name after BEGIN SOLUTION, nothing else. Text
   that mentions a marker in the middle of a line (a docstring, a string) is not a marker;
-* ``BEGIN SOLUTION`` names a task registered in ``tinymoe/tasks.py``;
+* ``BEGIN SOLUTION`` names a task registered in ``tinymoe/classroom/registry.py``;
 * regions do not nest, are closed by their own kind of END, and every END has a BEGIN;
 * in ``.py`` files a stub sits inside a function body (otherwise the student copy could
   not be imported) and the stripped file still parses.
@@ -128,7 +128,7 @@ def find_regions(text: str, *, path: str, tasks: Mapping[str, object],
                 if arg not in tasks:
                     known = ", ".join(sorted(tasks)) or "none"
                     raise ClassroomError(path, n, f"unknown task {arg!r}: add it to TASKS in "
-                                         f"tinymoe/tasks.py (known: {known})", cell)
+                                         f"tinymoe/classroom/registry.py (known: {known})", cell)
             elif arg is not None:
                 raise ClassroomError(path, n, f"'### {BEGIN_HIDDEN}' takes no argument", cell)
             open_ = Region(path, kind, arg, n, n, m.group("indent"), cell=cell)
@@ -264,15 +264,15 @@ def strip_file(rel: str, data: bytes, tasks: Mapping[str, object]) -> tuple[byte
 
 
 def load_tasks(root) -> dict:
-    """The ``TASKS`` registry of the tree at ``root`` (its ``tinymoe/tasks.py``, run as a file).
+    """The ``TASKS`` registry of the tree at ``root`` (its ``tinymoe/classroom/registry.py``, run as a file).
 
-    Falls back to the installed ``tinymoe.tasks`` when the tree has no registry.
+    Falls back to the installed ``tinymoe.classroom.registry`` when the tree has no registry.
     """
     import runpy
     from pathlib import Path
 
-    path = Path(root) / "tinymoe" / "tasks.py"
+    path = Path(root) / "tinymoe" / "classroom" / "registry.py"
     if not path.is_file():
-        from tinymoe.tasks import TASKS
+        from tinymoe.classroom.registry import TASKS
         return dict(TASKS)
     return dict(runpy.run_path(str(path), run_name="_tinymoe_classroom_tasks")["TASKS"])

@@ -10,14 +10,14 @@ from typing import Callable, Sequence
 
 
 def _tour(args: argparse.Namespace) -> int:
-    from tinymoe.tour import run_tour
+    from tinymoe.app.tour import run_tour
 
     run_tour(fast=args.fast, out=args.out, progress=not args.no_progress)
     return 0
 
 
 def _gradcheck(args: argparse.Namespace) -> int:
-    from tinymoe.checks import main_gradcheck
+    from tinymoe.app.gradcheck_table import main_gradcheck
 
     return main_gradcheck(verbose=args.verbose, only=args.only, list_only=args.list)
 
@@ -52,7 +52,7 @@ def main_bench(argv: Sequence[str]) -> int:
     import runpy
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
     scripts = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
     if not scripts:
         print("tinymoe bench: no benchmarks/ folder next to the package; the benchmarks ship "
@@ -68,27 +68,27 @@ def main_bench(argv: Sequence[str]) -> int:
 
 # name -> (module, function taking argv, one line on what it reproduces)
 REPRO = {
-    "vowels": ("tinymoe.experiments.vowels_1991", "main_vowels",
+    "vowels": ("tinymoe.app.experiments.vowels_1991", "main_vowels",
                "Jacobs et al. 1991, Table 1: mixtures vs backprop on the vowel task"),
-    "hme": ("tinymoe.experiments.hme_1994", "main_hme",
+    "hme": ("tinymoe.app.experiments.hme_1994", "main_hme",
             "Jordan & Jacobs 1994: HME trained by EM vs by gradient"),
-    "table6": ("tinymoe.experiments.table6_2017", "main_table6",
+    "table6": ("tinymoe.app.experiments.table6_2017", "main_table6",
                "Shazeer et al. 2017, Table 6: the balancing losses"),
-    "switch": ("tinymoe.experiments.switch_2021", "main_switch",
+    "switch": ("tinymoe.app.experiments.switch_2021", "main_switch",
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
-    "modern": ("tinymoe.experiments.modern_2024", "main_modern",
+    "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
 FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
-              ("tinymoe.train", "main_train")),
-    "sample": ("print text sampled from a checkpoint", ("tinymoe.train", "main_sample")),
+              ("tinymoe.app.train", "main_train")),
+    "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
     "repro": ("reproduce a paper's table (vowels, hme, table6, switch, modern)",
-              ("tinymoe.cli", "main_repro")),
+              ("tinymoe.app.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
-              ("tinymoe.cli", "main_bench")),
+              ("tinymoe.app.cli", "main_bench")),
     "params": ("total/active parameters and FLOPs per token of an MoE transformer config",
                ("tinymoe.params", "main_params")),
     "classroom": ("student/instructor copies and grading for a course",

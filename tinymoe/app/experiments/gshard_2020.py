@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from tinymoe.autograd import no_grad
-from tinymoe.experiments.switch_2021 import FAST, TOUR, TOUR_FULL, ExperimentConfig
+from tinymoe.app.experiments.switch_2021 import FAST, TOUR, TOUR_FULL, ExperimentConfig
 from tinymoe.models.switch_lm import describe
-from tinymoe.train import TrainResult, load_data, train, val_batches
+from tinymoe.app.train import TrainResult, load_data, train, val_batches
 
 
 @dataclass

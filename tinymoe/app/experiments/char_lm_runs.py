@@ -1,7 +1,7 @@
 """What the character-LM experiments share: the data, the training loop, the command line.
 
-The 2017 balancing-loss table (:mod:`~tinymoe.experiments.table6_2017`) and the modern
-routers (:mod:`~tinymoe.experiments.modern_2024`) train the same small
+The 2017 balancing-loss table (:mod:`~tinymoe.app.experiments.table6_2017`) and the modern
+routers (:mod:`~tinymoe.app.experiments.modern_2024`) train the same small
 :class:`~tinymoe.models.CharMoELM` many times, changing only its MoE layer. Every run sees
 the same batches (drawn from ``seed + 1``) and is measured on the same held-out batches
 (seed 12345), so that differences between runs come from the layer alone.

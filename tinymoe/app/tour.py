@@ -1,6 +1,6 @@
 """``tinymoe tour``: run every stage end to end on the shipped data and report.
 
-Each stage lives in ``tinymoe.experiments`` and offers ``tour_line(fast=..., progress=...)``,
+Each stage lives in ``tinymoe.app.experiments`` and offers ``tour_line(fast=..., progress=...)``,
 returning a dict with ``stage``, ``paper``, ``trained``, ``params`` (total / active),
 ``metric`` (what we measured), ``paper_claim`` and optionally ``figures`` (name -> a
 function that draws a matplotlib Figure). The tour prints a summary table and writes the
@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 # In historical order; each entry names the module that runs the stage.
 STAGES: list[str] = [
-    "tinymoe.experiments.autograd_00",
-    "tinymoe.experiments.vowels_1991",
-    "tinymoe.experiments.hme_1994",
-    "tinymoe.experiments.table6_2017",
-    "tinymoe.experiments.gshard_2020",
-    "tinymoe.experiments.switch_2021",
-    "tinymoe.experiments.modern_2024",
+    "tinymoe.app.experiments.autograd_00",
+    "tinymoe.app.experiments.vowels_1991",
+    "tinymoe.app.experiments.hme_1994",
+    "tinymoe.app.experiments.table6_2017",
+    "tinymoe.app.experiments.gshard_2020",
+    "tinymoe.app.experiments.switch_2021",
+    "tinymoe.app.experiments.modern_2024",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

@@ -36,7 +36,7 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
-from tinymoe.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
+from tinymoe.app.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
                                              shakespeare_data, train_char_lm)
 from tinymoe.models.char_lm import CharLMConfig, CharMoELM
 from tinymoe.moe.balance import max_over_mean

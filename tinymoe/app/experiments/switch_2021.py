@@ -42,7 +42,7 @@ from tinymoe.models.switch_lm import (
     TransformerLM,
     describe,
 )
-from tinymoe.train import TrainConfig, load_data, train, val_batches
+from tinymoe.app.train import TrainConfig, load_data, train, val_batches
 
 # name -> settings that differ from the Switch baseline (cf 1.0, float32 router)
 RUNS: dict[str, dict[str, Any]] = {
