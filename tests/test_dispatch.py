@@ -122,7 +122,7 @@ def test_assign_positions_edge_cases():
 @pytest.mark.parametrize("args, error, match", [
     ((np.array([[0, 3]]), 3), ValueError, r"holds 3, outside \[0, 3\)"),
     ((np.array([[-1]]), 3), ValueError, r"holds -1"),
-    ((np.array([[0]]), 0), ValueError, "num_experts must be an integer >= 1"),
+    ((np.array([[0]]), 0), ValueError, "num_experts=0 must be an integer >= 1"),
     ((np.array([[0]]), 2, 0), ValueError, "capacity must be an integer >= 1"),
     ((np.array([[0]]), 2, 1.5), ValueError, "capacity must be an integer >= 1"),
     ((np.array([[0]]), 2, True), ValueError, "capacity must be an integer >= 1"),

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from tinymoe import validate
 
-def _is_int(n: Any) -> bool:
-    return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+_is_int = validate.is_int
 
 
 def _int64(a: np.ndarray, what: str, op: str) -> np.ndarray:
@@ -21,12 +21,6 @@ def _int64(a: np.ndarray, what: str, op: str) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{op}: {what} must hold integers, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
-
-
-def check_num_experts(num_experts: Any, op: str) -> int:
-    if not _is_int(num_experts) or num_experts < 1:
-        raise ValueError(f"{op}: num_experts must be an integer >= 1, got {num_experts!r}")
-    return int(num_experts)
 
 
 def check_capacity(capacity: Any, op: str) -> int | None:
@@ -41,7 +35,7 @@ def check_capacity(capacity: Any, op: str) -> int | None:
 
 def check_expert_index(expert_index: Any, num_experts: Any, op: str) -> tuple[np.ndarray, int]:
     """``expert_index`` as a (T, k) int64 array with every entry in [0, E)."""
-    E = check_num_experts(num_experts, op)
+    E = validate.num_experts(num_experts, op)
     e = np.asarray(expert_index)
     if e.ndim != 2:
         raise ValueError(f"{op}: expert_index must have shape (T, k) (tokens, choices), got "

@@ -1,29 +1,26 @@
 """Dispatch and combine as autograd Functions, on whichever backend is active.
 
-A gate ends in a :class:`Routing`; the layer then does::
+A router ends in a :class:`~tinymoe.dispatch.routing.Routing`; the layer then does::
 
-    routing = route(expert_index, gate_values, num_experts, capacity)   # positions, counts
+    routing = router(x)                 # or route(expert_index, gate_values, E, capacity)
     buf = dispatch(x, routing)          # (E, C, d), or (N, d) grouped by expert if dropless
     out = experts(buf)                  # expert e reads buf[e] or buf[offsets[e]:offsets[e+1]]
     y = combine(out, routing)           # (T, d): y_t = sum_j w_tj out[e_tj, p_tj]
 
 Gradients flow to ``x`` (through dispatch), to the experts' outputs and to the gate values
-(through combine). The choice of experts itself gets no gradient (reference §7.5).
+(through combine). The choice of experts itself gets no gradient: it is a discrete decision,
+which is why a top-1 router must weight its expert by the raw probability (Switch, eq. 2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tinymoe.autograd import Function
 from tinymoe.dispatch.backend import backend_module
+from tinymoe.dispatch.routing import Routing
 from tinymoe.tensor import Tensor
-
-
-def _array(a: Any) -> np.ndarray:
-    return a.data if isinstance(a, Tensor) else np.asarray(a)
 
 
 # --- capacity mode -----------------------------------------------------------------------
@@ -97,73 +94,6 @@ class CombineSorted(Function):
         return (grad_out if need_out else None), (grad_w if need_w else None)
 
 
-# --- the routing every gate produces -----------------------------------------------------
-
-
-@dataclass(eq=False)
-class Routing:
-    """A router's decision, in the arrays of the dispatch contract.
-
-    ``expert_index`` (T, k) int64 in priority order; ``combine_weight`` (T, k) the gate
-    values (a Tensor, so the gate gets gradients, or an array); ``position`` (T, k) int64
-    slot in the expert's buffer, -1 if dropped; ``counts`` (E,) slots filled per expert;
-    ``capacity`` C, or None for dropless routing.
-    """
-
-    expert_index: np.ndarray
-    combine_weight: Any
-    position: np.ndarray
-    counts: np.ndarray
-    num_experts: int
-    capacity: int | None
-    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False,
-                                                          compare=False)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.expert_index.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.expert_index.shape[1]
-
-    @property
-    def dropped(self) -> np.ndarray:
-        """(T, k) bool: True where a choice found its expert full."""
-        return self.position < 0
-
-    @property
-    def dropped_fraction(self) -> float:
-        """Share of the T·k choices that were dropped."""
-        return float(self.dropped.mean()) if self.position.size else 0.0
-
-    def sorted_layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(order (N,), offsets (E+1,))`` of the kept pairs, computed once."""
-        if self._sorted is None:
-            position = None if self.capacity is None else self.position
-            self._sorted = backend_module().sort_tokens(self.expert_index, self.num_experts,
-                                                        position)
-        return self._sorted
-
-    @property
-    def order(self) -> np.ndarray:
-        return self.sorted_layout()[0]
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Expert e's rows in the sorted layout are ``offsets[e]:offsets[e + 1]``."""
-        return self.sorted_layout()[1]
-
-
-def route(expert_index: Any, combine_weight: Any, num_experts: int,
-          capacity: int | None = None) -> Routing:
-    """Positions and counts for a routing (choice-major priority; see assign_positions)."""
-    e = _array(expert_index)
-    position, counts = backend_module().assign_positions(e, num_experts, capacity)
-    return Routing(np.asarray(e, dtype=np.int64), combine_weight, position, counts,
-                   int(num_experts), None if capacity is None else int(capacity))
-
-
 # --- user-facing functions of tensors ----------------------------------------------------
 
 
@@ -179,7 +109,7 @@ def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     """Experts' outputs back to tokens, weighted by the gate: (T, d)."""
     if routing.capacity is None:
         return combine_sorted(expert_out, routing)
-    return Combine.apply(expert_out, routing.combine_weight, expert_index=routing.expert_index,
+    return Combine.apply(expert_out, _weight(routing), expert_index=routing.expert_index,
                          position=routing.position)
 
 
@@ -190,4 +120,24 @@ def dispatch_sorted(x: Tensor, routing: Routing) -> Tensor:
 
 def combine_sorted(rows_out: Tensor, routing: Routing) -> Tensor:
     """The inverse of :func:`dispatch_sorted`, weighted by the gate: (T, d)."""
-    return CombineSorted.apply(rows_out, routing.combine_weight, order=routing.order)
+    return CombineSorted.apply(rows_out, _weight(routing), order=routing.order)
+
+
+def _weight(routing: Routing) -> Any:
+    """The combine weights in a dtype the kernels take (float16 gates move as float32)."""
+    w = routing.combine_weight
+    return kernel_dtype(w) if isinstance(w, Tensor) else w
+
+
+# --- dtypes the kernels take -------------------------------------------------------------
+
+
+def as_dtype(a: Tensor, dtype: Any) -> Tensor:
+    """``a`` in ``dtype`` (no op when it already is)."""
+    return a if a.dtype == np.dtype(dtype) else a.astype(dtype)
+
+
+def kernel_dtype(a: Tensor) -> Tensor:
+    """float16 (which the Numba kernels do not take) moves as float32: exact for the copies
+    of dispatch, and combine's products are rounded once, at the end."""
+    return as_dtype(a, np.float32) if a.dtype not in (np.float32, np.float64) else a

@@ -1,16 +1,28 @@
-"""``tm.moe``: the history of gating, one home per idea.
+"""``tm.moe``: the history of gating, one home per idea, in historical order.
+
+Every router returns one :class:`Routing` (the chosen experts, their weights, their slots,
+the router's probabilities, logits, auxiliary losses and statistics), and one
+:class:`MoELayer` runs any router with any experts: ``y, aux_losses = layer(x)``.
+
+The papers:
 
 - 1991 adaptive mixture of local experts (Jacobs, Jordan, Nowlan & Hinton): ``mixture``
 - 1994 hierarchical mixture of experts, gradient and EM (Jordan & Jacobs): ``hme``
 - 2017 sparsely-gated MoE (Shazeer et al.): noisy top-k gate ``noisy_topk``, balancing
-  losses ``balance``, stacked FFN experts ``experts``, the layer ``layer``
-- 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``, ``capacity``
-- 2021 Switch Transformer top-1 (Fedus et al.): ``switch``; both end in the capacity-mode
-  layer ``capacity_layer``, with the balancing and z-losses in ``aux_losses``
-- 2022-2024 modern routers, all run by the layer ``routed_layer`` (with shared experts):
-  Mixtral's top-k ``topk_router``, expert choice ``expert_choice`` (Zhou et al.),
-  DeepSeek-V3's auxiliary-loss-free balancing ``aux_free``
+  losses ``balance``, experts that are MoEs ``hierarchical``
+- 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``
+- 2021 Switch Transformer top-1 (Fedus et al.): ``switch``
+- 2022 expert choice (Zhou et al.): ``expert_choice``
+- 2024 Mixtral's and DeepSeekMoE's top-k ``topk_router``; DeepSeek-V3's
+  auxiliary-loss-free balancing ``aux_free``
+
+The shared pieces, named for what they are: ``layer`` (the one MoE layer), ``experts``
+(stacked FFN experts, a list of any Modules), ``capacity`` (slots per expert, positions),
+``router_weight`` (a router's weight, logits, initialisation), ``precision`` (selective
+precision, emulated bfloat16), ``aux_losses`` (load balancing and z-loss).
 """
+from tinymoe.dispatch.routing import Routing, route, sum_losses  # noqa: F401
+from tinymoe.moe.aux_free import AuxFreeRouter, bias_update, sequence_balance_loss  # noqa: F401
 from tinymoe.moe.aux_losses import (  # noqa: F401
     gshard_aux_loss,
     load_balancing_loss,
@@ -25,10 +37,17 @@ from tinymoe.moe.balance import (  # noqa: F401
     load,
 )
 from tinymoe.moe.capacity import capacity_positions, expert_capacity  # noqa: F401
-from tinymoe.moe.capacity_layer import CapacityMoELayer  # noqa: F401
-from tinymoe.moe.experts import StackedExperts, grouped_linear  # noqa: F401
+from tinymoe.moe.expert_choice import (  # noqa: F401
+    ExpertChoiceRouter,
+    expert_choice_positions,
+    experts_per_token,
+    unrouted_fraction,
+)
+from tinymoe.moe.experts import ExpertList, StackedExperts, grouped_linear  # noqa: F401
+from tinymoe.moe.gshard import Top2Gate, gshard_layer  # noqa: F401
+from tinymoe.moe.hierarchical import HierarchicalGate, hierarchical_moe  # noqa: F401
 from tinymoe.moe.hme import HME, fit_em, fit_gradient  # noqa: F401
-from tinymoe.moe.layer import MoELayer, hierarchical_moe  # noqa: F401
+from tinymoe.moe.layer import MoELayer, moe_layer  # noqa: F401
 from tinymoe.moe.mixture import (  # noqa: F401
     AdaptiveMixture,
     LinearExpert,
@@ -42,21 +61,12 @@ from tinymoe.moe.mixture import (  # noqa: F401
     posterior_responsibilities,
 )
 from tinymoe.moe.noisy_topk import (  # noqa: F401
-    GateOutput,
     NoisyTopKGate,
     kth_excluding,
     kth_excluding_top,
     noisy_top_k_gating,
     prob_in_top_k,
+    sparse_moe_layer,
 )
-from tinymoe.moe.gshard import Top2Gate  # noqa: F401,E402
-from tinymoe.moe.switch import SwitchGate, SwitchRouter  # noqa: F401,E402
-from tinymoe.moe.routed_layer import RoutedMoELayer, RouterOutput  # noqa: F401,E402
-from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates  # noqa: F401,E402
-from tinymoe.moe.expert_choice import (  # noqa: F401,E402
-    ExpertChoiceRouter,
-    expert_choice_positions,
-    experts_per_token,
-    unrouted_fraction,
-)
-from tinymoe.moe.aux_free import AuxFreeRouter, bias_update  # noqa: F401,E402
+from tinymoe.moe.switch import SwitchRouter, switch_layer  # noqa: F401
+from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates  # noqa: F401

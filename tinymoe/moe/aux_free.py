@@ -38,21 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe import ops
-from tinymoe.dispatch.functions import route
-from tinymoe.moe.capacity import check_num_experts
-from tinymoe.moe.routed_layer import RouterOutput
-from tinymoe.moe.switch import (
-    INIT_SCALE,
-    RoundBFloat16,
-    check_finite_logits,
-    check_router_dtype,
-    check_router_input,
-    router_logits,
-    router_weight,
-)
-from tinymoe.moe.topk_router import check_coef, check_router_k
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
+from tinymoe import ops, validate
+from tinymoe.dispatch.routing import Routing, route
+from tinymoe.moe.precision import RoundBFloat16
+from tinymoe.moe.precision import router_dtype as check_router_dtype
+from tinymoe.moe.router_weight import (INIT_SCALE, check_finite_logits, out_dtype,
+                                       router_logits, router_weight)
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module, Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -63,8 +55,8 @@ NORMALIZE_EPS = 1e-20  # HF DeepseekV3's guard on the sum of the k gates
 
 def check_speed(speed: Any, where: str) -> float:
     """The bias update speed γ: a finite number >= 0."""
-    return check_coef(speed, "bias_update_speed", where,
-                      "DeepSeek-V3 uses 1e-3; 0 turns the bias updates off")
+    return validate.coef(speed, "bias_update_speed", where,
+                         "DeepSeek-V3 uses 1e-3; 0 turns the bias updates off")
 
 
 def bias_update(bias: Any, load: Any, speed: float) -> np.ndarray:
@@ -80,7 +72,7 @@ def bias_update(bias: Any, load: Any, speed: float) -> np.ndarray:
     if b.ndim != 1 or load.shape != b.shape:
         raise ValueError(f"bias_update: bias and load must both be (E,), got shapes {b.shape} "
                          f"and {load.shape}; pass the per-expert counts, e.g. "
-                         f"RouterOutput.load")
+                         f"Routing.counts")
     if not np.issubdtype(b.dtype, np.floating):
         raise TypeError(f"bias_update: bias must be floating, got dtype {b.dtype}")
     speed = check_speed(speed, "bias_update")
@@ -159,10 +151,10 @@ class AuxFreeRouter(Module):
     weight decay) skip it. It changes only through :meth:`update_bias`.
 
     ``forward(x)`` for ``x`` (T, d_model) returns a
-    :class:`~tinymoe.moe.routed_layer.RouterOutput` (dropless routing, ``logits`` (T, E),
-    ``scores`` the sigmoid affinities (T, E), ``aux_loss`` ``seq_aux_loss_coef ·``
-    :func:`sequence_balance_loss` or None when the coefficient is 0) and sets
-    ``last_load`` (E,), the batch's (token, choice) pairs per expert. In **training** mode
+    :class:`~tinymoe.dispatch.routing.Routing` (dropless, ``logits`` (T, E), ``probs`` the
+    sigmoid affinities s (T, E), ``aux_losses["sequence_balance"]`` = ``seq_aux_loss_coef ·``
+    :func:`sequence_balance_loss` when the coefficient is > 0) and sets ``last_load`` (E,),
+    the batch's (token, choice) pairs per expert. In **training** mode
     with ``bias_update_speed > 0`` it then calls ``update_bias(last_load)``: the update
     comes *after* this batch was routed, so it takes effect from the next batch (one
     forward = one training step; with gradient accumulation or several forwards per step,
@@ -177,24 +169,24 @@ class AuxFreeRouter(Module):
                  sequence_length: int | None = None, router_dtype: Any = "float32",
                  init_scale: float = INIT_SCALE, rng: RNGLike = None) -> None:
         super().__init__()
-        self.d_model = check_positive_int(d_model, "d_model", "AuxFreeRouter")
-        self.num_experts = check_num_experts(num_experts, "AuxFreeRouter")
-        self.k = check_router_k(k, self.num_experts, "AuxFreeRouter")
+        self.d_model = validate.positive_int(d_model, "d_model", "AuxFreeRouter")
+        self.num_experts = validate.num_experts(num_experts, "AuxFreeRouter")
+        self.k = validate.top_k(k, self.num_experts, "AuxFreeRouter")
         self.bias_update_speed = check_speed(bias_update_speed, "AuxFreeRouter")
-        self.seq_aux_loss_coef = check_coef(seq_aux_loss_coef, "seq_aux_loss_coef",
-                                            "AuxFreeRouter")
-        scale = check_coef(route_scale, "route_scale", "AuxFreeRouter")
+        self.seq_aux_loss_coef = validate.coef(seq_aux_loss_coef, "seq_aux_loss_coef",
+                                               "AuxFreeRouter")
+        scale = validate.coef(route_scale, "route_scale", "AuxFreeRouter")
         if scale == 0:
             raise ValueError("AuxFreeRouter: route_scale=0 would zero every gate; pass a "
                              "positive scale (1.0, or DeepSeek-V3's 2.5)")
         self.route_scale = scale
         if sequence_length is not None:
-            check_positive_int(sequence_length, "sequence_length", "AuxFreeRouter")
+            validate.positive_int(sequence_length, "sequence_length", "AuxFreeRouter")
         self.sequence_length = sequence_length
         self.router_dtype = check_router_dtype(router_dtype, "AuxFreeRouter")
         self.rng = as_rng(rng)
         self.W_g = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
-                                 check_coef(init_scale, "init_scale", "AuxFreeRouter"))  # (d, E)
+                                 validate.coef(init_scale, "init_scale", "AuxFreeRouter"))  # (d, E)
         self.bias = Parameter(np.zeros(self.num_experts, dtype=self.W_g.dtype))  # (E,) no grad
         self.last_load: np.ndarray | None = None
 
@@ -202,9 +194,9 @@ class AuxFreeRouter(Module):
         """``b <- b + γ · sign(mean(load) - load)`` in place, with γ = bias_update_speed."""
         self.bias.data[...] = bias_update(self.bias.data, load, self.bias_update_speed)
 
-    def forward(self, x: Any) -> RouterOutput:
+    def forward(self, x: Any) -> Routing:
         x = as_tensor(x)
-        check_router_input(x, self.d_model, "AuxFreeRouter")
+        validate.tokens(x, self.d_model, "AuxFreeRouter")
         logits = router_logits(x, self.W_g, self.router_dtype)  # (T, E) selective precision
         check_finite_logits(logits, "AuxFreeRouter")
         scores = ops.sigmoid(logits)  # (T, E) s, affinities in (0, 1)
@@ -212,23 +204,22 @@ class AuxFreeRouter(Module):
             scores = RoundBFloat16.apply(scores)
         expert_index, weight = aux_free_gates(scores, self.bias.data, self.k,
                                               self.route_scale)  # (T, k) each
-        out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
-        if weight.dtype != out_dtype:
-            weight = weight.astype(out_dtype)
-        routing = route(expert_index, weight, self.num_experts)  # dropless: capacity None
-        aux = None
+        if weight.dtype != out_dtype(x):
+            weight = weight.astype(out_dtype(x))
+        aux = {}
         if self.seq_aux_loss_coef:
             if self.sequence_length is not None and x.shape[0] % self.sequence_length:
                 raise ValueError(f"AuxFreeRouter: {x.shape[0]} tokens are not a whole number "
                                  f"of sequences of sequence_length={self.sequence_length}; "
                                  f"pass whole sequences or set sequence_length=None")
-            aux = sequence_balance_loss(scores, expert_index, self.sequence_length) \
-                * self.seq_aux_loss_coef
+            aux["sequence_balance"] = sequence_balance_loss(
+                scores, expert_index, self.sequence_length) * self.seq_aux_loss_coef
         self.last_load = np.bincount(expert_index.reshape(-1),
                                      minlength=self.num_experts).astype(np.int64)  # (E,)
         if self.training and self.bias_update_speed > 0:
             self.update_bias(self.last_load)  # after routing: applies from the next batch
-        return RouterOutput(routing, logits, scores, aux)
+        return route(expert_index, weight, self.num_experts, probs=scores, logits=logits,
+                     aux_losses=aux)  # dropless: capacity None
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "

@@ -7,7 +7,8 @@ expert a fixed buffer of ``C`` slots per group of tokens, so that shapes are sta
 
 For top-k routing every token makes k choices, so GShard's capacity is ``2S/E`` per group
 of S tokens (``capacity_factor = 1``, k = 2). Implementations round this differently
-(reference §7.1); tinymoe's convention, used by every capacity-mode gate:
+(GShard, Mesh TensorFlow, fairseq and DeepSpeed each differ a little); tinymoe's convention,
+used by every capacity-mode router:
 
     C = ceil(k · S / E · capacity_factor),  clamped to  1 <= C <= S
 
@@ -17,7 +18,8 @@ of S tokens (``capacity_factor = 1``, k = 2). Implementations round this differe
   ``2·cf`` for top-2), unlike Mesh TensorFlow, whose top-2 capacity is not doubled;
 * **clamped to [1, S]**: an expert can never receive a token twice, so more than S slots
   would only be padding (and C > S crashed DeepSpeed, PRs #5353/#8155); at least one slot
-  so that an expert always exists in the buffer. No ``min_capacity`` of 4 or 8.
+  so that an expert always exists in the buffer. No ``min_capacity`` of 4 or 8 (DeepSpeed's
+  default is 4).
   (Before rounding, ``k·S·capacity_factor/E`` is rounded to 9 decimals so that e.g.
   1 · 100 · 1.1 / 2 = 55.00000000000001 gives 55, not 56.)
 
@@ -31,32 +33,11 @@ choices** (a second choice that lost GShard's random routing takes no slot at al
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from tinymoe import validate
 from tinymoe.dispatch.backend import backend_module
-from tinymoe.dispatch.functions import Routing
-from tinymoe.tensor import Tensor
-
-
-def check_capacity_factor(capacity_factor: Any, where: str) -> float:
-    """``capacity_factor`` as a finite float > 0, or a ValueError naming ``where``."""
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real) \
-            or not math.isfinite(capacity_factor) or capacity_factor <= 0:
-        raise ValueError(f"{where}: capacity_factor={capacity_factor!r} must be a finite "
-                         f"number > 0 (1.0 gives each expert exactly its balanced share "
-                         f"k·T/E; 1.25 and 2.0 are common)")
-    return float(capacity_factor)
-
-
-def check_num_experts(num_experts: Any, where: str) -> int:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) \
-            or num_experts < 1:
-        raise ValueError(f"{where}: num_experts={num_experts!r} must be an integer >= 1")
-    return int(num_experts)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float = 1.0,
@@ -72,8 +53,8 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float = 
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) \
             or num_tokens < 0:
         raise ValueError(f"expert_capacity: num_tokens={num_tokens!r} must be an integer >= 0")
-    E = check_num_experts(num_experts, "expert_capacity")
-    cf = check_capacity_factor(capacity_factor, "expert_capacity")
+    E = validate.num_experts(num_experts, "expert_capacity")
+    cf = validate.capacity_factor(capacity_factor, "expert_capacity")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= E:
         raise ValueError(f"expert_capacity: k={k!r} must be an integer in [1, {E}] "
                          f"(choices per token, at most num_experts)")
@@ -121,7 +102,7 @@ def capacity_positions(expert_index: np.ndarray, num_experts: int, capacity: int
     if e.ndim != 2:
         raise ValueError(f"capacity_positions: expert_index must be (T, k), got shape "
                          f"{e.shape}")
-    E = check_num_experts(num_experts, "capacity_positions")
+    E = validate.num_experts(num_experts, "capacity_positions")
     T, k = e.shape
     G, S = num_groups(T, group_size, "capacity_positions")
     act = np.ones((T, k), dtype=bool) if active is None else np.asarray(active, dtype=bool)
@@ -141,59 +122,3 @@ def capacity_positions(expert_index: np.ndarray, num_experts: int, capacity: int
     ### END SOLUTION
     counts = np.bincount(e[kept], minlength=E).astype(np.int64)  # (E,)
     return np.ascontiguousarray(position, dtype=np.int64), counts
-
-
-@dataclass(eq=False)
-class CapacityRouting:
-    """What a capacity-mode gate (:class:`~tinymoe.moe.switch.SwitchGate`,
-    :class:`~tinymoe.moe.gshard.Top2Gate`) hands to the layer for one batch of T tokens.
-
-    ``routing`` is the dispatch contract (expert_index, combine_weight, position (T, k),
-    counts, ``capacity = G · C`` slots per expert in the buffer); ``capacity`` is C per
-    group. ``aux_loss`` is the load-balancing loss *without* its coefficient (1 at uniform
-    routing) and ``z_loss`` the router z-loss, both scalar Tensors. ``demand`` (E,) counts
-    the active choices per expert before dropping; ``routing.counts`` the kept ones.
-    """
-
-    routing: Routing
-    router_logits: Tensor     # (T, E) in the router's dtype
-    router_probs: Tensor      # (T, E) softmax(router_logits)
-    capacity: int             # C, slots per expert per group
-    num_groups: int           # G
-    aux_loss: Tensor          # () N·Σ f_i P_i, 1 at uniform
-    z_loss: Tensor            # () mean logsumexp²
-    demand: np.ndarray        # (E,) active choices per expert, before dropping
-    active: np.ndarray        # (T, k) bool: False for a second choice that lost random routing
-
-    @property
-    def expert_index(self) -> np.ndarray:
-        return self.routing.expert_index
-
-    @property
-    def combine_weight(self) -> Tensor:
-        return self.routing.combine_weight
-
-    @property
-    def position(self) -> np.ndarray:
-        return self.routing.position
-
-    @property
-    def kept(self) -> np.ndarray:
-        """(T, k) bool: the choices that got a slot."""
-        return self.routing.position >= 0
-
-    @property
-    def dropped_tokens(self) -> np.ndarray:
-        """(T,) bool: tokens that reach no expert (they pass through the residual only)."""
-        return ~self.kept.any(axis=1)
-
-    @property
-    def dropped_fraction(self) -> float:
-        """Share of the T tokens that reach no expert."""
-        d = self.dropped_tokens
-        return float(d.mean()) if d.size else 0.0
-
-    @property
-    def dropped_choices(self) -> int:
-        """Active choices that found their expert full."""
-        return int((self.active & ~self.kept).sum())

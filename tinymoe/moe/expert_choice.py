@@ -13,22 +13,23 @@ batch, so every expert processes exactly C tokens by construction, and a token g
     y_t = Σ_i Σ_j G[i, j] · [I[i, j] = t] · FFN_i(x_t)
 
 "EC-CF2" is c = 2, the compute of top-2 token choice. The paper reports more than 2x faster
-training convergence than Switch's top-1 and GShard's top-2 gating (abstract; reference
-§6.3). No auxiliary balancing loss is needed, every expert being exactly full: the router's
-``aux_loss`` is None.
+training convergence than Switch's top-1 and GShard's top-2 gating (abstract). No
+auxiliary balancing loss is needed, every expert being exactly full: the routing's
+``aux_losses`` is empty.
 
 tinymoe's conventions:
 
 * **capacity** C = ceil(n · c / e), clamped to [1, n] (:func:`expert_choice_capacity`; the
-  same rounding as :func:`~tinymoe.moe.capacity.expert_capacity` with k = 1, reference §7.1):
+  same rounding as :func:`~tinymoe.moe.capacity.expert_capacity` with k = 1):
   an expert cannot take a token twice, and takes at least one;
-* **ties** go to the lower token index (a stable sort), as ``torch.topk`` on CPU;
+* **ties** go to the lower token index (a stable sort; ``torch.topk`` leaves the order of
+  ties unspecified, and on CPU returns ``[6, 5]`` for ``topk(zeros(8), 2)``);
 * **gates** are the raw affinities S[t, i] of the chosen pairs, not renormalised (a token's
   gates sum to at most 1, and to 0 when no expert took it);
 * **slots in descending score**: slot 0 of expert i holds its best token, slot C - 1 its
   C-th best (the order of ``TopK``, flaxformer's ``expert_index``).
 
-In the dispatch contract (:class:`~tinymoe.dispatch.Routing`) every token has k = E columns,
+In the routing (:class:`~tinymoe.dispatch.routing.Routing`) every token has k = E columns,
 one per expert: ``expert_index[t, i] = i``, ``position[t, i]`` = the slot of token t in
 expert i's bucket or -1, ``combine_weight[t, i] = S[t, i]`` if chosen else 0, ``counts = C``
 for every expert, ``capacity = C``. The existing dispatch and combine (NumPy or Numba) then
@@ -39,7 +40,7 @@ it leaves the layer through the residual unchanged.
 the other tokens of the batch, the future ones included, so in a decoder the model can learn
 to cheat with future tokens, and at generation time (one token at a time) the routing of
 training cannot be reproduced. flaxformer's ``ExpertsChooseMaskedRouter``: it "should not be
-used in decoder blocks because it breaks the autoregressive behavior" (reference §6.3, §7.15).
+used in decoder blocks because it breaks the autoregressive behavior" (its docstring).
 Use it in encoders, or with the whole sequence known in advance.
 """
 from __future__ import annotations
@@ -49,18 +50,12 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe.dispatch.functions import Routing
-from tinymoe.moe.capacity import check_capacity_factor, check_num_experts
-from tinymoe.moe.routed_layer import RouterOutput
-from tinymoe.moe.switch import (
-    INIT_SCALE,
-    check_finite_logits,
-    check_router_dtype,
-    check_router_input,
-    router_probabilities,
-    router_weight,
-)
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
+from tinymoe import validate
+from tinymoe.dispatch.routing import Routing
+from tinymoe.moe.precision import router_dtype as check_router_dtype
+from tinymoe.moe.router_weight import (INIT_SCALE, check_finite_logits, router_probabilities,
+                                       router_weight)
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module
 from tinymoe.tensor import as_tensor
 
@@ -80,8 +75,8 @@ def expert_choice_capacity(num_tokens: int, num_experts: int,
             or num_tokens < 1:
         raise ValueError(f"expert_choice_capacity: num_tokens={num_tokens!r} must be an "
                          f"integer >= 1 (each expert picks its tokens among the batch)")
-    E = check_num_experts(num_experts, "expert_choice_capacity")
-    c = check_capacity_factor(capacity_factor, "expert_choice_capacity")
+    E = validate.num_experts(num_experts, "expert_choice_capacity")
+    c = validate.capacity_factor(capacity_factor, "expert_choice_capacity")
     T = int(num_tokens)
     C = math.ceil(round(T * c / E, 9))  # k = n · c / e, rounded up
     return int(min(max(C, 1), T))       # 1 <= C <= T
@@ -153,18 +148,17 @@ class ExpertChoiceRouter(Module):
     use a normal of std 0.02 instead).
 
     ``forward(x)`` for ``x`` (T, d_model) returns a
-    :class:`~tinymoe.moe.routed_layer.RouterOutput` whose routing has E columns per token
-    (module docstring), ``scores`` = S, and ``aux_loss`` None. After each call ``capacity``
-    holds the last C.
+    :class:`~tinymoe.dispatch.routing.Routing` with E columns per token (module docstring),
+    ``probs`` = S, and no aux losses. After each call ``capacity`` holds the last C.
     """
 
     def __init__(self, d_model: int, num_experts: int, *, capacity_factor: float = 2.0,
                  router_dtype: Any = "float32", init_scale: float = INIT_SCALE,
                  rng: RNGLike = None) -> None:
         super().__init__()
-        self.d_model = check_positive_int(d_model, "d_model", "ExpertChoiceRouter")
-        self.num_experts = check_num_experts(num_experts, "ExpertChoiceRouter")
-        self.capacity_factor = check_capacity_factor(capacity_factor, "ExpertChoiceRouter")
+        self.d_model = validate.positive_int(d_model, "d_model", "ExpertChoiceRouter")
+        self.num_experts = validate.num_experts(num_experts, "ExpertChoiceRouter")
+        self.capacity_factor = validate.capacity_factor(capacity_factor, "ExpertChoiceRouter")
         self.router_dtype = check_router_dtype(router_dtype, "ExpertChoiceRouter")
         if not (isinstance(init_scale, (int, float, np.floating)) and init_scale > 0
                 and math.isfinite(init_scale)):
@@ -174,9 +168,14 @@ class ExpertChoiceRouter(Module):
                                  self.router_dtype, float(init_scale))  # (d, E)
         self.capacity: int | None = None
 
-    def forward(self, x: Any) -> RouterOutput:
+    @property
+    def k(self) -> int:
+        """E columns per token: one per expert (a token is taken by 0 to E of them)."""
+        return self.num_experts
+
+    def forward(self, x: Any) -> Routing:
         x = as_tensor(x)
-        check_router_input(x, self.d_model, "ExpertChoiceRouter", min_tokens=1)
+        validate.tokens(x, self.d_model, "ExpertChoiceRouter", min_tokens=1)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"ExpertChoiceRouter: x has dtype {x.dtype}; the router needs "
                             f"floating inputs (token ids go through an Embedding first)")
@@ -193,8 +192,8 @@ class ExpertChoiceRouter(Module):
                                                             (T, E)))  # (T, E) column j = j
         counts = np.full(E, C, dtype=np.int64)  # (E,) every expert exactly C tokens
         self.capacity = C
-        routing = Routing(expert_index, weight, position, counts, E, C)
-        return RouterOutput(routing, logits, scores, None)
+        return Routing(expert_index, weight, position, counts, E, C, probs=scores,
+                       logits=logits)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, "

@@ -1,14 +1,21 @@
-"""Experts with stacked weights: E feed-forward networks run as one grouped matmul.
+"""The experts: E feed-forward networks with stacked weights, or a list of any Modules.
 
-After a dropless dispatch the kept (token, choice) rows are sorted by expert, so expert ``e``
-owns the contiguous block ``rows[offsets[e]:offsets[e+1]]``. Keeping the E experts' weights
-in one array ``W (E, d_in, d_out)`` lets one op multiply every block by its own matrix::
+Dispatch hands the experts their tokens in one of two layouts (the routing's dispatch mode):
 
-    out[offsets[e]:offsets[e+1]] = rows[offsets[e]:offsets[e+1]] @ W[e] + b[e]
+* **capacity buffers** ``(E, C, d)``: expert e reads ``buf[e]``, padding included. Stacked
+  weights ``W (E, d_in, d_out)`` turn the E FFNs into one batched matmul, GShard's
+  Algorithm 2 (``"EGCM,EMH->EGCH"``).
+* **sorted rows** ``(N, d)`` (dropless): the kept (token, choice) rows grouped by expert,
+  expert e owning ``rows[offsets[e]:offsets[e+1]]``. One op multiplies every block by its
+  own matrix (a "grouped GEMM", MegaBlocks' building block)::
 
-(a "grouped GEMM", MegaBlocks' building block). Its backward per block is the usual pair
-``d rows = g @ W[e]^T``, ``dW[e] = rows^T @ g``, ``db[e] = Σ_rows g``. Blocks may be empty
-(an expert nobody chose gets zero gradient), and nothing of size (T, E, C) is ever built.
+      out[offsets[e]:offsets[e+1]] = rows[offsets[e]:offsets[e+1]] @ W[e] + b[e]
+
+  Its backward per block is the usual pair ``d rows = g @ W[e]^T``, ``dW[e] = rows^T @ g``,
+  ``db[e] = Σ_rows g``. Blocks may be empty (an expert nobody chose gets zero gradient).
+
+Either way ``experts(buf, offsets)`` maps the layout to the same layout of outputs
+(``offsets=None`` for buffers), and nothing of size (T, E, C) is ever built.
 """
 from __future__ import annotations
 
@@ -16,10 +23,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tinymoe import ops
+from tinymoe import ops, validate
 from tinymoe.autograd import Function
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int, float_dtype, lecun_normal
-from tinymoe.nn.module import Module, Parameter
+from tinymoe.dispatch.functions import as_dtype
+from tinymoe.moe.router_weight import switch_init
+from tinymoe.nn.dropout import Dropout
+from tinymoe.nn.init import RNGLike, as_rng, lecun_normal
+from tinymoe.nn.module import Module, ModuleList, Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
 ACTIVATIONS = {"gelu": ops.gelu, "relu": ops.relu}
@@ -91,26 +101,38 @@ class StackedExperts(Module):
 
     ``W1`` (E, d_model, d_ff), ``b1`` (E, d_ff), ``W2`` (E, d_ff, d_model), ``b2`` (E,
     d_model); initialised like ``tm.nn.Linear`` (LeCun normal, zero biases). The 2017
-    paper's experts are one-hidden-layer ReLU networks (App. C.1).
+    paper's experts are one-hidden-layer ReLU networks (App. C.1). ``dropout``: expert
+    dropout on the hidden activations, training only (Fedus et al. 2021, §2.4 use 0.4 when
+    fine-tuning). Inputs are cast to the weights' dtype.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "relu",
                  *, dtype: Any = np.float32, rng: RNGLike = None,
-                 init_scale: float = 1.0) -> None:
+                 init_scale: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__()
-        E = check_positive_int(num_experts, "num_experts", "StackedExperts")
-        d = check_positive_int(d_model, "d_model", "StackedExperts")
-        f = check_positive_int(d_ff, "d_ff", "StackedExperts")
+        E = validate.positive_int(num_experts, "num_experts", "StackedExperts")
+        d = validate.positive_int(d_model, "d_model", "StackedExperts")
+        f = validate.positive_int(d_ff, "d_ff", "StackedExperts")
         if activation not in ACTIVATIONS:
             raise ValueError(f"StackedExperts: activation={activation!r}; choose one of "
                              f"{sorted(ACTIVATIONS)}")
-        dt = float_dtype(dtype, "StackedExperts")
+        dt = validate.float_dtype(dtype, "dtype", "StackedExperts")
         gen = as_rng(rng)
         self.num_experts, self.d_model, self.d_ff, self.activation = E, d, f, activation
         self.W1 = Parameter(lecun_normal(gen, d, (E, d, f), dt, init_scale))  # (E, d, d_ff)
         self.b1 = Parameter(np.zeros((E, f), dt))  # (E, d_ff)
         self.W2 = Parameter(lecun_normal(gen, f, (E, f, d), dt, init_scale))  # (E, d_ff, d)
         self.b2 = Parameter(np.zeros((E, d), dt))  # (E, d)
+        self.dropout = Dropout(dropout, rng=gen)
+
+    def switch_init_(self, rng: RNGLike, init_scale: float) -> StackedExperts:
+        """Re-draw ``W1`` and ``W2`` from the Switch initialisation (truncated normal, std
+        ``sqrt(init_scale / fan_in)``, Fedus et al. 2021 §2.4), in place."""
+        gen = as_rng(rng)
+        for name, fan_in in (("W1", self.d_model), ("W2", self.d_ff)):
+            p = getattr(self, name)
+            p.data = switch_init(gen, fan_in, p.shape, p.dtype, init_scale)
+        return self
 
     @classmethod
     def from_feedforwards(cls, experts: Sequence[Module]) -> StackedExperts:
@@ -124,11 +146,16 @@ class StackedExperts(Module):
             getattr(out, name).data = np.stack([get(m).data for m in experts]).astype(dt)
         return out
 
-    def forward(self, rows: Any, offsets: np.ndarray) -> Tensor:
-        """``rows`` (N, d_model) sorted by expert, ``offsets`` (E+1,) -> (N, d_model)."""
-        h = grouped_linear(as_tensor(rows), self.W1, self.b1, offsets)  # (N, d_ff)
-        h = ACTIVATIONS[self.activation](h)  # (N, d_ff)
-        return grouped_linear(h, self.W2, self.b2, offsets)  # (N, d_model)
+    def forward(self, x: Any, offsets: np.ndarray | None = None) -> Tensor:
+        """Buffers ``x`` (E, C, d_model) with ``offsets=None``, or rows ``x`` (N, d_model)
+        sorted by expert with ``offsets`` (E+1,): the experts' outputs, in the same layout."""
+        x = as_dtype(as_tensor(x), self.W1.dtype)
+        act = ACTIVATIONS[self.activation]
+        if offsets is None:  # capacity buffers: one batched matmul over the experts
+            h = act(ops.linear(x, self.W1, ops.unsqueeze(self.b1, 1)))  # (E, C, d_ff)
+            return ops.linear(self.dropout(h), self.W2, ops.unsqueeze(self.b2, 1))  # (E, C, d)
+        h = act(grouped_linear(x, self.W1, self.b1, offsets))  # (N, d_ff) sorted rows
+        return grouped_linear(self.dropout(h), self.W2, self.b2, offsets)  # (N, d_model)
 
     def expert(self, e: int, x: Any) -> Tensor:
         """Expert ``e`` alone on ``x`` (n, d_model): for tests and lessons."""
@@ -138,3 +165,37 @@ class StackedExperts(Module):
     def extra_repr(self) -> str:
         return (f"{self.num_experts} x ({self.d_model} -> {self.d_ff} -> {self.d_model}), "
                 f"activation={self.activation!r}")
+
+
+class ExpertList(ModuleList):
+    """Any E Modules as experts; expert e maps an (n, d) batch to (n, d_out), n may be 0.
+
+    ``experts(buf, offsets)`` runs expert e on its part of the layout (``buf[e]`` of
+    capacity buffers, or its block of sorted rows) and puts the outputs back in place.
+    Experts may be MoE layers themselves: their own aux losses are then dropped (the 2017
+    hierarchical MoE balances its experts through the primary gate instead).
+    """
+
+    def __init__(self, experts: Sequence[Module]) -> None:
+        super().__init__(list(experts))
+
+    def forward(self, x: Any, offsets: np.ndarray | None = None) -> Tensor:
+        blocks = list(x) if offsets is None else \
+            [x[int(offsets[e]):int(offsets[e + 1])] for e in range(len(self))]  # (n_e, d)
+        outs = []
+        for e, (expert, block) in enumerate(zip(self, blocks)):
+            out = expert(block)  # (n_e, d_out)
+            if isinstance(out, tuple):
+                out = out[0]  # an MoE layer as an expert: (y, aux_losses)
+            if out.ndim != 2 or out.shape[0] != block.shape[0]:
+                raise ValueError(f"ExpertList: expert {e} ({type(expert).__name__}) returned "
+                                 f"shape {out.shape} for a batch of shape {block.shape}; an "
+                                 f"expert must map (n, d) to (n, d_out)")
+            outs.append(out)
+        widths = {o.shape[1] for o in outs}
+        if len(widths) > 1:
+            raise ValueError(f"ExpertList: the experts return different widths "
+                             f"{sorted(widths)}; every expert must produce the same d_out")
+        if offsets is None:
+            return ops.stack(outs, axis=0)  # (E, C, d_out)
+        return ops.concatenate(outs, axis=0)  # (N, d_out)

@@ -16,7 +16,7 @@ Conventions, each a named parameter and tested:
   if ``2 · g2 > u``, u ~ U(0, 1), with g2 the *normalised* gate, so with probability
   ``2·g2 <= 1`` (Algorithm 1). A second choice that loses takes no slot. In eval mode the
   default ``second_policy_eval="all"`` keeps every second choice that fits, so evaluation
-  is deterministic (DeepSpeed kept sampling in eval, reference §7.12). ``"none"`` never
+  is deterministic (DeepSpeed's ``top2gating`` samples in eval too). ``"none"`` never
   uses the second expert;
 * **normalise before or after dropping** (``normalize``): ``"before"`` (default, GShard's
   Algorithm 1 and Mesh TF) divides by ``g1 + g2`` first, so a token whose second expert is
@@ -26,9 +26,13 @@ Conventions, each a named parameter and tested:
 * **auxiliary loss**: ``ℓ_aux · E²`` with ``c_e`` the first choices before dropping, so it
   is 1 under uniform routing (:func:`~tinymoe.moe.aux_losses.gshard_aux_loss`), one value
   per group, averaged;
-* the gates are computed in ``router_dtype`` (float32 by default, as Mesh TF), with the
-  Switch router's machinery (:class:`~tinymoe.moe.switch.SwitchRouter`, jitter off by
-  default: GShard used none).
+* the gates are computed in ``router_dtype`` (float32 by default, as Mesh TF) from a
+  weight ``W_g`` initialised like every learned router here
+  (:mod:`tinymoe.moe.router_weight`); input jitter is off by default (GShard used none).
+
+The losses, with their coefficients applied, are the router's ``aux_losses``:
+``"balance"`` (the auxiliary loss above) and ``"z"`` (the router z-loss of ST-MoE, Zoph et
+al. 2022, off by default here since GShard had none).
 """
 from __future__ import annotations
 
@@ -36,22 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe import ops
-from tinymoe.dispatch.functions import Routing
+from tinymoe import ops, validate
+from tinymoe.dispatch.routing import Routing
 from tinymoe.moe.aux_losses import gshard_aux_loss, router_z_loss
-from tinymoe.moe.capacity import (
-    CapacityRouting,
-    capacity_positions,
-    check_capacity_factor,
-    check_num_experts,
-    expert_capacity,
-    num_groups,
-)
-from tinymoe.moe.switch import INIT_SCALE, SwitchRouter, check_finite_logits
-from tinymoe.nn.init import RNGLike, check_positive_int
+from tinymoe.moe.capacity import capacity_positions, expert_capacity, num_groups
+from tinymoe.moe.experts import StackedExperts
+from tinymoe.moe.layer import MoELayer
+from tinymoe.moe.precision import router_dtype as check_router_dtype
+from tinymoe.moe.router_weight import (INIT_SCALE, check_finite_logits, multiplicative_jitter,
+                                       out_dtype, router_probabilities, router_weight)
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
 
+AUX_LOSS_COEF = 1e-2
 SECOND_POLICIES = ("random", "all", "none")
 NORMALIZE = ("before", "after")
 NORMALIZE_EPS = 1e-9
@@ -66,7 +68,8 @@ def top2(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def top2_route(logits: Tensor, probs: Tensor, capacity_factor: float, *,
                group_size: int | None = None, second_policy: str = "random",
                normalize: str = "before", uniform: np.ndarray | None = None,
-               out_dtype: Any = np.float32) -> CapacityRouting:
+               out_dtype: Any = np.float32, aux_loss_coef: float = AUX_LOSS_COEF,
+               z_loss_coef: float = 0.0) -> Routing:
     """Algorithm 1 for the gates ``probs`` (T, E): top-2, random routing, capacity.
 
     ``uniform`` (T,) are the U(0, 1) draws of the random routing (needed when
@@ -108,19 +111,22 @@ def top2_route(logits: Tensor, probs: Tensor, capacity_factor: float, *,
         weight = surviving / denom  # (T, 2): a lone survivor gets 1
     if weight.dtype != np.dtype(out_dtype):
         weight = weight.astype(out_dtype)
-    routing = Routing(expert.astype(np.int64), weight, position, counts, E, G * C)
-    aux = gshard_aux_loss(probs.reshape(G, S, E), e1.reshape(G, S))
+    balance = gshard_aux_loss(probs.reshape(G, S, E), e1.reshape(G, S))
+    z = router_z_loss(logits)
     demand = np.bincount(expert[active], minlength=E).astype(np.int64)  # (E,)
-    return CapacityRouting(routing, logits, probs, C, G, aux, router_z_loss(logits), demand,
-                           active)
+    stats = dict(capacity=C, num_groups=G, demand=demand, active=active,
+                 balance_loss=balance, z_loss=z)
+    aux = {"balance": balance * aux_loss_coef, "z": z * z_loss_coef}
+    return Routing(expert.astype(np.int64), weight, position, counts, E, G * C, probs=probs,
+                   logits=logits, aux_losses=aux, stats=stats)
 
 
 class Top2Gate(Module):
-    """GShard's gate as a Module: ``W_g`` (in ``self.router.W_r``), top-2, capacity.
+    """GShard's gate as a Module: ``W_g`` (d_model, E), top-2, capacity, random routing.
 
-    ``gate(x)`` for ``x`` (T, d_model) returns a
-    :class:`~tinymoe.moe.capacity.CapacityRouting`. The random routing draws from
-    ``self.rng`` unless ``uniform`` (T,) is passed to ``forward``.
+    ``gate(x)`` for ``x`` (T, d_model) returns a :class:`~tinymoe.dispatch.routing.Routing`
+    with capacity buffers. The random routing draws from ``self.rng`` unless ``uniform``
+    (T,) is passed to ``forward``; so does the input jitter, when ``jitter > 0``.
     """
 
     k = 2
@@ -130,17 +136,19 @@ class Top2Gate(Module):
                  second_policy_train: str = "random", second_policy_eval: str = "all",
                  normalize: str = "before", router_dtype: Any = "float32",
                  jitter: float = 0.0, init_scale: float = INIT_SCALE,
+                 aux_loss_coef: float = AUX_LOSS_COEF, z_loss_coef: float = 0.0,
                  rng: RNGLike = None) -> None:
         super().__init__()
-        E = check_num_experts(num_experts, "Top2Gate")
+        self.d_model = validate.positive_int(d_model, "d_model", "Top2Gate")
+        E = validate.num_experts(num_experts, "Top2Gate")
         if E < 2:
             raise ValueError(f"Top2Gate: top-2 gating needs num_experts >= 2, got {E}")
         self.num_experts = E
-        self.capacity_factor = check_capacity_factor(capacity_factor, "Top2Gate")
+        self.capacity_factor = validate.capacity_factor(capacity_factor, "Top2Gate")
         self.eval_capacity_factor = self.capacity_factor if eval_capacity_factor is None \
-            else check_capacity_factor(eval_capacity_factor, "Top2Gate (eval)")
+            else validate.capacity_factor(eval_capacity_factor, "Top2Gate (eval)")
         if group_size is not None:
-            check_positive_int(group_size, "group_size", "Top2Gate")
+            validate.positive_int(group_size, "group_size", "Top2Gate")
         for name, policy in (("second_policy_train", second_policy_train),
                              ("second_policy_eval", second_policy_eval)):
             if policy not in SECOND_POLICIES:
@@ -152,16 +160,15 @@ class Top2Gate(Module):
         self.second_policy_train, self.second_policy_eval = second_policy_train, \
             second_policy_eval
         self.normalize = normalize
-        self.router = SwitchRouter(d_model, E, router_dtype=router_dtype, jitter=jitter,
-                                   init_scale=init_scale, rng=rng)
-
-    @property
-    def rng(self) -> np.random.Generator:
-        return self.router.rng
-
-    @property
-    def d_model(self) -> int:
-        return self.router.d_model
+        self.router_dtype = check_router_dtype(router_dtype, "Top2Gate")
+        if not 0.0 <= float(jitter) < 1.0:
+            raise ValueError(f"Top2Gate: jitter={jitter!r} must be in [0, 1) (0 turns it off)")
+        self.jitter = float(jitter)
+        self.aux_loss_coef = validate.coef(aux_loss_coef, "aux_loss_coef", "Top2Gate")
+        self.z_loss_coef = validate.coef(z_loss_coef, "z_loss_coef", "Top2Gate")
+        self.rng = as_rng(rng)
+        self.W_g = router_weight(self.rng, self.d_model, E, self.router_dtype,
+                                 init_scale)  # (d, E)
 
     @property
     def second_policy(self) -> str:
@@ -172,19 +179,37 @@ class Top2Gate(Module):
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
     def forward(self, x: Any, uniform: np.ndarray | None = None,
-                jitter_noise: np.ndarray | None = None) -> CapacityRouting:
+                jitter_noise: np.ndarray | None = None) -> Routing:
         x = as_tensor(x)
-        logits, probs = self.router(x, jitter_noise=jitter_noise)  # (T, E) each
+        validate.tokens(x, self.d_model, "Top2Gate")
+        jitter_noise = multiplicative_jitter(self, x.shape, jitter_noise)  # (T, d) or None
+        logits, probs = router_probabilities(x, self.W_g, self.router_dtype,
+                                             jitter_noise)  # (T, E) each
         check_finite_logits(logits, "Top2Gate")
         policy = self.second_policy
         if policy == "random" and uniform is None:
             uniform = self.rng.random(x.shape[0])  # (T,)
-        out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
         return top2_route(logits, probs, self.current_capacity_factor,
                           group_size=self.group_size, second_policy=policy,
-                          normalize=self.normalize, uniform=uniform, out_dtype=out_dtype)
+                          normalize=self.normalize, uniform=uniform, out_dtype=out_dtype(x),
+                          aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, capacity_factor={self.capacity_factor:g}, "
-                f"group_size={self.group_size}, normalize={self.normalize!r}, "
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, "
+                f"capacity_factor={self.capacity_factor:g}, group_size={self.group_size}, "
+                f"normalize={self.normalize!r}, "
                 f"second_policy={self.second_policy_train!r}/{self.second_policy_eval!r}")
+
+
+def gshard_layer(d_model: int, num_experts: int, d_ff: int, *, activation: str = "relu",
+                 expert_dropout: float = 0.0, residual: bool = False,
+                 init_scale: float = INIT_SCALE, dtype: Any = np.float32, rng: RNGLike = None,
+                 **gate_kwargs: Any) -> MoELayer:
+    """A GShard layer: :class:`Top2Gate` + E FFN experts (initialised like Switch's, the
+    truncated normal of :func:`~tinymoe.moe.router_weight.switch_init`) as an
+    :class:`~tinymoe.moe.layer.MoELayer`. ``gate_kwargs`` go to the gate."""
+    gen = as_rng(rng)
+    gate = Top2Gate(d_model, num_experts, init_scale=init_scale, rng=gen, **gate_kwargs)
+    experts = StackedExperts(num_experts, d_model, d_ff, activation, dtype=dtype, rng=gen,
+                             dropout=expert_dropout).switch_init_(gen, init_scale)
+    return MoELayer(gate, experts, residual=residual)

@@ -18,7 +18,7 @@ stays in the top k when only its own noise is drawn again::
 top-(k+1) trick computes it for every ``i`` at once: if ``i`` is in the top k, removing it
 moves the (k+1)-th largest up to k-th place; otherwise the k-th largest is unchanged.
 
-Conventions (see reference/moe_algorithms.md §3.5 and §7):
+Conventions (those of tensor2tensor's ``noisy_top_k_gating``, the paper's own code):
 
 - ties in the top-k go to the lower expert index (``tm.functional.topk``); with the zero
   initialisation and no noise every token therefore goes to experts ``0 .. k-1``;
@@ -31,55 +31,26 @@ Conventions (see reference/moe_algorithms.md §3.5 and §7):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-from tinymoe import ops
+from tinymoe import ops, validate
+from tinymoe.dispatch.routing import Routing, route
+from tinymoe.moe.balance import balance_loss
+from tinymoe.moe.experts import StackedExperts
+from tinymoe.moe.layer import MoELayer
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module, Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
 NOISE_EPSILON = 1e-2
 
 
-@dataclass
-class GateOutput:
-    """Everything a gate computes for one batch of ``T`` tokens and ``E`` experts.
-
-    ``expert_index``/``combine_weight`` are the dispatch contract (DESIGN.md): the k chosen
-    experts per token in priority order (highest gate first) and their gates.
-    """
-
-    expert_index: np.ndarray      # (T, k) int64
-    combine_weight: Tensor        # (T, k), rows sum to 1
-    gates: Tensor                 # (T, E) dense G(x), zero outside the top k
-    clean_logits: Tensor          # (T, E) x·W_g
-    noisy_logits: Tensor          # (T, E) H(x) (== clean_logits without noise)
-    noise_stddev: Tensor | None   # (T, E) σ, or None when there was no noise
-    prob_in_top_k: Tensor | None  # (T, E) P(x, i), or None (no noise, or k == E)
-    importance: Tensor            # (E,) eq. (6)
-    load: Tensor                  # (E,) eq. (10), or the hard counts (see the module doc)
-
-    @property
-    def num_experts(self) -> int:
-        return self.gates.shape[1]
-
-    @property
-    def counts(self) -> np.ndarray:
-        """(E,) tokens sent to each expert (hard counts, no gradient)."""
-        return expert_counts(self.expert_index, self.num_experts)
-
-
 def expert_counts(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
     """(E,) how many (token, choice) pairs went to each expert."""
     return np.bincount(np.asarray(expert_index).reshape(-1),
                        minlength=num_experts).astype(np.int64)  # (E,)
-
-
-def check_k(op: str, k: int, num_experts: int) -> None:
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
-        raise ValueError(f"{op}: k={k!r} must be an integer in [1, {num_experts}] for "
-                         f"{num_experts} experts; choose 1 <= k <= num_experts")
 
 
 def kth_excluding(v: np.ndarray | Tensor, k: int, i: int | None = None) -> np.ndarray:
@@ -190,28 +161,26 @@ def _check_inputs(x: Tensor, W_g: Tensor, noise: np.ndarray | None) -> None:
 
 def _check_finite(name: str, a: Tensor, rows: str = "token", cols: str = "expert") -> None:
     """NaN or inf in the router's input, weights or logits: a readable error, not a bad route."""
-    bad = ~np.isfinite(a.data)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise FloatingPointError(
-            f"noisy_top_k_gating: {name} of shape {a.shape} contain "
-            f"{int(bad.sum())} NaN/inf entries (first at {rows} {r}, {cols} {c}, value "
-            f"{a.data[r, c]}); training has diverged or the input is corrupt: lower the "
-            f"learning rate, clip gradients, or check the data for NaN")
+    validate.finite(a, name, "noisy_top_k_gating", rows, cols)
 
 
 def noisy_top_k_gating(x: Tensor, W_g: Tensor, W_noise: Tensor, k: int, *,
-                       noise: np.ndarray | None = None,
-                       noise_epsilon: float = NOISE_EPSILON) -> GateOutput:
-    """Noisy top-k gating as a pure function (eqs. 3-6, 8-10). Deterministic given ``noise``.
+                       noise: np.ndarray | None = None, noise_epsilon: float = NOISE_EPSILON,
+                       w_importance: float = 0.0, w_load: float = 0.0) -> Routing:
+    """Noisy top-k gating as a pure function (eqs. 3-11). Deterministic given ``noise``.
 
     ``x`` (T, d), ``W_g`` and ``W_noise`` (d, E). ``noise=None`` means no noise (eval, or
-    ``noisy_gating=False``); otherwise a (T, E) standard-normal sample.
+    ``noisy_gating=False``); otherwise a (T, E) standard-normal sample. Returns a dropless
+    :class:`~tinymoe.dispatch.routing.Routing`: ``probs`` the gates G(x) (T, E), zero
+    outside the top k; ``logits`` H(x); ``aux_losses["balance"]`` = ``w_importance ·
+    CV(Importance)² + w_load · CV(Load)²`` (eqs. 7 and 11); ``stats``: ``clean_logits``
+    x·W_g, ``noise_stddev`` σ and ``prob_in_top_k`` P(x, i) (None without noise),
+    ``importance`` (E,) eq. (6) and ``load`` (E,) eq. (10), or the hard counts.
     """
     x, W_g, W_noise = as_tensor(x), as_tensor(W_g), as_tensor(W_noise)
     _check_inputs(x, W_g, noise)
     E = W_g.shape[1]
-    check_k("noisy_top_k_gating", k, E)
+    validate.top_k(k, E, "noisy_top_k_gating")
     if noise is not None:
         noise = np.asarray(noise, dtype=x.dtype)
     _check_finite("the router input x", x, "token", "feature")
@@ -230,7 +199,11 @@ def noisy_top_k_gating(x: Tensor, W_g: Tensor, W_noise: Tensor, k: int, *,
         load = P.sum(axis=0)  # (E,) eq. (10)
     else:
         load = Tensor(expert_counts(expert_index, E).astype(x.dtype))  # (E,) hard counts
-    return GateOutput(expert_index, combine_weight, gates, clean, H, sigma, P, importance, load)
+    stats = dict(clean_logits=clean, noise_stddev=sigma, prob_in_top_k=P,
+                 importance=importance, load=load)
+    aux = {"balance": balance_loss(importance, load, w_importance, w_load)}  # eqs. (7), (11)
+    return route(expert_index, combine_weight, E, probs=gates, logits=H, aux_losses=aux,
+                 stats=stats)
 
 
 class NoisyTopKGate(Module):
@@ -240,8 +213,9 @@ class NoisyTopKGate(Module):
     noise picks the experts, so the initial load is about even. In training mode (and with
     ``noisy_gating``) the noise is drawn from ``rng`` (a seed or a Generator) unless passed
     explicitly to ``forward``; in eval mode there is no noise, so routing is deterministic.
-    ``w_importance``/``w_load`` weight the balancing losses (eqs. 7 and 11), see
-    :meth:`aux_loss`; the paper's LM used 0.1/0.1 (App. C.1), t2t's default is 0.01/0.01.
+    ``w_importance``/``w_load`` weight the balancing losses (eqs. 7 and 11), returned as the
+    routing's ``aux_losses["balance"]``; the paper's LM used 0.1/0.1 (App. C.1), t2t's
+    default is 0.01/0.01.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, *,
@@ -249,9 +223,8 @@ class NoisyTopKGate(Module):
                  w_importance: float = 0.0, w_load: float = 0.0,
                  rng: np.random.Generator | int | None = None, dtype=np.float32) -> None:
         super().__init__()
-        check_k("NoisyTopKGate", k, num_experts)
-        if d_model < 1:
-            raise ValueError(f"NoisyTopKGate: d_model={d_model} must be >= 1")
+        validate.top_k(k, num_experts, "NoisyTopKGate")
+        validate.positive_int(d_model, "d_model", "NoisyTopKGate")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.noisy_gating, self.noise_epsilon = noisy_gating, noise_epsilon
         self.w_importance, self.w_load = w_importance, w_load
@@ -263,7 +236,7 @@ class NoisyTopKGate(Module):
     def uses_noise(self) -> bool:
         return self.training and self.noisy_gating
 
-    def forward(self, x: Tensor, noise: np.ndarray | None = None) -> GateOutput:
+    def forward(self, x: Tensor, noise: np.ndarray | None = None) -> Routing:
         """Route ``x`` (T, d). ``noise`` (T, E) replaces the generator's draw in training;
         it is ignored in eval mode and with ``noisy_gating=False`` (no noise there)."""
         x = as_tensor(x)
@@ -273,15 +246,30 @@ class NoisyTopKGate(Module):
             T = x.shape[0] if x.ndim == 2 else 0
             noise = self.rng.standard_normal((T, self.num_experts)).astype(self.W_g.dtype)
         return noisy_top_k_gating(x, self.W_g, self.W_noise, self.k, noise=noise,
-                                  noise_epsilon=self.noise_epsilon)
-
-    def aux_loss(self, out: GateOutput) -> Tensor:
-        """``w_importance·CV(Importance)² + w_load·CV(Load)²`` (eqs. 7 and 11)."""
-        from tinymoe.moe.balance import balance_loss
-
-        return balance_loss(out.importance, out.load, self.w_importance, self.w_load)
+                                  noise_epsilon=self.noise_epsilon,
+                                  w_importance=self.w_importance, w_load=self.w_load)
 
     def __repr__(self) -> str:
         return (f"NoisyTopKGate(d_model={self.d_model}, num_experts={self.num_experts}, "
                 f"k={self.k}, noisy_gating={self.noisy_gating}, "
                 f"w_importance={self.w_importance}, w_load={self.w_load})")
+
+
+def sparse_moe_layer(d_model: int, num_experts: int, k: int = 2, *, d_ff: int | None = None,
+                     experts: Sequence[Module] | None = None, activation: str = "relu",
+                     w_importance: float = 0.0, w_load: float = 0.0, noisy_gating: bool = True,
+                     noise_epsilon: float = NOISE_EPSILON, rng: RNGLike = None,
+                     dtype: Any = np.float32) -> MoELayer:
+    """The 2017 sparsely-gated layer: a :class:`NoisyTopKGate` and E experts, dropless, as an
+    :class:`~tinymoe.moe.layer.MoELayer`. The experts are E FFNs of hidden width ``d_ff``
+    with stacked weights (one grouped matmul), or the Modules given in ``experts``."""
+    gen = as_rng(rng)
+    gate = NoisyTopKGate(d_model, num_experts, k, noisy_gating=noisy_gating,
+                         noise_epsilon=noise_epsilon, w_importance=w_importance,
+                         w_load=w_load, rng=gen, dtype=dtype)
+    if experts is None:
+        if d_ff is None:
+            raise ValueError("sparse_moe_layer: give d_ff (the hidden width of the default FFN "
+                             "experts) or a list of expert Modules in experts=")
+        experts = StackedExperts(num_experts, d_model, d_ff, activation, dtype=dtype, rng=gen)
+    return MoELayer(gate, experts)

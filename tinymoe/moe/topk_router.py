@@ -16,13 +16,13 @@ as the renormalised probabilities above, because the softmax's denominator cance
 HF's ``MixtralSparseMoeBlock`` computes it the second way (softmax in float32, top-k, divide
 by the sum), and so do we. DeepSeekMoE (§3.2, with shared experts, and its 16B model's
 ``norm_topk_prob=False``) keeps the raw ``p_i``: the routed gates then sum to less than 1 and
-the shared experts (:class:`~tinymoe.moe.routed_layer.RoutedMoELayer`, ``num_shared``)
-carry the rest. With k = 1 and ``normalize=True`` every gate is exactly 1 and the router
-gets no gradient from the task loss, only from the auxiliary loss (reference §7.5): use
-``normalize=False`` (Switch's raw p) for top-1.
+the shared experts (:func:`~tinymoe.moe.layer.moe_layer`, ``num_shared``) carry the rest.
+With k = 1 and ``normalize=True`` every gate is exactly 1 and the router gets no gradient
+from the task loss, only from the auxiliary loss: use ``normalize=False`` (Switch's raw p)
+for top-1.
 
-Routing is **dropless** (no capacity, reference §6.6): every expert processes all the tokens
-that chose it, as sorted rows and one grouped matmul.
+Routing is **dropless** (no capacity, as Mixtral's implementations with MegaBlocks): every
+expert processes all the tokens that chose it, as sorted rows and one grouped matmul.
 
 Load balancing, for T tokens each with k choices (:func:`topk_balance_loss`)::
 
@@ -30,56 +30,26 @@ Load balancing, for T tokens each with k choices (:func:`topk_balance_loss`)::
     P_i = (1 / T) Σ_t p_i(x_t)                        mean router probability
     loss = E · Σ_i f_i · P_i                          1 under uniform routing, for any k
 
-The router follows the Switch router's stability measures (:mod:`tinymoe.moe.switch`):
+The router keeps the stability measures of the Switch Transformer (Fedus et al. 2021, §2.4):
 selective precision (``router_dtype``, float32 by default) and the truncated-normal
 initialisation with ``init_scale`` 0.1 (HF's Mixtral instead draws every Linear, the router
 included, from N(0, 0.02²), its ``initializer_range``); the optional z-loss is ST-MoE's.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from tinymoe import ops
-from tinymoe.dispatch.functions import route
+from tinymoe import ops, validate
+from tinymoe.dispatch.routing import Routing, route
 from tinymoe.moe.aux_losses import router_z_loss
-from tinymoe.moe.capacity import check_num_experts
-from tinymoe.moe.routed_layer import RouterOutput
-from tinymoe.moe.switch import (
-    INIT_SCALE,
-    check_finite_logits,
-    check_router_dtype,
-    check_router_input,
-    router_probabilities,
-    router_weight,
-)
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
+from tinymoe.moe.precision import router_dtype as check_router_dtype
+from tinymoe.moe.router_weight import (INIT_SCALE, check_finite_logits, out_dtype,
+                                       router_probabilities, router_weight)
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
-
-
-def check_router_k(k: Any, num_experts: int, where: str) -> int:
-    """``k`` as an int in [1, E], or a ValueError naming ``where`` and the fix."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
-            or not 1 <= k <= num_experts:
-        raise ValueError(f"{where}: k={k!r} must be an integer in [1, {num_experts}] for "
-                         f"num_experts={num_experts}; choose 1 <= k <= num_experts (Mixtral "
-                         f"uses k=2 of 8)")
-    return int(k)
-
-
-def check_coef(value: Any, name: str, where: str, hint: str = "0 turns the term off"
-               ) -> float:
-    """A finite coefficient >= 0, or a ValueError naming ``where``, ``name`` and ``hint``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{where}: {name}={value!r} must be a finite number >= 0 ({hint})")
-    return v
 
 
 def _choices(expert_index: Any, T: int, E: int, op: str) -> np.ndarray:
@@ -109,7 +79,7 @@ def topk_balance_loss(router_probs: Any, expert_index: Any) -> Tensor:
     as the routing concentrates, up to E when every pair goes to one expert that has all
     the probability.
 
-    Conventions (reference §6.2, §6.4, §7.7): HF Mixtral's ``load_balancing_loss_func``
+    Conventions: HF transformers' Mixtral ``load_balancing_loss_func``
     keeps one ``f`` per choice slot (``tokens_per_expert`` of shape (k, E)) and sums over
     the k slots, so its uniform value is k: k times ours. DeepSeekMoE's expert-level loss
     ``Σ_i f_i P_i`` with ``f_i = N'/(K'T) Σ_t 1(token t selects i)`` scales f so that
@@ -156,12 +126,12 @@ class TopKRouter(Module):
     ``router_dtype="float64"``, for gradchecks). ``forward(x)`` for ``x`` (T, d_model)
     computes the logits and the softmax in ``router_dtype`` (selective precision), picks
     the top k experts of each token, and returns a
-    :class:`~tinymoe.moe.routed_layer.RouterOutput` with a dropless routing (``capacity``
-    None), ``logits`` (T, E), ``scores`` = the probabilities p (T, E), and
+    :class:`~tinymoe.dispatch.routing.Routing`, dropless (``capacity`` None), with
+    ``logits`` (T, E), ``probs`` p (T, E), and the ``aux_losses``
 
-        aux_loss = aux_loss_coef · topk_balance_loss(p, e) + z_loss_coef · router_z_loss(l)
+        "balance": aux_loss_coef · topk_balance_loss(p, e),  "z": z_loss_coef · router_z_loss(l)
 
-    (None when both coefficients are 0). HF Mixtral's coefficient is 1e-3 on a loss whose
+    (each only when its coefficient is > 0). HF Mixtral's coefficient is 1e-3 on a loss whose
     uniform value is k (= 2): ``aux_loss_coef = 2e-3`` here gives the same gradient.
     The combine weights are cast to the dtype of ``x`` (when it is floating).
     """
@@ -171,35 +141,33 @@ class TopKRouter(Module):
                  router_dtype: Any = "float32", init_scale: float = INIT_SCALE,
                  rng: RNGLike = None) -> None:
         super().__init__()
-        self.d_model = check_positive_int(d_model, "d_model", "TopKRouter")
-        self.num_experts = check_num_experts(num_experts, "TopKRouter")
-        self.k = check_router_k(k, self.num_experts, "TopKRouter")
+        self.d_model = validate.positive_int(d_model, "d_model", "TopKRouter")
+        self.num_experts = validate.num_experts(num_experts, "TopKRouter")
+        self.k = validate.top_k(k, self.num_experts, "TopKRouter")
         self.normalize = bool(normalize)
-        self.aux_loss_coef = check_coef(aux_loss_coef, "aux_loss_coef", "TopKRouter")
-        self.z_loss_coef = check_coef(z_loss_coef, "z_loss_coef", "TopKRouter")
+        self.aux_loss_coef = validate.coef(aux_loss_coef, "aux_loss_coef", "TopKRouter")
+        self.z_loss_coef = validate.coef(z_loss_coef, "z_loss_coef", "TopKRouter")
         self.router_dtype = check_router_dtype(router_dtype, "TopKRouter")
-        scale = check_coef(init_scale, "init_scale", "TopKRouter")
+        scale = validate.coef(init_scale, "init_scale", "TopKRouter")
         self.rng = as_rng(rng)
         self.W_g = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
                                  scale)  # (d, E)
 
-    def forward(self, x: Any) -> RouterOutput:
+    def forward(self, x: Any) -> Routing:
         x = as_tensor(x)
-        check_router_input(x, self.d_model, "TopKRouter")
+        validate.tokens(x, self.d_model, "TopKRouter")
         logits, probs = router_probabilities(x, self.W_g, self.router_dtype)  # (T, E) each
         check_finite_logits(logits, "TopKRouter")
         expert_index, weight = topk_gates(probs, self.k, self.normalize)  # (T, k) each
-        out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
-        if weight.dtype != out_dtype:
-            weight = weight.astype(out_dtype)
-        routing = route(expert_index, weight, self.num_experts)  # dropless: capacity None
-        aux = None
+        if weight.dtype != out_dtype(x):
+            weight = weight.astype(out_dtype(x))
+        aux = {}
         if self.aux_loss_coef:
-            aux = topk_balance_loss(probs, expert_index) * self.aux_loss_coef
+            aux["balance"] = topk_balance_loss(probs, expert_index) * self.aux_loss_coef
         if self.z_loss_coef:
-            z = router_z_loss(logits) * self.z_loss_coef
-            aux = z if aux is None else aux + z
-        return RouterOutput(routing, logits, probs, aux)
+            aux["z"] = router_z_loss(logits) * self.z_loss_coef
+        return route(expert_index, weight, self.num_experts, probs=probs, logits=logits,
+                     aux_losses=aux)  # dropless: capacity None
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
