@@ -6,7 +6,7 @@ import pytest
 
 import tinymoe as tm
 from tinymoe.moe.capacity import expert_capacity
-from tinymoe.moe.capacity_layer import CapacityMoELayer
+from tinymoe.moe import gshard_layer, switch_layer, sum_losses
 from tinymoe.parallel import (
     CommReport,
     ExpertParallelMoE,
@@ -25,11 +25,12 @@ def lesson04(f):  # every gate forward runs the three regions of lesson 04
 
 def make(gate="switch", E=4, d=6, f=8, cf=1.0, seed=0, scale=2.0, dtype=F64, **kw):
     router = "float64" if dtype == F64 else "float32"
-    layer = CapacityMoELayer(d, E, f, gate=gate, capacity_factor=cf, router_dtype=router,
-                             dtype=dtype, rng=seed, **kw)
+    build = switch_layer if gate == "switch" else gshard_layer
+    layer = build(d, E, f, capacity_factor=cf, router_dtype=router, dtype=dtype, rng=seed,
+                  **kw)
+    W = layer.router.W_r if gate == "switch" else layer.router.W_g
     rng = np.random.default_rng(seed + 100)
-    layer.gate.router.W_r.data = (scale * rng.standard_normal((d, E))).astype(
-        layer.gate.router.W_r.dtype)
+    W.data = (scale * rng.standard_normal((d, E))).astype(W.dtype)
     for name in ("b1", "b2"):
         p = getattr(layer.experts, name)
         p.data = (0.1 * rng.standard_normal(p.shape)).astype(p.dtype)
@@ -126,14 +127,15 @@ def test_forward_and_gradients_equal_the_grouped_layer(gate, D):
     def run(model):
         model.zero_grad()
         xt = tm.tensor(x, requires_grad=True)
-        y = model(xt, **noise)
-        ((y * tm.tensor(cot)).sum() + model.router_loss).backward()
+        y, aux = model(xt, **noise)
+        ((y * tm.tensor(cot)).sum() + sum_losses(aux.values())).backward()
         grads = {n: p.grad.copy() for n, p in layer.named_parameters()}
-        return y.numpy(), xt.grad, grads, model.aux_loss.item(), model.z_loss.item()
+        return y.numpy(), xt.grad, grads, aux["balance"].item(), aux["z"].item()
 
     y1, gx1, g1, aux1, z1 = run(layer)
     y2, gx2, g2, aux2, z2 = run(ep)
-    assert layer.stats.dropped_choices > 0  # the capacity per group bites
+    r1 = layer.last_routing
+    assert (r1.stats["active"] & ~r1.kept).sum() > 0  # the capacity per group bites
     np.testing.assert_allclose(y2, y1, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(gx2, gx1, rtol=1e-11, atol=1e-12)
     assert g1.keys() == g2.keys()
@@ -141,9 +143,8 @@ def test_forward_and_gradients_equal_the_grouped_layer(gate, D):
         np.testing.assert_allclose(g2[name], g1[name], rtol=1e-10, atol=1e-12, err_msg=name)
     np.testing.assert_allclose([aux2, z2], [aux1, z1], rtol=1e-12)
     # the devices' routings are the layer's groups, capacity C per group
-    r1 = layer.last_routing
     for r, cr in enumerate(ep.last_routings):
-        assert cr.capacity == r1.capacity
+        assert cr.stats["capacity"] == r1.stats["capacity"]
         rows = slice(r * T // D, (r + 1) * T // D)
         np.testing.assert_array_equal(cr.expert_index, r1.expert_index[rows])
         np.testing.assert_array_equal(cr.kept, r1.kept[rows])
@@ -156,15 +157,15 @@ def test_eval_mode_float32_matches_and_counts_agree(gate):
     T, E, d, D = 48, 8, 6, 4
     layer = make(gate, E=E, d=d, cf=1.25, dtype=np.float32, group_size=T // D).eval()
     x = np.random.default_rng(3).standard_normal((T, d)).astype(np.float32)
-    y1 = layer(tm.tensor(x)).numpy()
+    y1 = layer(tm.tensor(x))[0].numpy()
     y2, routings, rep = expert_parallel_forward(layer, tm.tensor(x), D)
     assert y2.dtype == np.float32
     np.testing.assert_allclose(y2.numpy(), y1, rtol=1e-6, atol=1e-6)
     assert isinstance(rep, CommReport) and len(routings) == D and rep.itemsize == 4
-    assert rep.dropped_tokens.sum() == layer.stats.dropped_tokens
-    np.testing.assert_array_equal(rep.tokens_per_expert.sum(axis=0), layer.stats.load)
-    np.testing.assert_array_equal(rep.demand.sum(axis=0), layer.stats.demand)
     r1 = layer.last_routing
+    assert rep.dropped_tokens.sum() == r1.dropped_tokens.sum()
+    np.testing.assert_array_equal(rep.tokens_per_expert.sum(axis=0), r1.counts)
+    np.testing.assert_array_equal(rep.demand.sum(axis=0), r1.stats["demand"])
     S = T // D
     for r in range(D):  # tokens per device per expert: the kept choices of group r
         e = r1.expert_index[r * S:(r + 1) * S][r1.kept[r * S:(r + 1) * S]]
@@ -208,7 +209,7 @@ def balanced_layer(gate, E, D, T):
     """x_t = 10·onehot(t mod E) + 5·onehot(t+1 mod E), W_r = I: every device sends each
     expert exactly S/E first choices (and S/E second choices for top-2)."""
     layer = make(gate, E=E, d=E, cf=1.0, group_size=T // D).eval()
-    layer.gate.router.W_r.data = np.eye(E)
+    (layer.router.W_r if gate == "switch" else layer.router.W_g).data = np.eye(E)
     t = np.arange(T)
     x = np.zeros((T, E))
     x[t, t % E] = 10.0
@@ -271,5 +272,5 @@ def test_gate_groups_must_fit_a_device_and_inputs_need_one_row_per_token():
                                          r"row per token"):
         expert_parallel_forward(layer, tm.tensor(np.zeros((32, 6))), 2,
                                 jitter_noise=np.ones((5, 6)))
-    with pytest.raises(TypeError, match="must be a CapacityMoELayer"):
+    with pytest.raises(TypeError, match="must be an MoELayer with StackedExperts"):
         expert_parallel_forward(tm.nn.Linear(6, 6), np.zeros((4, 6)), 2)

@@ -82,12 +82,15 @@ def float_dtype(value: Any, name: str, where: str) -> np.dtype:
 
 
 def last_dim(x: Any, expected: int, where: str) -> None:
-    """``x`` must end in an axis of width ``expected``: ``SwitchRouter(...): input has last
-    dim 3, expected 4 (input shape (2, 3))``."""
+    """``x`` must be floating and end in an axis of width ``expected``: ``Linear(3 -> 4):
+    input has last dim 2, expected 3 (input shape (5, 2))``."""
     if x.ndim == 0 or x.shape[-1] != expected:
         got = "no axes" if x.ndim == 0 else f"last dim {x.shape[-1]}"
         raise ValueError(f"{where}: input has {got}, expected {expected} (input shape "
                          f"{x.shape})")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{where}: input dtype {x.dtype} is not floating; token ids go "
+                        f"through an Embedding first")
 
 
 def tokens(x: Any, d_model: int, where: str, min_tokens: int = 0) -> None:

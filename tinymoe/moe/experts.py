@@ -26,9 +26,8 @@ import numpy as np
 from tinymoe import ops, validate
 from tinymoe.autograd import Function
 from tinymoe.dispatch.functions import as_dtype
-from tinymoe.moe.router_weight import switch_init
 from tinymoe.nn.dropout import Dropout
-from tinymoe.nn.init import RNGLike, as_rng, lecun_normal
+from tinymoe.nn.init import RNGLike, as_rng, lecun_normal, switch_init
 from tinymoe.nn.module import Module, ModuleList, Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -96,6 +95,20 @@ def grouped_linear(x: Any, W: Any, b: Any, offsets: np.ndarray) -> Tensor:
     return GroupedLinear.apply(x, W, b, offsets=offsets)
 
 
+def batched_ffn(x: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, activation: str,
+                dropout: Module | None = None) -> Tensor:
+    """E FFNs on their buffers at once: ``(E, n, d) -> (E, n, d)``, GShard's Algorithm 2.
+
+    ``h = act(x @ W1 + b1)`` (E, n, d_ff) ("EGCM,EMH->EGCH"), expert dropout on h, then
+    ``h @ W2 + b2``; each ``@ ... +`` is one :func:`~tinymoe.ops.linear` (the bias added into
+    the product's array). The weights may be any E of the experts' (expert parallelism).
+    """
+    h = ACTIVATIONS[activation](ops.linear(x, W1, ops.unsqueeze(b1, 1)))  # (E, n, d_ff)
+    if dropout is not None:
+        h = dropout(h)  # (E, n, d_ff) expert dropout on the interim activations
+    return ops.linear(h, W2, ops.unsqueeze(b2, 1))  # (E, n, d)
+
+
 class StackedExperts(Module):
     """E two-layer FFN experts ``act(x W1[e] + b1[e]) W2[e] + b2[e]`` with stacked weights.
 
@@ -152,8 +165,8 @@ class StackedExperts(Module):
         x = as_dtype(as_tensor(x), self.W1.dtype)
         act = ACTIVATIONS[self.activation]
         if offsets is None:  # capacity buffers: one batched matmul over the experts
-            h = act(ops.linear(x, self.W1, ops.unsqueeze(self.b1, 1)))  # (E, C, d_ff)
-            return ops.linear(self.dropout(h), self.W2, ops.unsqueeze(self.b2, 1))  # (E, C, d)
+            return batched_ffn(x, self.W1, self.b1, self.W2, self.b2, self.activation,
+                               self.dropout)  # (E, C, d)
         h = act(grouped_linear(x, self.W1, self.b1, offsets))  # (N, d_ff) sorted rows
         return grouped_linear(self.dropout(h), self.W2, self.b2, offsets)  # (N, d_model)
 

@@ -11,36 +11,15 @@ is a float16 *computation*, not float16 weights (see :mod:`tinymoe.moe.precision
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from tinymoe import ops, validate
 from tinymoe.moe.precision import RoundBFloat16, to_router_precision
+from tinymoe.nn.init import INIT_SCALE, switch_init, truncated_normal  # noqa: F401
 from tinymoe.nn.module import Parameter
 from tinymoe.tensor import Tensor, as_tensor
-
-INIT_SCALE = 0.1
-
-
-def truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float,
-                     dtype: Any = np.float32) -> np.ndarray:
-    """N(0, std²) truncated at ±2 std (values outside are drawn again), as TF's
-    ``truncated_normal`` initialiser."""
-    out = rng.standard_normal(shape)
-    bad = np.abs(out) > 2.0
-    while bad.any():
-        out[bad] = rng.standard_normal(int(bad.sum()))
-        bad = np.abs(out) > 2.0
-    return (out * std).astype(dtype)
-
-
-def switch_init(rng: np.random.Generator, fan_in: int, shape: tuple[int, ...], dtype: Any,
-                scale: float = INIT_SCALE) -> np.ndarray:
-    """Fedus et al. (2021, §2.4): truncated normal with std ``sqrt(scale / fan_in)``, s = 0.1."""
-    return truncated_normal(rng, shape, math.sqrt(scale / fan_in), dtype)
-
 
 def router_weight(rng: np.random.Generator, d_model: int, num_experts: int, router_dtype: str,
                   init_scale: float = INIT_SCALE) -> Parameter:

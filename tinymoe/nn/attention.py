@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe import ops
+from tinymoe import ops, validate
 from tinymoe.nn.dropout import Dropout
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int
-from tinymoe.nn.linear import Linear, check_last_dim
+from tinymoe.nn.init import RNGLike, as_rng
+from tinymoe.nn.linear import Linear
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -32,8 +32,8 @@ class CausalSelfAttention(Module):
                  bias: bool = True, dtype: Any = np.float32, rng: RNGLike = None,
                  init_scale: float = 1.0) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model", "CausalSelfAttention")
-        check_positive_int(n_heads, "n_heads", "CausalSelfAttention")
+        validate.positive_int(d_model, "d_model", "CausalSelfAttention")
+        validate.positive_int(n_heads, "n_heads", "CausalSelfAttention")
         if d_model % n_heads:
             raise ValueError(f"CausalSelfAttention: d_model={d_model} is not divisible by "
                              f"n_heads={n_heads}")
@@ -47,7 +47,7 @@ class CausalSelfAttention(Module):
 
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
-        check_last_dim(self, x, self.d_model)
+        validate.last_dim(x, self.d_model, f"{type(self).__name__}({self.extra_repr()})")
         if x.ndim != 3:
             raise ValueError(f"CausalSelfAttention({self.extra_repr()}): input must be "
                              f"(B, T, d), got shape {x.shape}")

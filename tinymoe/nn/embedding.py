@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe.nn.init import RNGLike, as_rng, check_positive_int, float_dtype
+from tinymoe import validate
+from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module, Parameter
 from tinymoe.tensor import Tensor
 
@@ -21,9 +22,9 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, *, dtype: Any = np.float32,
                  rng: RNGLike = None, init_scale: float = 1.0) -> None:
         super().__init__()
-        self.num_embeddings = check_positive_int(num_embeddings, "num_embeddings", "Embedding")
-        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim", "Embedding")
-        dt = float_dtype(dtype, "Embedding")
+        self.num_embeddings = validate.positive_int(num_embeddings, "num_embeddings", "Embedding")
+        self.embedding_dim = validate.positive_int(embedding_dim, "embedding_dim", "Embedding")
+        dt = validate.float_dtype(dtype, "dtype", "Embedding")
         w = as_rng(rng).standard_normal((num_embeddings, embedding_dim)) * init_scale
         self.weight = Parameter(w.astype(dt))  # (num, dim)
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe.nn.init import check_positive_int, float_dtype
-from tinymoe.nn.linear import check_last_dim
+from tinymoe import validate
 from tinymoe.nn.module import Module, Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -22,17 +21,17 @@ class LayerNorm(Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, *, dtype: Any = np.float32) -> None:
         super().__init__()
-        self.dim = check_positive_int(dim, "dim", "LayerNorm")
+        self.dim = validate.positive_int(dim, "dim", "LayerNorm")
         if not eps > 0:
             raise ValueError(f"LayerNorm: eps must be positive, got {eps}")
         self.eps = float(eps)
-        dt = float_dtype(dtype, "LayerNorm")
+        dt = validate.float_dtype(dtype, "dtype", "LayerNorm")
         self.weight = Parameter(np.ones(dim, dt))  # (dim,)
         self.bias = Parameter(np.zeros(dim, dt))  # (dim,)
 
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
-        check_last_dim(self, x, self.dim)
+        validate.last_dim(x, self.dim, f"{type(self).__name__}({self.extra_repr()})")
         mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
         xc = x - mu  # (..., dim)
         var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)

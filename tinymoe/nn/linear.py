@@ -10,27 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from tinymoe import ops
-from tinymoe.nn.init import (
-    RNGLike,
-    as_rng,
-    check_positive_int,
-    float_dtype,
-    lecun_normal,
-)
+from tinymoe import ops, validate
+from tinymoe.nn.init import RNGLike, as_rng, lecun_normal
 from tinymoe.nn.module import Module, Parameter
 from tinymoe.tensor import Tensor, as_tensor
-
-
-def check_last_dim(layer: Module, x: Tensor, expected: int) -> None:
-    """Raise ``Layer(...): input has last dim 3, expected 4`` when the width is wrong."""
-    if x.ndim == 0 or x.shape[-1] != expected:
-        got = "no axes" if x.ndim == 0 else f"last dim {x.shape[-1]}"
-        raise ValueError(f"{type(layer).__name__}({layer.extra_repr()}): input has {got}, "
-                         f"expected {expected} (input shape {x.shape})")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{type(layer).__name__}({layer.extra_repr()}): input dtype {x.dtype} "
-                        f"is not floating; token ids go through an Embedding first")
 
 
 class Linear(Module):
@@ -40,16 +23,16 @@ class Linear(Module):
                  dtype: Any = np.float32, rng: RNGLike = None,
                  init_scale: float = 1.0) -> None:
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features", "Linear")
-        self.out_features = check_positive_int(out_features, "out_features", "Linear")
-        dt = float_dtype(dtype, "Linear")
+        self.in_features = validate.positive_int(in_features, "in_features", "Linear")
+        self.out_features = validate.positive_int(out_features, "out_features", "Linear")
+        dt = validate.float_dtype(dtype, "dtype", "Linear")
         w = lecun_normal(as_rng(rng), in_features, (in_features, out_features), dt, init_scale)
         self.weight = Parameter(w)  # (in, out)
         self.bias = Parameter(np.zeros(out_features, dt)) if bias else None  # (out,)
 
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
-        check_last_dim(self, x, self.in_features)
+        validate.last_dim(x, self.in_features, f"{type(self).__name__}({self.extra_repr()})")
         if self.bias is None:
             return x @ self.weight  # (..., out)
         return ops.linear(x, self.weight, self.bias)  # (..., out) x W + b as one op

@@ -18,8 +18,8 @@ A token usually lives on one device and its expert on another, so one forward pa
 In a real system ``all_to_all`` is one collective call (NCCL, MPI, XLA); here a "device" is an
 index r, lists of length D hold one tensor per device, and the collective is a permutation
 of chunks, so autograd gives the backward pass for free: the gradient of an all-to-all is
-the reverse all-to-all. The result is identical to a single-device
-:class:`~tinymoe.moe.capacity_layer.CapacityMoELayer` with ``group_size = T/D``: expert
+the reverse all-to-all. The result is identical to the single-device
+:class:`~tinymoe.moe.layer.MoELayer` whose capacity router has ``group_size = T/D``: expert
 parallelism changes where the arithmetic happens, not what it computes.
 
 **What crosses the network.** The buffers have a fixed size, C slots per expert whether
@@ -43,12 +43,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from tinymoe import ops
-from tinymoe.dispatch.functions import Routing, combine, dispatch
-from tinymoe.moe.capacity import CapacityRouting, expert_capacity
-from tinymoe.moe.capacity_layer import (CapacityMoELayer, as_dtype, expert_ffn, gate_routing,
-                                         kernel_dtype)
-from tinymoe.nn.linear import check_last_dim
+from tinymoe import ops, validate
+from tinymoe.dispatch.functions import as_dtype, combine, dispatch, kernel_dtype
+from tinymoe.dispatch.routing import Routing
+from tinymoe.moe.capacity import expert_capacity
+from tinymoe.moe.experts import StackedExperts, batched_ffn
+from tinymoe.moe.layer import MoELayer
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -259,64 +259,63 @@ def _traffic(buffers: Sequence[Tensor]) -> np.ndarray:
 
 
 # --- the forward pass ---------------------------------------------------------------------------
-class _LocalExperts(NamedTuple):
-    """The E/D experts of one device: slices of the layer's stacked weights (views for
-    autograd: their gradients land in the full parameters)."""
-
-    W1: Tensor          # (E_local, d, d_ff)
-    b1: Tensor          # (E_local, d_ff)
-    W2: Tensor          # (E_local, d_ff, d)
-    b2: Tensor          # (E_local, d)
-    activation: str
-
-
 class ExpertParallelOutput(NamedTuple):
     y: Tensor                        # the layer's output, x's shape
-    routings: list[CapacityRouting]  # one per device, for its own T/D tokens
+    routings: list[Routing]          # one per device, for its own T/D tokens
     report: CommReport
 
 
-def expert_parallel_forward(layer: CapacityMoELayer, x: Any, num_devices: int,
-                            **gate_inputs: Any) -> ExpertParallelOutput:
+def check_layer(layer: Any, where: str) -> MoELayer:
+    """An :class:`~tinymoe.moe.layer.MoELayer` with stacked experts and no shared experts
+    (its router's routing decides capacity buffers, checked at the first forward)."""
+    if not isinstance(layer, MoELayer) or not isinstance(layer.experts, StackedExperts) \
+            or len(layer.shared):
+        raise TypeError(f"{where}: layer must be an MoELayer with StackedExperts and no shared "
+                        f"experts (e.g. tm.moe.switch_layer(...)), got {type(layer).__name__}")
+    return layer
+
+
+def expert_parallel_forward(layer: MoELayer, x: Any, num_devices: int,
+                            **router_inputs: Any) -> ExpertParallelOutput:
     """Run ``layer`` on ``x`` (..., d) as D devices would: steps 1-5 of the module docstring.
 
-    Gives ``layer(x)`` of a layer with ``group_size = T/D`` (forward and gradients), where T is
-    the number of tokens: the gate's ``group_size`` must be None or divide T/D. Per-token
-    ``gate_inputs`` (``jitter_noise`` (T, d), ``uniform`` (T,)) are cut into the devices'
-    shards; without them a training-mode gate draws its noise device by device. Expert
-    dropout draws one mask per device, so it matches the single-device layer only when off.
+    Gives ``layer(x)`` of a layer whose router has ``group_size = T/D`` (forward and
+    gradients), where T is the number of tokens: the router's ``group_size`` must be None or
+    divide T/D, and its routing must use capacity buffers. Per-token ``router_inputs``
+    (``jitter_noise`` (T, d), ``uniform`` (T,)) are cut into the devices' shards; without
+    them a training-mode router draws its noise device by device. Expert dropout draws one
+    mask per device, so it matches the single-device layer only when off.
     """
-    if not isinstance(layer, CapacityMoELayer):
-        raise TypeError(f"expert_parallel_forward: layer must be a CapacityMoELayer, got "
-                        f"{type(layer).__name__}")
+    check_layer(layer, "expert_parallel_forward")
     x = as_tensor(x)
-    check_last_dim(layer, x, layer.d_model)
+    validate.last_dim(x, layer.d_model, "expert_parallel_forward")
     lead, d = x.shape[:-1], layer.d_model
     x2 = x.reshape(-1, d)  # (T, d)
     T, E = x2.shape[0], layer.num_experts
     D = check_num_devices(num_devices, T, E, "expert_parallel_forward")
     S, El = T // D, E // D
-    group_size = getattr(layer.gate, "group_size", None)
+    group_size = getattr(layer.router, "group_size", None)
     if group_size is not None and S % group_size:
-        raise ValueError(f"expert_parallel_forward: the gate's group_size={group_size} does "
+        raise ValueError(f"expert_parallel_forward: the router's group_size={group_size} does "
                          f"not divide the {S} tokens of a device (T={T} over D={D}); set "
                          f"group_size=T/D={S} (one GShard group per device) or None")
-    inputs = _split_gate_inputs(gate_inputs, T, D)
+    inputs = _split_gate_inputs(router_inputs, T, D)
     experts = layer.experts
     dtype = experts.W1.dtype
 
     # 1. every device r routes its own tokens and fills its send buffer
-    routings: list[CapacityRouting] = []
-    kept: list[Routing] = []
+    routings: list[Routing] = []
     send: list[Tensor] = []
     for r in range(D):
         shard = x2[r * S:(r + 1) * S]  # (S, d) the tokens device r owns
-        cr, routing = gate_routing(layer.gate, shard, "expert_parallel_forward", **inputs[r])
+        routing = layer.router(shard, **inputs[r])
+        if routing.capacity is None:
+            raise ValueError("expert_parallel_forward: the router's routing is dropless; "
+                             "fixed all-to-all buffers need a capacity router (Switch, GShard)")
         buf = as_dtype(dispatch(kernel_dtype(shard), routing), dtype)  # (E, C, d) 0 padding
         C = buf.shape[1]
         send.append(buf.reshape(D, El, C, d))  # (D, E_local, C, d) chunk q for device q
-        routings.append(cr)
-        kept.append(routing)
+        routings.append(routing)
 
     # 2. dispatch all-to-all: device q receives the chunks for its experts from everyone
     recv = all_to_all(send)  # D × (D_src, E_local, C, d)
@@ -324,11 +323,11 @@ def expert_parallel_forward(layer: CapacityMoELayer, x: Any, num_devices: int,
     # 3. device q runs its E/D experts on D·C rows each, and sends the results home
     back: list[Tensor] = []
     for q in range(D):
-        lo, hi = q * El, (q + 1) * El
-        mine = _LocalExperts(experts.W1[lo:hi], experts.b1[lo:hi], experts.W2[lo:hi],
-                             experts.b2[lo:hi], experts.activation)
+        lo, hi = q * El, (q + 1) * El  # device q's experts: slices of the stacked weights
         rows = recv[q].transpose(1, 0, 2, 3).reshape(El, D * C, d)  # (E_local, D·C, d)
-        out = expert_ffn(mine, rows, layer.expert_dropout)  # (E_local, D·C, d)
+        out = batched_ffn(rows, experts.W1[lo:hi], experts.b1[lo:hi], experts.W2[lo:hi],
+                          experts.b2[lo:hi], experts.activation,
+                          experts.dropout)  # (E_local, D·C, d)
         back.append(out.reshape(El, D, C, d).transpose(1, 0, 2, 3))  # (D_dst, E_local, C, d)
 
     # 4. combine all-to-all: every device gets its slots back from every expert
@@ -338,58 +337,48 @@ def expert_parallel_forward(layer: CapacityMoELayer, x: Any, num_devices: int,
     ys = []
     for r in range(D):
         out = kernel_dtype(home[r].reshape(E, C, d))  # (E, C, d) device r's buffer, processed
-        ys.append(as_dtype(combine(out, kept[r]), x.dtype))  # (S, d) Σ_j w_tj FFN_e(x_t)
+        ys.append(as_dtype(combine(out, routings[r]), x.dtype))  # (S, d) Σ_j w_tj FFN_e(x_t)
     y = ops.concatenate(ys, axis=0)  # (T, d) devices' shards back in token order
     if layer.residual:
         y = x2 + y  # (T, d)
 
-    counts = np.stack([c.routing.counts for c in routings])  # (D, E) kept per expert
+    counts = np.stack([c.counts for c in routings])  # (D, E) kept per expert
     filled = counts.reshape(D, D, El).sum(axis=2)  # (D_src, D_dst) filled slots per chunk
     report = CommReport(
         num_devices=D, num_tokens=T, num_experts=E, capacity=C, d_model=d,
         itemsize=np.dtype(dtype).itemsize,
         dispatch_traffic=_traffic(send), combine_traffic=_traffic(back),
-        tokens_per_expert=counts, demand=np.stack([c.demand for c in routings]),  # (D, E)
+        tokens_per_expert=counts, demand=np.stack([c.stats["demand"] for c in routings]),
         dropped_tokens=np.array([int(c.dropped_tokens.sum()) for c in routings]),  # (D,)
         padding_slots=El * C - filled)  # (D_src, D_dst)
     return ExpertParallelOutput(y.reshape(*lead, d), routings, report)
 
 
 class ExpertParallelMoE(Module):
-    """A :class:`~tinymoe.moe.capacity_layer.CapacityMoELayer` run on ``num_devices``
-    simulated devices (:func:`expert_parallel_forward`); shares the layer's parameters.
+    """An :class:`~tinymoe.moe.layer.MoELayer` run on ``num_devices`` simulated devices
+    (:func:`expert_parallel_forward`); shares the layer's parameters.
 
-    After each call it holds ``report`` (:class:`CommReport`), ``last_routings`` (one
-    CapacityRouting per device) and the losses of the layer, averaged over the devices as
-    the layer averages over its groups: ``aux_loss`` (α · mean of the devices'
-    N Σ f_i P_i), ``z_loss`` (c_z · mean over devices of their mean logsumexp²) and
-    ``router_loss`` (their sum).
+    ``model(x)`` returns ``(y, aux_losses)`` like the layer: each auxiliary loss averaged over
+    the devices, as the layer averages over its groups (the balancing loss is one value per
+    group; the z-loss, a mean over tokens, averages exactly over equal shards). After each
+    call it holds ``report`` (:class:`CommReport`) and ``last_routings`` (one per device).
     """
 
-    def __init__(self, layer: CapacityMoELayer, num_devices: int) -> None:
+    def __init__(self, layer: MoELayer, num_devices: int) -> None:
         super().__init__()
-        if not isinstance(layer, CapacityMoELayer):
-            raise TypeError(f"ExpertParallelMoE: layer must be a CapacityMoELayer, got "
-                            f"{type(layer).__name__}")
+        self.layer = check_layer(layer, "ExpertParallelMoE")
         self.num_devices = check_num_devices(num_devices, None, layer.num_experts,
                                              "ExpertParallelMoE")
-        self.layer = layer
         self.report: CommReport | None = None
-        self.last_routings: list[CapacityRouting] | None = None
-        self.aux_loss: Tensor | None = None
-        self.z_loss: Tensor | None = None
-        self.router_loss: Tensor | None = None
+        self.last_routings: list[Routing] | None = None
 
-    def forward(self, x: Any, **gate_inputs: Any) -> Tensor:
+    def forward(self, x: Any, **router_inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         y, routings, report = expert_parallel_forward(self.layer, x, self.num_devices,
-                                                      **gate_inputs)
+                                                      **router_inputs)
         self.report, self.last_routings = report, routings
-        aux = ops.stack([r.aux_loss for r in routings]).mean()  # () mean over devices
-        z = ops.stack([r.z_loss for r in routings]).mean()  # () equal shards: mean over T
-        self.aux_loss = aux * self.layer.aux_loss_coef
-        self.z_loss = z * self.layer.z_loss_coef
-        self.router_loss = self.aux_loss + self.z_loss
-        return y
+        aux = {name: ops.stack([r.aux_losses[name] for r in routings]).mean()
+               for name in routings[0].aux_losses}  # () mean over devices
+        return y, aux
 
     def extra_repr(self) -> str:
         return f"num_devices={self.num_devices}"
