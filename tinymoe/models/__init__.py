@@ -1,12 +1,18 @@
 """Small end-to-end models built from ``tm.nn`` and ``tm.moe``.
 
-- :class:`CharMoELM` (``char_lm``): a character-level transformer LM whose feed-forward part
-  is a sparsely-gated MoE layer (Shazeer et al. 2017).
-- :class:`SwitchTransformerLM` and its dense twin :class:`DenseLM` (``switch_lm``): causal
-  attention blocks with a Switch (or GShard) FFN in every other block (Fedus et al. 2021).
+:class:`Transformer` (``transformer``): a pre-norm decoder-only transformer LM whose
+feed-forward slot holds a dense FFN or an MoE layer: the 2017 noisy top-k layer (Shazeer et
+al.), GShard's top-2 (Lepikhin et al. 2020), the Switch Transformer's top-1 (Fedus et al.
+2021), or any layer a ``make_moe`` function builds. ``kind="dense"`` is the FLOP-matched
+baseline. :class:`TransformerConfig` holds every setting.
 """
-from tinymoe.models.char_lm import CharLMConfig, CharMoELM, MoEBlock
-from tinymoe.models.switch_lm import DenseLM, SwitchLMConfig, SwitchTransformerLM, build_model
+from tinymoe.models.transformer import (
+    KINDS,
+    Block,
+    Transformer,
+    TransformerConfig,
+    describe,
+    total_aux_loss,
+)
 
-__all__ = ["CharLMConfig", "CharMoELM", "MoEBlock", "SwitchLMConfig", "SwitchTransformerLM",
-           "DenseLM", "build_model"]
+__all__ = ["KINDS", "Block", "Transformer", "TransformerConfig", "describe", "total_aux_loss"]
