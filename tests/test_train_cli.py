@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 import tinymoe as tm
-from tinymoe.models.switch_lm import SwitchLMConfig
-from tinymoe.nn import serialization
 from tinymoe.app.train import (
     TrainConfig,
     checkpoint_path,
@@ -18,11 +16,14 @@ from tinymoe.app.train import (
     main_train,
     train,
 )
+from tinymoe.models.transformer import TransformerConfig
+from tinymoe.nn import serialization
 
 pytestmark = [pytest.mark.task4_1, pytest.mark.task4_2, pytest.mark.task4_3]
 
-MODEL = SwitchLMConfig(block_size=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
-                       num_experts=4, capacity_factor=1.0, dropout=0.1, expert_dropout=0.2)
+MODEL = TransformerConfig(block_size=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                          num_experts=4, capacity_factor=1.0, dropout=0.1,
+                          expert_dropout=0.2)
 TRAIN = TrainConfig(steps=6, batch_size=4, warmup=2, eval_every=2, eval_batches=1,
                     log_every=1, ckpt_every=2)
 
@@ -107,6 +108,35 @@ def test_an_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, data, mon
     assert model.cfg == MODEL.replace(vocab_size=tok.vocab_size)
     res = train(out=tmp_path, resume=True, progress=False, data=data)
     assert res.history.steps[-1] == 6
+
+
+@pytest.mark.parametrize("kind", ["switch", "top2"])
+def test_a_checkpoint_with_the_names_of_the_old_moe_layer_resumes(tmp_path, data, kind):
+    """Checkpoints written before every MoE layer was one MoELayer named the router weight
+    ``ffn.gate.router.W_r`` and the expert dropout ``ffn.expert_dropout``: they still load
+    and resume exactly."""
+    cfg = MODEL.replace(kind=kind)
+    straight = train(cfg, TRAIN, out=tmp_path / "a", progress=False, data=data)
+    with pytest.raises(Stop):
+        train(cfg, TRAIN, out=tmp_path / "b", progress=False, data=data,
+              on_step=stop_at(5, Stop()))
+    path = checkpoint_path(tmp_path / "b")
+    state, meta = tm.nn.load(path)
+    new_weight = "W_r" if kind == "switch" else "W_g"
+    old = {k.replace(f".ffn.router.{new_weight}", ".ffn.gate.router.W_r"): v
+           for k, v in state.items()}
+    assert "model.blocks.1.ffn.gate.router.W_r" in old
+    gens = meta["rng"]["model"]
+    meta["rng"]["model"] = {k.replace(".ffn.router.rng", ".ffn.gate.router.rng")
+                            .replace(".ffn.experts.dropout.rng", ".ffn.expert_dropout.rng"): v
+                            for k, v in gens.items()}
+    assert "blocks.1.ffn.expert_dropout.rng" in meta["rng"]["model"]
+    tm.nn.save(old, path, metadata=meta)
+    model, _, _ = load_model(tmp_path / "b")
+    np.testing.assert_array_equal(model.moe_layers[0].router.state_dict()[new_weight],
+                                  state[f"model.blocks.1.ffn.router.{new_weight}"])
+    resumed = train(out=tmp_path / "b", resume=True, progress=False, data=data)
+    assert_same_run(straight, resumed)
 
 
 def test_cli_train_resume_and_sample(tmp_path, capsys):

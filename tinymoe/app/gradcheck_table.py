@@ -27,7 +27,7 @@ import tinymoe.functional as F
 from tinymoe import moe
 from tinymoe.dispatch import combine, dispatch, route
 from tinymoe.gradcheck import GradcheckReport
-from tinymoe.models.switch_lm import SwitchLMConfig, SwitchTransformerLM
+from tinymoe.models.transformer import Transformer, TransformerConfig
 from tinymoe.moe.noisy_topk import NOISE_EPSILON
 
 Builder = Callable[[np.random.Generator], tuple[Any, ...]]
@@ -477,24 +477,24 @@ def _capacity_layer_switch(rng):
     return _capacity_layer("switch", rng)
 
 
-@register("2021 SwitchTransformerLM loss")
+@register("2021 Switch Transformer LM loss")
 def _switch_lm(rng):
-    cfg = SwitchLMConfig(vocab_size=11, block_size=6, d_model=8, n_layers=2, n_heads=2,
-                         d_ff=12, num_experts=3, capacity_factor=3.0, router_dtype="float64",
-                         jitter=0.0, dtype="float64")
+    cfg = TransformerConfig(vocab_size=11, block_size=6, d_model=8, n_layers=2, n_heads=2,
+                            d_ff=12, num_experts=3, capacity_factor=3.0,
+                            router_dtype="float64", jitter=0.0, dtype="float64")
 
     def draw():
-        model = SwitchTransformerLM(cfg, rng=rng)
+        model = Transformer(cfg, rng=rng)
         for layer in model.moe_layers:  # larger router weights: clearer argmax margins
-            layer.gate.router.W_r.data = rng.standard_normal(layer.gate.router.W_r.shape)
+            layer.router.W_r.data = rng.standard_normal(layer.router.W_r.shape)
         ids = rng.integers(0, cfg.vocab_size, (2, cfg.block_size + 1))
         model.loss(ids[:, :-1], ids[:, 1:])
         return model, ids
 
-    model, ids = with_margin(draw, lambda v: min(top_gap(m.last_routing.router_logits, 1)
+    model, ids = with_margin(draw, lambda v: min(top_gap(m.last_routing.logits, 1)
                                                  for m in v[0].moe_layers))
     moe_block = cfg.moe_layer_ids[0]
-    wanted = ["tok.weight", f"blocks.{moe_block}.ffn.gate.router.W_r",
+    wanted = ["tok.weight", f"blocks.{moe_block}.ffn.router.W_r",
               f"blocks.{moe_block}.ffn.experts.W1"]
     params = dict(model.named_parameters())
 

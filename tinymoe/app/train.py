@@ -34,10 +34,11 @@ import numpy as np
 import tinymoe as tm
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
-from tinymoe.models.switch_lm import KINDS, SwitchLMConfig, TransformerLM, build_model
+from tinymoe.models.transformer import Transformer, TransformerConfig
 from tinymoe.nn.module import Module
 
 CHECKPOINT_NAME = "checkpoint.npz"
+CLI_KINDS = ("switch", "top2", "dense")  # the FFN kinds ``tinymoe train --kind`` offers
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,10 @@ class History:
 
 @dataclass
 class TrainResult:
-    model: TransformerLM
+    model: Transformer
     history: History
     tokenizer: CharTokenizer
-    model_config: SwitchLMConfig
+    model_config: TransformerConfig
     train_config: TrainConfig
     final_val_loss: float
     seconds: float
@@ -128,7 +129,7 @@ def val_batches(val_ids: np.ndarray, cfg: TrainConfig, block_size: int
     return [get_batch(val_ids, cfg.batch_size, block_size, rng) for _ in range(cfg.eval_batches)]
 
 
-def evaluate(model: TransformerLM, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def evaluate(model: Transformer, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean cross-entropy (nats per character) in eval mode: no jitter, no dropout."""
     was_training = model.training
     model.eval()
@@ -171,7 +172,7 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
     return p if p.suffix == ".npz" else p / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, model: TransformerLM, opt: tm.optim.Optimizer, step: int,
+def save_checkpoint(path: Path, model: Transformer, opt: tm.optim.Optimizer, step: int,
                     train_cfg: TrainConfig, tok: CharTokenizer, batch_rng: np.random.Generator,
                     history: History) -> None:
     """One atomic ``.npz``: weights, optimizer state, configs, vocabulary, RNG states."""
@@ -185,14 +186,26 @@ def save_checkpoint(path: Path, model: TransformerLM, opt: tm.optim.Optimizer, s
     tm.nn.save(arrays, path, metadata=meta)
 
 
-def split_state(state: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+def legacy_name(name: str, kind: str) -> str:
+    """A weight or generator name of a checkpoint written before every MoE layer was one
+    :class:`~tinymoe.moe.layer.MoELayer` (``ffn.gate.router.W_r``, ``ffn.expert_dropout``),
+    in today's terms; today's names are returned unchanged."""
+    weight = "W_g" if kind == "top2" else "W_r"  # the GShard gate's weight is W_g
+    return (name.replace(".ffn.gate.router.W_r", f".ffn.router.{weight}")
+            .replace(".ffn.gate.router.rng", ".ffn.router.rng")
+            .replace(".ffn.expert_dropout.rng", ".ffn.experts.dropout.rng"))
+
+
+def split_state(state: dict[str, np.ndarray], kind: str) -> tuple[dict, dict]:
+    """``(model weights, optimizer state)`` of a checkpoint's arrays (of a ``kind`` model)."""
+    model = {legacy_name(k[len("model."):], kind): v for k, v in state.items()
+             if k.startswith("model.")}
     optim = {k[len("optim."):]: v for k, v in state.items() if k.startswith("optim.")}
     return model, optim
 
 
 def load_model(path: str | os.PathLike, **config_changes: Any
-               ) -> tuple[TransformerLM, CharTokenizer, dict[str, Any]]:
+               ) -> tuple[Transformer, CharTokenizer, dict[str, Any]]:
     """The model and tokenizer of a checkpoint (a file, or a folder holding
     ``checkpoint.npz``), and its metadata. ``config_changes`` override settings that do
     not change the weights' shapes (e.g. ``eval_capacity_factor``)."""
@@ -200,23 +213,23 @@ def load_model(path: str | os.PathLike, **config_changes: Any
     if "model_config" not in meta:
         raise ValueError(f"load_model: {checkpoint_path(path)} is not a tinymoe training "
                          f"checkpoint (no model_config in its metadata)")
-    cfg = SwitchLMConfig.from_dict(meta["model_config"]).replace(**config_changes)
-    model = build_model(cfg, rng=0)
-    model.load_state_dict(split_state(state)[0])
+    cfg = TransformerConfig.from_dict(meta["model_config"]).replace(**config_changes)
+    model = Transformer(cfg, rng=0)
+    model.load_state_dict(split_state(state, cfg.kind)[0])
     return model, CharTokenizer(meta["chars"]), meta
 
 
 # --- the loop ------------------------------------------------------------------------------
-def make_optimizer(model: TransformerLM, cfg: TrainConfig) -> tm.optim.Optimizer:
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> tm.optim.Optimizer:
     return tm.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train(model_cfg: SwitchLMConfig | None = None, train_cfg: TrainConfig | None = None, *,
+def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | None = None, *,
           out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
           data: tuple[CharTokenizer, np.ndarray, np.ndarray] | None = None,
           desc: str | None = None,
-          on_step: Callable[[int, TransformerLM], None] | None = None) -> TrainResult:
-    """Train a :class:`~tinymoe.models.switch_lm.TransformerLM` on Shakespeare characters.
+          on_step: Callable[[int, Transformer], None] | None = None) -> TrainResult:
+    """Train a :class:`~tinymoe.models.transformer.Transformer` on Shakespeare characters.
 
     ``out``: folder (or ``.npz`` path) for the checkpoint, written every ``ckpt_every``
     steps and at the end; ``None`` writes nothing. ``resume=True`` continues from the
@@ -236,23 +249,24 @@ def train(model_cfg: SwitchLMConfig | None = None, train_cfg: TrainConfig | None
             raise FileNotFoundError(f"train: resume=True needs a checkpoint, and there is none "
                                     f"at {path}; start without resuming")
         state, meta = tm.nn.load(path)
-        model_cfg = SwitchLMConfig.from_dict(meta["model_config"])
+        model_cfg = TransformerConfig.from_dict(meta["model_config"])
         train_cfg = train_cfg or TrainConfig.from_dict(meta["train_config"])
     train_cfg = train_cfg or TrainConfig()
     tok, train_ids, val_ids = data if data is not None else load_data(train_cfg.val_fraction)
     if meta is not None and meta["chars"] != tok.chars:
         raise ValueError("train: the checkpoint's vocabulary differs from the data's")
-    model_cfg = model_cfg or SwitchLMConfig(vocab_size=tok.vocab_size)
+    model_cfg = model_cfg or TransformerConfig(vocab_size=tok.vocab_size)
     if model_cfg.vocab_size != tok.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
-    model = build_model(model_cfg, rng=train_cfg.seed)
+    model = Transformer(model_cfg, rng=train_cfg.seed)
     opt = make_optimizer(model, train_cfg)
     batch_rng = np.random.default_rng(train_cfg.seed + 1)
     if meta is not None:
-        model_state, optim_state = split_state(state)
+        model_state, optim_state = split_state(state, model_cfg.kind)
         model.load_state_dict(model_state)
         opt.load_state_dict(optim_state)
-        set_generator_states(model, meta["rng"]["model"])
+        set_generator_states(model, {legacy_name(k, model_cfg.kind): v
+                                     for k, v in meta["rng"]["model"].items()})
         batch_rng.bit_generator.state = meta["rng"]["batch"]
         history = History.from_dict(meta["history"])
         start_step = int(meta["step"])
@@ -315,19 +329,21 @@ def train(model_cfg: SwitchLMConfig | None = None, train_cfg: TrainConfig | None
                        time.perf_counter() - began, path)
 
 
-def _log(history: History, step: int, model: TransformerLM, ce: Any, loss: Any,
+def _log(history: History, step: int, model: Transformer, ce: Any, loss: Any,
          step_time: float) -> None:
     history.steps.append(step)
     history.train_loss.append(float(ce.item()))
     history.router_loss.append(float(loss.item() - ce.item()))
-    history.dropped.append([m.stats.dropped_fraction for m in model.moe_layers])
-    history.load.append([m.stats.load.tolist() for m in model.moe_layers])
-    history.demand.append([m.stats.demand.tolist() for m in model.moe_layers])
+    routings = [m.last_routing for m in model.moe_layers]
+    history.dropped.append([r.dropped_fraction for r in routings])
+    history.load.append([r.counts.tolist() for r in routings])
+    history.demand.append([r.stats.get("demand", r.counts).tolist()  # dropless: = counts
+                           for r in routings])
     history.step_time.append(float(step_time))
 
 
 # --- sampling ------------------------------------------------------------------------------
-def generate(model: TransformerLM, tok: CharTokenizer, prompt: str = "\n", length: int = 200,
+def generate(model: Transformer, tok: CharTokenizer, prompt: str = "\n", length: int = 200,
              temperature: float = 1.0, seed: int | None = 0) -> str:
     """``length`` characters after ``prompt``, one at a time from the model's softmax.
 
@@ -380,8 +396,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                     help="a tiny model and 60 steps (a smoke test; also TINYMOE_FAST=1)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     m = ap.add_argument_group("model")
-    m.add_argument("--kind", choices=KINDS, default="switch")
-    defaults = SwitchLMConfig()
+    m.add_argument("--kind", choices=CLI_KINDS, default="switch")
+    defaults = TransformerConfig()
     for name, typ in (("block_size", int), ("d_model", int), ("n_layers", int),
                       ("n_heads", int), ("d_ff", int), ("num_experts", int),
                       ("moe_every", int), ("capacity_factor", float),
@@ -404,7 +420,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def configs_from_args(args: argparse.Namespace, resume_meta: dict[str, Any] | None = None
-                      ) -> tuple[SwitchLMConfig, TrainConfig]:
+                      ) -> tuple[TransformerConfig, TrainConfig]:
     """The configs a command line asks for. When resuming, the checkpoint's training config
     is the base and only the options given on the command line change it (the model config
     always comes from the checkpoint)."""
@@ -415,7 +431,7 @@ def configs_from_args(args: argparse.Namespace, resume_meta: dict[str, Any] | No
     else:
         train_kw = dict(FAST_TRAIN) if fast else {}
     model_kw["kind"] = args.kind
-    for f in fields(SwitchLMConfig):
+    for f in fields(TransformerConfig):
         v = getattr(args, f.name, None)
         if v is not None and f.name != "kind":
             model_kw[f.name] = v
@@ -423,7 +439,7 @@ def configs_from_args(args: argparse.Namespace, resume_meta: dict[str, Any] | No
         v = getattr(args, f.name, None)
         if v is not None:
             train_kw[f.name] = v
-    return SwitchLMConfig(**model_kw), TrainConfig.from_dict(train_kw)
+    return TransformerConfig(**model_kw), TrainConfig.from_dict(train_kw)
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:

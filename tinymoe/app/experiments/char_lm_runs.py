@@ -1,8 +1,8 @@
 """What the character-LM experiments share: the data, the training loop, the command line.
 
 The 2017 balancing-loss table (:mod:`~tinymoe.app.experiments.table6_2017`) and the modern
-routers (:mod:`~tinymoe.app.experiments.modern_2024`) train the same small
-:class:`~tinymoe.models.CharMoELM` many times, changing only its MoE layer. Every run sees
+routers (:mod:`~tinymoe.app.experiments.modern_2024`) train the same small character LM
+(:func:`char_lm_config`) many times, changing only its MoE layer. Every run sees
 the same batches (drawn from ``seed + 1``) and is measured on the same held-out batches
 (seed 12345), so that differences between runs come from the layer alone.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 import tinymoe as tm
 from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
-from tinymoe.models.char_lm import CharMoELM
+from tinymoe.models.transformer import Transformer, TransformerConfig
 
 EVAL_SEED = 12345  # the held-out batches every run is measured on
 
@@ -31,7 +31,24 @@ def shakespeare_data(val_fraction: float = 0.1) -> tuple[CharTokenizer, np.ndarr
     return tok, train_ids, val_ids
 
 
-def train_char_lm(model: CharMoELM, cfg: Any, train_ids: np.ndarray, *, desc: str,
+def char_lm_config(vocab_size: int, cfg: Any, **ffn: Any) -> TransformerConfig:
+    """The char LM of these experiments: ``cfg.n_layers`` (default 1) pre-norm blocks, every
+    one with an MoE feed-forward of ``cfg.num_experts`` ReLU experts of width ``cfg.d_ff``
+    (top-``cfg.k``), ``tm.nn``'s initialisation and a Linear head. ``ffn`` sets the MoE
+    layer: ``kind`` and its settings (e.g. ``w_importance``, ``w_load``).
+
+    The paper's LM put one MoE between two LSTM layers (Shazeer et al. 2017, §5.1); a tiny
+    pre-norm transformer is the modern equivalent and trains in minutes in NumPy. The MoE
+    layer sees the B·L positions as one batch of tokens, the "convolutional" use of §3.1.
+    """
+    return TransformerConfig(vocab_size=vocab_size, block_size=cfg.block_size,
+                             d_model=cfg.d_model, n_layers=getattr(cfg, "n_layers", 1),
+                             n_heads=cfg.n_heads, d_ff=cfg.d_ff, num_experts=cfg.num_experts,
+                             k=cfg.k, moe_every=1, activation="relu", init="lecun",
+                             tie_embeddings=False, **ffn)
+
+
+def train_char_lm(model: Transformer, cfg: Any, train_ids: np.ndarray, *, desc: str,
                   progress: bool = False,
                   on_log: Callable[[int, float], None] | None = None) -> None:
     """Adam with linear warm-up and cosine decay to lr/10, gradients clipped to ``cfg.clip``,
@@ -95,5 +112,5 @@ def report(result: Any, table: str, json_path: str | None) -> int:
     return 0
 
 
-__all__: Sequence[str] = ["shakespeare_data", "train_char_lm", "held_out_batches",
+__all__: Sequence[str] = ["shakespeare_data", "char_lm_config", "train_char_lm", "held_out_batches",
                           "repro_parser", "is_fast", "report", "EVAL_SEED"]

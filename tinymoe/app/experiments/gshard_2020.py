@@ -22,7 +22,7 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.app.experiments.switch_2021 import FAST, TOUR, TOUR_FULL, ExperimentConfig
-from tinymoe.models.switch_lm import describe
+from tinymoe.models.transformer import describe
 from tinymoe.app.train import TrainResult, load_data, train, val_batches
 
 
@@ -52,17 +52,18 @@ def routing_stats(res: TrainResult, val_ids: np.ndarray) -> dict[str, float]:
         for x, _ in batches:
             model(x)
             r = layer.last_routing
-            p = r.router_probs.numpy()
+            p = r.probs.numpy()
             g = np.take_along_axis(p, r.expert_index, axis=1)  # (T, 2)
-            rows["second_used"].append(r.active[:, 1].mean())
+            active = r.stats["active"]  # (T, 2): the second choice won its random draw
+            rows["second_used"].append(active[:, 1].mean())
             rows["second_expected"].append(np.mean(2 * g[:, 1] / g.sum(1)))
             rows["first_dropped"].append(1.0 - r.kept[:, 0].mean())
-            act = r.active[:, 1]
+            act = active[:, 1]
             rows["second_dropped"].append(float((act & ~r.kept[:, 1]).sum() / max(act.sum(), 1)))
             rows["tokens_dropped"].append(r.dropped_fraction)
-            rows["aux_loss"].append(float(r.aux_loss.item()))
+            rows["aux_loss"].append(float(r.stats["balance_loss"].item()))  # before its α
     out = {k: float(np.mean(v)) for k, v in rows.items()}
-    out["capacity"] = int(layer.last_routing.capacity)
+    out["capacity"] = int(layer.last_routing.stats["capacity"])  # C per group
     return out
 
 

@@ -15,12 +15,13 @@ Claims, at scale:
    added to the affinities for the top-k selection only, nudged by γ after every batch
    towards the mean load; balance "without the interference gradients" of an auxiliary loss.
 
-Ours: the character-level Shakespeare LM of the 2017 stage
-(:class:`~tinymoe.models.CharMoELM`, one attention block whose feed-forward is a
-:class:`~tinymoe.moe.routed_layer.RoutedMoELayer`), trained from the same weights on the same
-batches with each router; every run has the same active FFN width per token (2 experts of
-``d_ff``, or 4 half-width ones) and the same expert weight matrices in total (16 half-width
-experts have 8 more output biases and the router 7 more columns: 1-2 % more parameters).
+Ours: the character-level Shakespeare LM of the 2017 stage (a
+:class:`~tinymoe.models.Transformer` with one attention block whose feed-forward is a
+:class:`~tinymoe.moe.layer.MoELayer` with the run's router), trained from the same weights
+on the same batches with each router; every run has the same active FFN width per token (2
+experts of ``d_ff``, or 4 half-width ones) and the same expert weight matrices in total (16
+half-width experts have 8 more output biases and the router 7 more columns: 1-2 % more
+parameters).
 Measured on fixed held-out batches: validation cross-entropy (nats per character),
 **max/mean load** (the busiest expert's (token, choice) count over the mean; 1 is perfect
 balance; Wang et al.'s MaxVio is this minus 1) and, for expert choice, the share of tokens
@@ -36,15 +37,15 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
-from tinymoe.app.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
-                                             shakespeare_data, train_char_lm)
-from tinymoe.models.char_lm import CharLMConfig, CharMoELM
-from tinymoe.moe.balance import max_over_mean
+from tinymoe.app.experiments.char_lm_runs import (char_lm_config, held_out_batches, is_fast,
+                                                  repro_parser, report, shakespeare_data,
+                                                  train_char_lm)
+from tinymoe.models.transformer import Transformer, TransformerConfig
 from tinymoe.moe.aux_free import AuxFreeRouter
+from tinymoe.moe.balance import max_over_mean
 from tinymoe.moe.expert_choice import ExpertChoiceRouter
-from tinymoe.moe.routed_layer import RoutedMoELayer
+from tinymoe.moe.layer import MoELayer, moe_layer
 from tinymoe.moe.topk_router import TopKRouter
-from tinymoe.nn import Module
 
 # name -> how the run's MoE differs from "top-2 + loss"
 RUNS: dict[str, dict[str, Any]] = {
@@ -119,10 +120,11 @@ class ModernResult:
 
 
 def make_moe(name: str, cfg: TrainConfig):
-    """A ``make_moe(lm_cfg, rng)`` for :class:`CharMoELM` that builds run ``name``'s layer."""
+    """A ``make_moe(lm_cfg, rng)`` for the :class:`~tinymoe.models.Transformer` that builds
+    run ``name``'s MoE layer."""
     spec = RUNS[name]
 
-    def build(lm: CharLMConfig, rng: np.random.Generator) -> Module:
+    def build(lm: TransformerConfig, rng: np.random.Generator) -> MoELayer:
         m = spec.get("segments", 1)  # DeepSeekMoE's fine-grained segmentation
         E, d_ff = cfg.num_experts * m - spec.get("num_shared", 0), cfg.d_ff // m
         k = cfg.k * m - spec.get("num_shared", 0)
@@ -135,19 +137,18 @@ def make_moe(name: str, cfg: TrainConfig):
         else:
             router = ExpertChoiceRouter(lm.d_model, E, capacity_factor=cfg.ec_capacity_factor,
                                         rng=rng)
-        return RoutedMoELayer(router, d_ff, num_shared=spec.get("num_shared", 0), rng=rng)
+        return moe_layer(router, d_ff, num_shared=spec.get("num_shared", 0), rng=rng)
 
     return build
 
 
-def build_model(name: str, cfg: TrainConfig, vocab_size: int) -> CharMoELM:
-    lm = CharLMConfig(vocab_size=vocab_size, block_size=cfg.block_size, d_model=cfg.d_model,
-                      n_layers=1, n_heads=cfg.n_heads, num_experts=cfg.num_experts, k=cfg.k,
-                      d_ff=cfg.d_ff)
-    return CharMoELM(lm, rng=cfg.seed, make_moe=make_moe(name, cfg))
+def build_model(name: str, cfg: TrainConfig, vocab_size: int) -> Transformer:
+    """The char LM with run ``name``'s MoE layer; the same ``cfg.seed``, the same weights."""
+    return Transformer(char_lm_config(vocab_size, cfg, kind="custom"), rng=cfg.seed,
+                       make_moe=make_moe(name, cfg))
 
 
-def routed_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarray]]
+def routed_stats(model: Transformer, batches: Sequence[tuple[np.ndarray, np.ndarray]]
                  ) -> dict[str, Any]:
     """Validation loss, max/mean load and unrouted share on ``batches`` (eval mode)."""
     model.eval()
@@ -155,11 +156,10 @@ def routed_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarra
     with no_grad():
         for x, y in batches:
             losses.append(model.loss(x, y)[1].item())
-            layer = model.moe_layers[0]
-            load = layer.last_router.load  # (E,)
+            r = model.moe_layers[0].last_routing
+            load = r.counts  # (E,) (token, choice) pairs per expert
             ratios.append(max_over_mean(load))
-            kept = layer.last_router.routing.position >= 0  # (T, k)
-            unrouted.append(float((~kept.any(axis=1)).mean()))
+            unrouted.append(r.dropped_fraction)  # tokens that reached no routed expert
             counts = counts + load
     model.train()
     frac = np.asarray(counts, dtype=float) / max(float(np.sum(counts)), 1.0)
@@ -177,7 +177,7 @@ def train_run(name: str, cfg: TrainConfig, data: tuple, progress: bool = False) 
     def log(step: int, ce: float) -> None:
         res.steps.append(step)
         res.train_loss.append(ce)
-        res.load_history.append(model.moe_layers[0].last_router.load.tolist())
+        res.load_history.append(model.moe_layers[0].last_routing.counts.tolist())
 
     train_char_lm(model, cfg, train_ids, desc=name, progress=progress, on_log=log)
     for key, value in routed_stats(model, held_out_batches(val_ids, cfg)).items():

@@ -10,8 +10,8 @@ Fedus, Zoph & Shazeer (2021) claim, at scale (T5-Base sizes, C4, 128 experts):
 3. **Selective precision** (Table 2): a bfloat16 router diverged (-3.780 neg. log perplexity),
    a float32 router (the rest of the model in bfloat16) matched float32 quality.
 
-Ours: :class:`~tinymoe.models.switch_lm.SwitchTransformerLM` (Switch FFNs in every other block)
-against :class:`~tinymoe.models.switch_lm.DenseLM` (one FFN of the same size as one expert
+Ours: a :class:`~tinymoe.models.transformer.Transformer` with Switch FFNs in every other
+block against the same model with ``kind="dense"`` (one FFN of the same size as one expert
 in every block: the same active FLOPs per token up to the router's d·E), on the shipped
 Shakespeare, the same batches and the same number of steps for every run. Measured:
 
@@ -37,11 +37,7 @@ from typing import Any
 import numpy as np
 
 from tinymoe.autograd import no_grad
-from tinymoe.models.switch_lm import (
-    SwitchLMConfig,
-    TransformerLM,
-    describe,
-)
+from tinymoe.models.transformer import Transformer, TransformerConfig, describe
 from tinymoe.app.train import TrainConfig, load_data, train, val_batches
 
 # name -> settings that differ from the Switch baseline (cf 1.0, float32 router)
@@ -65,20 +61,22 @@ PAPER_TABLE2 = {"float32": (-1.718, 1160), "bfloat16": (-3.780, 1390),
 class ExperimentConfig:
     """Model sizes and training settings shared by every run."""
 
-    model: SwitchLMConfig
+    model: TransformerConfig
     train: TrainConfig
 
 
 FULL = ExperimentConfig(
-    SwitchLMConfig(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256, num_experts=8),
+    TransformerConfig(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256, num_experts=8),
     TrainConfig(steps=800, batch_size=16, lr=3e-3, warmup=50, eval_every=100, eval_batches=8,
                 log_every=10, ckpt_every=10_000))
 FAST = ExperimentConfig(
-    SwitchLMConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4),
+    TransformerConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                      num_experts=4),
     TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=10, eval_every=30, eval_batches=2,
                 log_every=5, ckpt_every=10_000))
 TOUR = ExperimentConfig(
-    SwitchLMConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=128, num_experts=8),
+    TransformerConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=128,
+                      num_experts=8),
     TrainConfig(steps=500, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_batches=4,
                 log_every=10, ckpt_every=10_000))
 # ``tinymoe tour`` without --fast: the full-size models, trained long enough to show the
@@ -124,12 +122,12 @@ class SwitchResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SwitchResult:
         """The inverse of :meth:`to_dict` (e.g. a ``--json`` file, to redraw the figures)."""
-        cfg = ExperimentConfig(SwitchLMConfig.from_dict(d["model"]),
+        cfg = ExperimentConfig(TransformerConfig.from_dict(d["model"]),
                                TrainConfig.from_dict(d["train"]))
         return cls(cfg, d["fast"], [RunResult(**r) for r in d["runs"]], d["seconds"])
 
 
-def held_out_stats(model: TransformerLM, batches: Sequence[tuple[np.ndarray, np.ndarray]]
+def held_out_stats(model: Transformer, batches: Sequence[tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[float, float]:
     """(fraction of tokens dropped, largest |router logit|) on ``batches``, eval mode."""
     layers = model.moe_layers
@@ -141,8 +139,8 @@ def held_out_stats(model: TransformerLM, batches: Sequence[tuple[np.ndarray, np.
         for x, _ in batches:
             model(x)
             for m in layers:
-                dropped.append(m.stats.dropped_fraction)
-                biggest = max(biggest, float(np.abs(m.last_routing.router_logits.data).max()))
+                dropped.append(m.last_routing.dropped_fraction)
+                biggest = max(biggest, float(np.abs(m.last_routing.logits.data).max()))
     model.train()
     return float(np.mean(dropped)), biggest
 

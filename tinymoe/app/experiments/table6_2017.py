@@ -6,8 +6,8 @@ and max/mean load. Without any loss the gate collapses onto a few experts (CV â‰
 busiest expert 17.8x the mean); any loss fixes it, and ``w_load`` keeps the busiest expert
 closest to the mean (1.14 at 0.1/0.1, 1.07 at 1/1).
 
-Ours: a character-level LM on the shipped Shakespeare (:class:`~tinymoe.models.CharMoELM`:
-one pre-norm attention block whose feed-forward is a noisy top-k MoE layer), trained from
+Ours: a character-level LM on the shipped Shakespeare (a :class:`~tinymoe.models.Transformer`
+with one pre-norm attention block whose feed-forward is a noisy top-k MoE layer), trained from
 the same initial weights and the same batches for every setting; only the two weights change.
 
 How we measure (choices the paper leaves open):
@@ -34,10 +34,11 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
-from tinymoe.app.experiments.char_lm_runs import (held_out_batches, is_fast, repro_parser, report,
-                                             shakespeare_data, train_char_lm)
+from tinymoe.app.experiments.char_lm_runs import (char_lm_config, held_out_batches, is_fast,
+                                                  repro_parser, report, shakespeare_data,
+                                                  train_char_lm)
+from tinymoe.models.transformer import Transformer
 from tinymoe.moe.balance import cv, max_over_mean
-from tinymoe.models.char_lm import CharLMConfig, CharMoELM
 
 SETTINGS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.1, 0.0), (0.0, 0.1), (0.1, 0.1),
                                              (1.0, 1.0))
@@ -117,15 +118,14 @@ class Table6Result:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, w_importance: float,
-                w_load: float) -> CharMoELM:
+                w_load: float) -> Transformer:
     """The LM of a setting; the same ``cfg.seed`` gives the same initial weights."""
-    lm = CharLMConfig(vocab_size=vocab_size, block_size=cfg.block_size, d_model=cfg.d_model,
-                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, num_experts=cfg.num_experts,
-                      k=cfg.k, d_ff=cfg.d_ff, w_importance=w_importance, w_load=w_load)
-    return CharMoELM(lm, rng=cfg.seed)
+    lm = char_lm_config(vocab_size, cfg, kind="noisy_topk", w_importance=w_importance,
+                        w_load=w_load)
+    return Transformer(lm, rng=cfg.seed)
 
 
-def balance_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarray]]
+def balance_stats(model: Transformer, batches: Sequence[tuple[np.ndarray, np.ndarray]]
                   ) -> dict[str, Any]:
     """Validation loss (eval mode) and CV/max-load statistics (training-mode gates)."""
     with no_grad():
@@ -136,10 +136,11 @@ def balance_stats(model: CharMoELM, batches: Sequence[tuple[np.ndarray, np.ndarr
         for x, _ in batches:
             model(x)
             for layer in model.moe_layers:
-                cv_i.append(cv(layer.last_importance))
-                cv_l.append(cv(layer.last_load))
-                mm.append(max_over_mean(layer.last_counts))
-                counts = counts + layer.last_counts
+                r = layer.last_routing
+                cv_i.append(cv(r.stats["importance"]))  # eq. (6)
+                cv_l.append(cv(r.stats["load"]))  # eq. (10), the smooth estimator
+                mm.append(max_over_mean(r.counts))  # hard (token, choice) counts
+                counts = counts + r.counts
     frac = np.asarray(counts, dtype=float) / max(float(np.sum(counts)), 1.0)
     return {"val_loss": val, "cv_importance": float(np.mean(cv_i)),
             "cv_load": float(np.mean(cv_l)), "max_over_mean": float(np.mean(mm)),
@@ -157,7 +158,7 @@ def train_setting(w_importance: float, w_load: float, cfg: TrainConfig,
     def log(step: int, ce: float) -> None:
         res.steps.append(step)
         res.train_loss.append(ce)
-        res.load_history.append(model.moe_layers[0].last_counts.tolist())
+        res.load_history.append(model.moe_layers[0].last_routing.counts.tolist())
 
     train_char_lm(model, cfg, train_ids, desc=f"w_imp={w_importance:g} w_load={w_load:g}",
                   progress=progress, on_log=log)
