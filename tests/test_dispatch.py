@@ -279,7 +279,8 @@ def test_sorted_errors():
         R.dispatch_sorted(np.zeros((4, 2)), np.array([8]), 2)
     with pytest.raises(ValueError, match=r"rows_out must have shape \(N, d\) with N = 2"):
         R.combine_sorted(np.zeros((3, 2)), np.array([0, 1]), np.zeros((4, 2)))
-    with pytest.raises(ValueError, match=r"k \(choices per token\) must be a positive integer, got 0"):
+    with pytest.raises(ValueError,
+                       match=r"k \(choices per token\) must be a positive integer, got 0"):
         R.dispatch_sorted(np.zeros((4, 2)), np.array([0]), 0)
 
 
