@@ -4,7 +4,10 @@
 imported or run) and returns, for each module, the modules of the same package it imports;
 :func:`find_cycle` finds an import cycle in such a graph. The tests below hold the engine to
 its layering: ``tensor <- autograd <- ops <- ops.methods``, no cycle, and each op written
-once (the Tensor's methods are the functions of ``tinymoe.ops``).
+once (the Tensor's methods are the functions of ``tinymoe.ops``); and the whole package to
+its shape: no cycle anywhere, ``tinymoe/moe`` at most 5 floors deep with no paper's file
+importing a later paper's, one MoE layer and one routing type, and the library never
+importing the apps (``tinymoe.app``) or the classroom tools.
 """
 from __future__ import annotations
 
@@ -205,3 +208,86 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.c", "pkg.b", "pkg.a"]
     graph["pkg.b"] = set()  # without the lazy import: no cycle
     assert find_cycle(graph) is None
+
+
+# --- the whole package ---------------------------------------------------------------------
+# Each paper's file in tinymoe/moe, with its year: no file may import a later paper's file.
+PAPER_YEARS = {
+    "tinymoe.moe.mixture": 1991, "tinymoe.moe.hme": 1994, "tinymoe.moe.noisy_topk": 2017,
+    "tinymoe.moe.balance": 2017, "tinymoe.moe.hierarchical": 2017, "tinymoe.moe.gshard": 2020,
+    "tinymoe.moe.switch": 2021, "tinymoe.moe.expert_choice": 2022,
+    "tinymoe.moe.topk_router": 2024, "tinymoe.moe.aux_free": 2024,
+}
+# The shared pieces, named for what they are (no paper's year).
+SHARED = {"tinymoe.moe.layer", "tinymoe.moe.experts", "tinymoe.moe.capacity",
+          "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses"}
+
+
+def package_graph():
+    return import_graph(PACKAGE)
+
+
+def floors(graph, members):
+    """The longest chain of imports among ``members``, counted in files (1: imports none)."""
+    memo = {}
+
+    def depth(m):
+        if m not in memo:
+            memo[m] = 1 + max((depth(n) for n in graph[m] if n in members), default=0)
+        return memo[m]
+    return {m: depth(m) for m in members}
+
+
+def test_the_whole_package_has_no_import_cycle():
+    assert find_cycle(package_graph()) is None
+
+
+def test_moe_stands_on_at_most_five_floors():
+    graph = package_graph()
+    moe = {m for m in graph if m.startswith("tinymoe.moe.")}
+    depth = floors(graph, moe)
+    assert max(depth.values()) <= 5, sorted(depth.items(), key=lambda kv: -kv[1])
+
+
+def test_every_moe_file_is_a_paper_or_a_shared_piece():
+    graph = package_graph()
+    moe = {m for m in graph if m.startswith("tinymoe.moe.")}
+    assert moe == set(PAPER_YEARS) | SHARED, moe ^ (set(PAPER_YEARS) | SHARED)
+
+
+def test_no_paper_imports_a_later_paper_and_shared_pieces_import_no_paper():
+    graph = package_graph()
+    for m, year in PAPER_YEARS.items():
+        later = {n for n in graph[m] if PAPER_YEARS.get(n, 0) > year}
+        assert not later, f"{m} ({year}) imports the later {sorted(later)}"
+    for m in SHARED:
+        papers = graph[m] & set(PAPER_YEARS)
+        assert not papers, f"the shared piece {m} imports the papers {sorted(papers)}"
+
+
+def test_the_library_never_imports_the_apps_or_the_classroom():
+    graph = package_graph()
+    apps = ("tinymoe.app", "tinymoe.classroom")
+    for m, deps in graph.items():
+        if m.startswith(apps) or m == "tinymoe.__main__":
+            continue
+        bad = {n for n in deps if n.startswith(apps)}
+        assert not bad, f"library module {m} imports {sorted(bad)}"
+
+
+def test_one_mixture_layer_class_and_one_routing_type():
+    import tinymoe as tm
+    from tinymoe.nn.module import Module
+
+    layers = [n for n, o in vars(tm.moe).items() if isinstance(o, type)
+              and issubclass(o, Module) and n.endswith("Layer")]
+    assert layers == ["MoELayer"]
+    for gone in ("GateOutput", "CapacityRouting", "RouterOutput", "CapacityMoELayer",
+                 "RoutedMoELayer", "SwitchGate"):
+        assert not hasattr(tm.moe, gone)
+    assert tm.moe.Routing is tm.dispatch.Routing
+
+
+def test_the_negative_checks_catch_a_later_import_and_too_many_floors():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"d"}, "d": {"e"}, "e": {"f"}, "f": set()}
+    assert max(floors(graph, set(graph)).values()) == 6
