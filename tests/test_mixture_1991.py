@@ -235,10 +235,14 @@ def test_dispatch_of_a_dense_routing_gives_every_expert_every_case():
 
 def test_blend_needs_the_dense_routing_of_those_cases():
     g, o, _ = _parts(9)
-    with pytest.raises(ValueError, match="blend needs the dense routing"):
+    with pytest.raises(ValueError, match="need the dense routing of those n = 3 cases"):
         blend(o[:3], softmax_routing(g))
-    with pytest.raises(ValueError, match="blend needs the dense routing"):
+    with pytest.raises(ValueError, match="need the dense routing"):
         blend(o, tm.dispatch.route(np.zeros((N, 1), np.int64), g[:, :1], E))
+    shuffled = np.tile(np.arange(E), (N, 1))
+    shuffled[1] = shuffled[1, ::-1]  # every expert once, but case 1 in another order
+    with pytest.raises(ValueError, match=r"expert_index 0..2 on every row"):
+        blend(o, tm.dispatch.route(shuffled, tm.functional.softmax(g), E))
 
 
 # --- bad input -------------------------------------------------------------------------------

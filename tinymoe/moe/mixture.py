@@ -121,13 +121,15 @@ def blend(expert_outputs: Any, routing: Routing) -> Tensor:
     weighted by a dense routing (:func:`dense_routing`): ``combine`` over the experts' rows."""
     expert_outputs = as_tensor(expert_outputs)
     n, E, D = expert_outputs.shape
-    if (routing.num_tokens, routing.k, routing.num_experts) != (n, E, E):
-        raise ValueError(f"blend: a routing of {routing.num_tokens} cases with "
-                         f"{routing.k} of {routing.num_experts} experts each does not fit "
-                         f"expert_outputs {expert_outputs.shape}; blend needs the dense "
-                         f"routing of those n = {n} cases over all E = {E} experts")
+    if routing.expert_index.shape != (n, E) or routing.num_experts != E \
+            or not (routing.expert_index == np.arange(E)).all():
+        raise ValueError(f"blend: expert_outputs {expert_outputs.shape} need the dense "
+                         f"routing of those n = {n} cases over all E = {E} experts "
+                         f"(expert_index 0..{E - 1} on every row, see dense_routing), got "
+                         f"expert_index {routing.expert_index.shape} over "
+                         f"{routing.num_experts} experts")
     rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2)), (E * n, D))  # (E*n, D)
-    return combine(rows, routing)  # (n, D)  sum_i p_i o_i
+    return combine(rows, routing)  # (n, D)  sum_i p_i o_i: expert e's rows e*n:(e+1)*n
 
 
 # --- per-expert likelihoods --------------------------------------------------------------------
