@@ -7,14 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tinymoe.app.params_cli import explain, main_params
 from tinymoe.params import (
     PRESETS,
     MoEConfig,
     count_params,
-    explain,
     flops_per_token,
     get_preset,
-    main_params,
 )
 
 MIXTRAL = PRESETS["mixtral-8x7b"]
