@@ -19,7 +19,7 @@ from tinymoe.params import (
 MIXTRAL = PRESETS["mixtral-8x7b"]
 
 
-# --- Mixtral 8x7B: reference §6.2 ------------------------------------------------------
+# --- Mixtral 8x7B: Mistral's "46.7B total, 12.9B per token", HF MixtralConfig defaults ---
 
 def test_mixtral_total_and_active_exact():
     c = count_params(MIXTRAL)

@@ -247,8 +247,8 @@ PRESETS: dict[str, MoEConfig] = {
 }
 
 PRESET_NOTES: dict[str, str] = {
-    "mixtral-8x7b": "Mixtral 8x7B, HF MixtralConfig defaults (reference §6.2): "
-                    "46.7B total, 12.9B active",
+    "mixtral-8x7b": "Mixtral 8x7B, HF MixtralConfig defaults (vocab 32000, d 4096, FFN 14336, "
+                    "32 layers, 32/8 heads); Mistral quotes 46.7B total, 12.9B active",
     "mixtral-8x22b": "Mixtral 8x22B v0.1 (HF config.json: d 6144, FFN 16384, 56 layers, "
                      "48/8 heads, vocab 32000); Mistral quotes 141B total, 39B active",
     "switch-base-8-like": "a decoder-only stack with google/switch-base-8's layer sizes "
