@@ -130,6 +130,5 @@ def check_order(order: Any, num_tokens: int, k: int, op: str) -> np.ndarray:
 
 
 def check_k(k: Any, op: str) -> int:
-    if not _is_int(k) or k < 1:
-        raise ValueError(f"{op}: k (choices per token) must be an integer >= 1, got {k!r}")
-    return int(k)
+    """k, the choices per token: an integer >= 1."""
+    return validate.positive_int(k, "k (choices per token)", op)

@@ -64,6 +64,11 @@ class Routing:
         return self.position >= 0
 
     @property
+    def dropped_choices(self) -> np.ndarray:
+        """(T, k) bool: the choices without a slot (their expert was full, or never active)."""
+        return self.position < 0
+
+    @property
     def dropped_tokens(self) -> np.ndarray:
         """(T,) bool: tokens that reach no expert (in a residual block they pass unchanged)."""
         return ~self.kept.any(axis=1)
@@ -77,7 +82,7 @@ class Routing:
     @property
     def dropped_choice_fraction(self) -> float:
         """The share of the T·k **choices** without a slot (a top-2 token may keep one)."""
-        return float((~self.kept).mean()) if self.position.size else 0.0
+        return float(self.dropped_choices.mean()) if self.position.size else 0.0
 
     def total_aux_loss(self) -> Tensor | None:
         """The sum of ``aux_losses`` (None when the router defines none)."""

@@ -201,15 +201,24 @@ class Top2Gate(Module):
                 f"second_policy={self.second_policy_train!r}/{self.second_policy_eval!r}")
 
 
-def gshard_layer(d_model: int, num_experts: int, d_ff: int, *, activation: str = "relu",
-                 expert_dropout: float = 0.0, residual: bool = False,
-                 init_scale: float = INIT_SCALE, dtype: Any = np.float32, rng: RNGLike = None,
-                 **gate_kwargs: Any) -> MoELayer:
-    """A GShard layer: :class:`Top2Gate` + E FFN experts (initialised like Switch's, the
-    truncated normal of :func:`~tinymoe.moe.router_weight.switch_init`) as an
-    :class:`~tinymoe.moe.layer.MoELayer`. ``gate_kwargs`` go to the gate."""
+def gshard_layer(d_model: int, num_experts: int, d_ff: int, *, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float | None = None, group_size: int | None = None,
+                 second_policy_train: str = "random", second_policy_eval: str = "all",
+                 normalize: str = "before", router_dtype: Any = "float32", jitter: float = 0.0,
+                 aux_loss_coef: float = AUX_LOSS_COEF, z_loss_coef: float = 0.0,
+                 activation: str = "relu", expert_dropout: float = 0.0, residual: bool = False,
+                 init_scale: float = INIT_SCALE, dtype: Any = np.float32,
+                 rng: RNGLike = None) -> MoELayer:
+    """A GShard layer: a :class:`Top2Gate` and E FFN experts (initialised like Switch's, the
+    truncated normal of :func:`~tinymoe.nn.init.switch_init`) as an
+    :class:`~tinymoe.moe.layer.MoELayer`. The routing arguments go to the gate."""
     gen = as_rng(rng)
-    gate = Top2Gate(d_model, num_experts, init_scale=init_scale, rng=gen, **gate_kwargs)
+    gate = Top2Gate(d_model, num_experts, capacity_factor=capacity_factor,
+                    eval_capacity_factor=eval_capacity_factor, group_size=group_size,
+                    second_policy_train=second_policy_train,
+                    second_policy_eval=second_policy_eval, normalize=normalize,
+                    router_dtype=router_dtype, jitter=jitter, init_scale=init_scale,
+                    aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, rng=gen)
     experts = StackedExperts(num_experts, d_model, d_ff, activation, dtype=dtype, rng=gen,
                              dropout=expert_dropout).switch_init_(gen, init_scale)
     return MoELayer(gate, experts, residual=residual)

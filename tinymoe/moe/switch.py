@@ -144,15 +144,21 @@ class SwitchRouter(Module):
                 f"jitter={self.jitter:g}")
 
 
-def switch_layer(d_model: int, num_experts: int, d_ff: int, *, activation: str = "relu",
-                 expert_dropout: float = 0.0, residual: bool = False, init_scale: float =
-                 INIT_SCALE, dtype: Any = np.float32, rng: RNGLike = None,
-                 **router_kwargs: Any) -> MoELayer:
-    """A Switch layer: :class:`SwitchRouter` + N FFN experts (Switch-initialised) as an
-    :class:`~tinymoe.moe.layer.MoELayer`. ``router_kwargs`` go to the router
-    (``capacity_factor``, ``group_size``, ``router_dtype``, ``jitter``, ``aux_loss_coef``...)."""
+def switch_layer(d_model: int, num_experts: int, d_ff: int, *, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float | None = None, group_size: int | None = None,
+                 router_dtype: Any = "float32", jitter: float = JITTER_EPS,
+                 aux_loss_coef: float = AUX_LOSS_COEF, z_loss_coef: float = Z_LOSS_COEF,
+                 activation: str = "relu", expert_dropout: float = 0.0, residual: bool = False,
+                 init_scale: float = INIT_SCALE, dtype: Any = np.float32,
+                 rng: RNGLike = None) -> MoELayer:
+    """A Switch layer: a :class:`SwitchRouter` and N FFN experts (Switch-initialised, hidden
+    width ``d_ff``, expert dropout on their hidden units) as an
+    :class:`~tinymoe.moe.layer.MoELayer`. The routing arguments go to the router."""
     gen = as_rng(rng)
-    router = SwitchRouter(d_model, num_experts, init_scale=init_scale, rng=gen, **router_kwargs)
+    router = SwitchRouter(d_model, num_experts, capacity_factor=capacity_factor,
+                          eval_capacity_factor=eval_capacity_factor, group_size=group_size,
+                          router_dtype=router_dtype, jitter=jitter, init_scale=init_scale,
+                          aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, rng=gen)
     experts = StackedExperts(num_experts, d_model, d_ff, activation, dtype=dtype, rng=gen,
                              dropout=expert_dropout).switch_init_(gen, init_scale)
     return MoELayer(router, experts, residual=residual)
