@@ -31,10 +31,11 @@ MoE layers returned in that forward, one dict per MoE layer. The training loss i
 
 Initialisation (``init``): ``"switch"`` redraws every Linear and Embedding weight from the
 Switch initialisation, a normal with standard deviation ``sqrt(init_scale / fan_in)``,
-``init_scale = 0.1``, truncated at two standard deviations (§2.4); the Switch and top-2
-experts and routers start that way too. ``"lecun"`` keeps ``tm.nn``'s defaults: LeCun
-normal for Linear layers and experts, N(0, 0.1²) for the embeddings. Biases start at 0 and
-LayerNorm at 1 in both.
+``init_scale = 0.1``, truncated at two standard deviations (§2.4). ``"lecun"`` keeps
+``tm.nn``'s defaults: LeCun normal for Linear layers, N(0, 0.1²) for the embeddings. The
+MoE layers keep their builders' initialisation either way: the Switch one for the Switch and
+top-2 experts and routers, zero gate weights and LeCun experts for the 2017 layer. Biases
+start at 0 and LayerNorm at 1.
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ class TransformerConfig:
       ``d_ff`` (the dense FFN's and each expert's hidden width), ``dropout`` (attention and
       dense FFN), ``activation``, ``init``, ``init_scale``, ``tie_embeddings``, ``dtype``;
     - MoE kinds: ``num_experts``, ``moe_every``, ``k`` (experts per token: 1 for
-      ``"switch"``, 2 for ``"top2"``, a choice for ``"noisy_topk"``);
+      ``"switch"``, 2 for ``"top2"``, a choice for ``"noisy_topk"``, default 2; for
+      ``"custom"`` it only describes the layer, for :meth:`Transformer.params_config`);
     - ``"switch"`` and ``"top2"``: ``capacity_factor`` (training), ``eval_capacity_factor``
       (None: the same), ``group_size`` (tokens per capacity group; None: the batch is one
       group), ``router_dtype`` (selective precision), ``jitter`` (multiplicative input
