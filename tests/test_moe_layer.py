@@ -315,25 +315,7 @@ def test_empty_batch_returns_an_empty_output(kind):
     assert y.shape == (2, 0, 4)
 
 
-# --- the char LM and the Table 6 experiment, end to end in a tiny mode --------------------------
-@gate_train
-def test_char_lm_shapes_and_aux_loss():
-    from tinymoe.models import CharLMConfig, CharMoELM
-
-    cfg = CharLMConfig(vocab_size=11, block_size=8, d_model=8, n_heads=2, n_layers=2,
-                       num_experts=4, k=2, d_ff=8, w_importance=0.1, w_load=0.1)
-    model = CharMoELM(cfg, rng=0)
-    ids = np.random.default_rng(0).integers(0, 11, size=(3, 8))
-    loss, ce = model.loss(ids, ids)
-    aux = [m.last_routing.total_aux_loss().item() for m in model.moe_layers]
-    assert loss.item() == pytest.approx(ce.item() + sum(aux), rel=1e-5)
-    loss.backward()
-    assert model(ids).shape == (3, 8, 11) and len(model.moe_layers) == 2
-    assert all(p.grad is not None for p in model.parameters())
-    with pytest.raises(ValueError, match="block_size=8"):
-        model(np.zeros((1, 9), np.int64))
-
-
+# --- the Table 6 experiment, end to end in a tiny mode ------------------------------------------
 @gate_train
 def test_table6_experiment_runs_end_to_end(capsys):
     from tinymoe.app.experiments import table6_2017 as t6
