@@ -248,7 +248,7 @@ def test_router_gradcheck(normalize):
 @z_loss
 @task6_1
 @pytest.mark.parametrize("normalize", [True, False])
-def test_routed_layer_with_topk_router_gradcheck(normalize):
+def test_layer_with_topk_router_gradcheck(normalize):
     rng = np.random.default_rng(10)
     T, d = 6, 4
     router = TopKRouter(d, 3, 2, normalize=normalize, z_loss_coef=0.01,
@@ -268,7 +268,7 @@ def test_routed_layer_with_topk_router_gradcheck(normalize):
 
 
 @task6_1
-def test_routed_layer_matches_a_per_token_sum():
+def test_layer_with_a_shared_expert_matches_a_per_token_sum():
     """y_t = Σ_j w_tj FFN_{e_tj}(x_t) + shared(x_t), and the layer keeps the router output."""
     rng = np.random.default_rng(11)
     router = TopKRouter(4, 5, 2, normalize=False, router_dtype="float64", rng=4)
@@ -546,7 +546,7 @@ def test_aux_free_router_gradcheck():
     tm.gradcheck(f, [x, r.W_g], names=["x", "W_g"])
 
 
-def test_routed_layer_with_aux_free_router_gradcheck():
+def test_layer_with_aux_free_router_gradcheck():
     rng = np.random.default_rng(20)
     router = AuxFreeRouter(4, 3, 2, seq_aux_loss_coef=0.1, router_dtype="float64", rng=10)
     router.W_g.data[...] = rng.standard_normal((4, 3))

@@ -572,7 +572,7 @@ def _topk_router(rng):
     return fn, [leaf(x), router.W_g], {"names": ["x", "W_g"]}
 
 
-def _routed_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Generator,
+def _router_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Generator,
                   num_shared: int = 0) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
     """A float64 MoELayer around ``router`` (``moe_layer``), its input and every trainable
     weight."""
@@ -596,7 +596,7 @@ def _routed_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Gener
 @register("2024 MoELayer + TopKRouter (top-2 + 1 shared expert)")
 def _routed_topk(rng):
     router = moe.TopKRouter(4, 3, 2, normalize=False, router_dtype="float64", rng=rng)
-    return _routed_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
+    return _router_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
 
 
 @register("2022 ExpertChoiceRouter + MoELayer")
@@ -608,7 +608,7 @@ def _expert_choice(rng):
     def gap(z):
         p = np.exp(z - z.max(axis=1, keepdims=True))
         return top_gap((p / p.sum(axis=1, keepdims=True)).T, C)  # (E, T): top-C per expert
-    return _routed_layer(router, gap, rng)
+    return _router_layer(router, gap, rng)
 
 
 @register("2024 AuxFreeRouter + MoELayer (sigmoid, bias)")
@@ -620,7 +620,7 @@ def _aux_free(rng):
 
     def gap(z):
         return top_gap(1.0 / (1.0 + np.exp(-z)) + bias, 2)  # the selection uses s + b
-    return _routed_layer(router, gap, rng)
+    return _router_layer(router, gap, rng)
 
 
 @register("parallel all_to_all (D = 3)")
