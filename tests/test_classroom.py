@@ -163,7 +163,8 @@ LESSON = notebook([
 def make_tree(root: Path, lesson: bool = True) -> Path:
     """Write the synthetic course tree under ``root`` and return it."""
     files = {"tinymoe/__init__.py": "from .core import add_one, double\n",
-             "tinymoe/classroom/registry.py": TASKS_PY.lstrip("\n"), "tinymoe/core.py": mark(CORE_PY),
+             "tinymoe/classroom/registry.py": TASKS_PY.lstrip("\n"),
+             "tinymoe/core.py": mark(CORE_PY),
              "tests/conftest.py": CONFTEST_PY.lstrip("\n"),
              "tests/test_core.py": mark(TEST_CORE_PY), "pytest.ini": PYTEST_INI,
              "setup.py": "from setuptools import setup\nsetup(name='mini')\n",

@@ -182,7 +182,8 @@ def test_dropped_tokens_give_zero_output_and_zero_weight_grad():
 
 
 def test_combine_matches_the_gshard_einsum():
-    """Oracle: GShard's Algorithm 2, y = einsum('sec,ecm->sm', combine (T, E, C), out)."""
+    """Oracle: GShard's einsum form (Lepikhin et al. 2020, Algorithm 2),
+    y = einsum('sec,ecm->sm', combine (T, E, C), out)."""
     rng = np.random.default_rng(2)
     T, E, k, C, d = 40, 4, 2, 12, 5
     e = _random_routing(T, E, k, rng)

@@ -161,8 +161,8 @@ def test_ties_go_to_the_lower_token_index():
 
 @pytest.mark.task6_2
 def test_zero_router_sends_every_expert_to_the_first_tokens():
-    """With W_g = 0 all scores tie, so every expert takes tokens 0..C-1 and the rest of the
-    batch gets no expert at all."""
+    """With W_g = 0 all scores tie and ties go to the lowest index: every expert takes tokens
+    0..C-1 and the rest of the batch gets no expert at all."""
     router = ExpertChoiceRouter(4, 4, capacity_factor=1.0, router_dtype="float64", rng=0)
     router.W_g.data = np.zeros((4, 4))
     r = router(tm.tensor(np.random.default_rng(0).standard_normal((8, 4))))

@@ -1,5 +1,6 @@
-"""The 1994 hierarchical mixture of experts: likelihood, posteriors, gradients, the EM
-M-steps (weighted least squares, IRLS), EM's monotone likelihood, bad input, the script."""
+"""The 1994 hierarchical mixture of experts: likelihood, posteriors, gradients, the gates'
+dense routing and the prediction through combine, the EM M-steps (weighted least squares,
+IRLS), EM's monotone likelihood, bad input, the script."""
 import copy
 import itertools
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import tinymoe as tm
+from tinymoe.dispatch import Routing
 from tinymoe.moe import HME, fit_em, fit_gradient
 from tinymoe.moe.hme import (
     augment,
@@ -114,6 +116,40 @@ def test_gradient_is_the_1992_rules():
     np.testing.assert_allclose(tree.v_top.grad, xa.T @ (post.h_top - g), atol=1e-9)
     dv_low = np.einsum("ni,nij,na->iaj", post.h_top, post.h_low - g_low, xa)
     np.testing.assert_allclose(tree.v_low.grad, dv_low, atol=1e-9)
+
+
+# --- the gates' routing and the prediction ---------------------------------------------------
+@pytest.mark.parametrize("expert", ["gaussian", "logistic"])
+def test_the_gates_are_one_dense_routing_over_the_leaves(expert):
+    """Leaf i*J + j gets every case, weighted by g_i g_{j|i}; the weights sum to one."""
+    X, _ = _regression(20) if expert == "gaussian" else _binary(20)
+    tree = HME(2, 1, 2, 3, expert=expert, rng=4, gate_scale=1.0)
+    r = tree.route(X)
+    assert isinstance(r, Routing) and r.capacity is None and r.num_experts == 6
+    np.testing.assert_array_equal(r.expert_index, np.tile(np.arange(6), (20, 1)))  # (n, I*J)
+    np.testing.assert_allclose(r.combine_weight.data.sum(axis=1), 1.0)
+    assert r.probs is r.combine_weight and r.dropped_fraction == 0.0
+    xa = augment(X)
+    g = np.exp(xa @ tree.v_top.data)
+    g /= g.sum(1, keepdims=True)  # (n, I)
+    g_low = np.exp(np.einsum("na,iaj->nij", xa, tree.v_low.data))
+    g_low /= g_low.sum(2, keepdims=True)  # (n, I, J)
+    np.testing.assert_allclose(r.probs.data, (g[:, :, None] * g_low).reshape(20, 6))
+    np.testing.assert_allclose(tree.gate_probs(X), r.probs.data)
+
+
+@pytest.mark.parametrize("expert", ["gaussian", "logistic"])
+def test_the_prediction_is_the_direct_blend(expert):
+    """forward = combine(mu, route(X)) = sum_i g_i sum_j g_{j|i} mu_ij, written out."""
+    X, _ = _regression(20) if expert == "gaussian" else _binary(20)
+    tree = HME(2, 2, 3, 2, expert=expert, rng=5, gate_scale=1.0)
+    xa = augment(X)
+    w = tree.gate_probs(X).reshape(20, 3, 2)  # (n, I, J)
+    mu = np.einsum("na,ijad->nijd", xa, tree.U.data)  # (n, I, J, D)
+    if expert == "logistic":
+        mu = 1 / (1 + np.exp(-mu))
+    np.testing.assert_allclose(tree.predict(X), (w[..., None] * mu).sum(axis=(1, 2)),
+                               rtol=1e-12)
 
 
 # --- the M-step pieces ------------------------------------------------------------------------
@@ -233,15 +269,15 @@ def test_em_step_is_in_place_and_counts_newton_steps():
 
 # --- bad input ----------------------------------------------------------------------------------
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="zero experts"):
+    with pytest.raises(ValueError, match="n_experts must be a positive integer, got 0"):
         HME(2, 1, 2, 0)
-    with pytest.raises(ValueError, match="zero experts"):
+    with pytest.raises(ValueError, match="n_branches must be a positive integer, got 0"):
         HME(2, 1, 0, 2)
     with pytest.raises(ValueError, match="expert="):
         HME(2, 1, expert="poisson")
     tree = HME(2, 1, 2, 2, rng=0)
     X, Y = _regression(10)
-    with pytest.raises(ValueError, match=r"expected inputs \(n, 2\)"):
+    with pytest.raises(ValueError, match=r"x must be \(T, 2\)"):
         tree.log_likelihood(np.c_[X, X], Y)
     Xn = X.copy()
     Xn[3, 1] = np.nan

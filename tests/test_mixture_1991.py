@@ -1,9 +1,11 @@
 """The 1991 adaptive mixture: the three error functions, the classification form, the
-posterior responsibilities, the model, bad input, and the vowel reproduction script."""
+posterior responsibilities, the gate's dense routing and the blend through combine, the
+model, bad input, and the vowel reproduction script."""
 import numpy as np
 import pytest
 
 import tinymoe as tm
+from tinymoe.dispatch import Routing, combine, dispatch
 from tinymoe.moe import (
     AdaptiveMixture,
     LinearExpert,
@@ -13,6 +15,7 @@ from tinymoe.moe import (
     mixture_nll,
     posterior_responsibilities,
 )
+from tinymoe.moe.mixture import blend, softmax_routing
 
 N, E, D = 5, 3, 4
 
@@ -163,9 +166,88 @@ def test_decision_line_is_where_two_classes_tie():
     assert o[0] == pytest.approx(o[2])
 
 
+# --- the gate's routing and the blend ---------------------------------------------------------
+def test_the_gate_is_a_dense_routing_whose_weights_sum_to_one():
+    """Every case goes to all E experts, in order, weighted by p = softmax(x)."""
+    g, _, _ = _parts(7)
+    r = softmax_routing(g)
+    assert isinstance(r, Routing) and r.capacity is None and r.num_experts == E
+    np.testing.assert_array_equal(r.expert_index, np.tile(np.arange(E), (N, 1)))  # (n, E)
+    np.testing.assert_allclose(r.combine_weight.data.sum(axis=1), 1.0)
+    np.testing.assert_allclose(r.combine_weight.data, _naive(g.data, *_parts(7)[1:])[3])
+    assert r.probs is r.combine_weight and r.logits is g
+    np.testing.assert_array_equal(r.position, np.tile(np.arange(N)[:, None], (1, E)))
+    np.testing.assert_array_equal(r.counts, N)  # every expert keeps every case
+    np.testing.assert_array_equal(r.offsets, np.arange(E + 1) * N)
+    assert r.dropped_fraction == 0.0
+
+
+def test_the_models_gate_returns_the_routing_of_its_logits():
+    model = AdaptiveMixture(2, 4, 3, activation="softmax", gate_init="random", rng=0)
+    X = np.random.default_rng(1).standard_normal((6, 2))
+    r, out = model.route(X), model(X)
+    assert isinstance(r, Routing) and isinstance(out.routing, Routing)
+    np.testing.assert_allclose(r.combine_weight.data.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(r.logits.data, out.gate_logits.data)
+    np.testing.assert_array_equal(r.probs.data, out.gate_probs.data)
+    np.testing.assert_array_equal(model.gate_probs(X), r.probs.data)
+
+
+def test_the_output_is_the_direct_blend_and_its_gradient():
+    """combine(expert outputs, routing) is sum_i p_i o_i, values and gradients."""
+    g, o, _ = _parts(8)
+    p = tm.functional.softmax(g)
+    direct = (tm.functional.unsqueeze(p, -1) * o).sum(axis=1)  # (n, D)
+    via = blend(o, softmax_routing(g))
+    np.testing.assert_allclose(via.data, direct.data, rtol=1e-13, atol=1e-15)
+    w = np.random.default_rng(8).standard_normal((N, D))
+    (via * w).sum().backward()
+    grads = g.grad.copy(), o.grad.copy()
+    g.grad = o.grad = None
+    (direct * w).sum().backward()
+    np.testing.assert_allclose(grads[0], g.grad, atol=1e-13)
+    np.testing.assert_allclose(grads[1], o.grad, atol=1e-13)
+    model = AdaptiveMixture(2, 4, 3, activation="softmax", gate_init="random", rng=0)
+    X = np.random.default_rng(2).standard_normal((6, 2))
+    out = model(X)
+    expected = (out.gate_probs.data[:, :, None] * out.expert_outputs.data).sum(axis=1)
+    np.testing.assert_allclose(out.output.data, expected, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(model.predict(X), expected, rtol=1e-13, atol=1e-15)
+
+
+def test_dispatch_of_a_dense_routing_gives_every_expert_every_case():
+    """dispatch hands expert e the rows offsets[e]:offsets[e+1], all n cases in order, so
+    running the experts on those rows gives o_i, and combine blends them back."""
+    model = AdaptiveMixture(2, 4, 3, activation="softmax", gate_init="random", rng=0)
+    X = np.random.default_rng(3).standard_normal((6, 2))
+    r = model.route(X)
+    rows = dispatch(tm.tensor(X), r)  # (E*n, d)
+    off = r.offsets
+    for e in range(3):
+        np.testing.assert_array_equal(rows.data[off[e]:off[e + 1]], X)
+    outs = tm.functional.concatenate([expert(rows[off[e]:off[e + 1]])
+                                      for e, expert in enumerate(model.experts)])  # (E*n, D)
+    parts = model(X)
+    per_expert = outs.data.reshape(3, 6, 4)  # (E, n, D)
+    np.testing.assert_allclose(per_expert.transpose(1, 0, 2), parts.expert_outputs.data)
+    np.testing.assert_allclose(combine(outs, r).data, parts.output.data, rtol=1e-13)
+
+
+def test_blend_needs_the_dense_routing_of_those_cases():
+    g, o, _ = _parts(9)
+    with pytest.raises(ValueError, match="need the dense routing of those n = 3 cases"):
+        blend(o[:3], softmax_routing(g))
+    with pytest.raises(ValueError, match="need the dense routing"):
+        blend(o, tm.dispatch.route(np.zeros((N, 1), np.int64), g[:, :1], E))
+    shuffled = np.tile(np.arange(E), (N, 1))
+    shuffled[1] = shuffled[1, ::-1]  # every expert once, but case 1 in another order
+    with pytest.raises(ValueError, match=r"expert_index 0..2 on every row"):
+        blend(o, tm.dispatch.route(shuffled, tm.functional.softmax(g), E))
+
+
 # --- bad input -------------------------------------------------------------------------------
 def test_zero_experts_is_a_clear_error():
-    with pytest.raises(ValueError, match="at least one expert"):
+    with pytest.raises(ValueError, match="n_experts must be a positive integer, got 0"):
         AdaptiveMixture(2, 4, 0)
     with pytest.raises(ValueError, match="at least one expert"):
         AdaptiveMixture(2, 4, experts=[])
@@ -175,7 +257,7 @@ def test_zero_experts_is_a_clear_error():
 
 def test_wrong_feature_count_and_nan_features():
     model = AdaptiveMixture(2, 4, 2, rng=0)
-    with pytest.raises(ValueError, match=r"expected input \(n, 2\)"):
+    with pytest.raises(ValueError, match=r"x must be \(T, 2\)"):
         model(np.zeros((3, 3)))
     X = np.zeros((3, 2))
     X[1, 0] = np.nan
@@ -198,6 +280,12 @@ def test_unknown_label_and_shape_errors():
         mixture_nll(g, o, d, reduction="max")
     with pytest.raises(ValueError, match="likelihood"):
         posterior_responsibilities(g, o, d, likelihood="poisson")
+    bad = o.data.copy()
+    bad[2, 1, 3] = np.nan
+    with pytest.raises(FloatingPointError, match="expert 1's outputs .* case 2, output 3"):
+        mixture_nll(g, bad, d)
+    with pytest.raises(FloatingPointError, match="gate_logits .* case 0, expert 2"):
+        mixture_nll(np.where(np.arange(E) == 2, np.inf, g.data), o, d)
 
 
 # --- the reproduction script ----------------------------------------------------------------

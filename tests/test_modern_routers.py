@@ -94,7 +94,7 @@ def test_ties_go_to_the_lowest_index():
     out = r(tm.tensor(x))
     np.testing.assert_array_equal(out.expert_index, [[0, 1], [1, 2], [0, 2]])
     np.testing.assert_allclose(out.combine_weight.numpy(), 0.5, rtol=1e-14)
-    # zero initialisation: all logits equal, every token goes to experts 0..k-1
+    # zero initialisation: all logits equal, every token goes to experts 0..k-1 (stable sort)
     z = TopKRouter(6, 5, 3, init_scale=0.0, rng=0)
     e = z(np.random.default_rng(0).standard_normal((7, 6))).expert_index
     np.testing.assert_array_equal(e, np.tile([0, 1, 2], (7, 1)))
@@ -127,7 +127,7 @@ def test_renormalised_gates_are_a_softmax_over_the_kept_logits(k):
 
 @task6_1
 def test_top1_renormalised_gate_is_exactly_one():
-    """With k = 1 renormalisation the gate is the constant 1 (no task-loss gradient)."""
+    """With k = 1 renormalisation the gate is the constant p/p = 1 (no task-loss gradient)."""
     r = TopKRouter(4, 6, 1, router_dtype="float64", rng=2)
     x = tm.tensor(np.random.default_rng(3).standard_normal((9, 4)), requires_grad=True)
     w = r(x).combine_weight

@@ -7,20 +7,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tinymoe.app.params_cli import explain, main_params
 from tinymoe.params import (
     PRESETS,
     MoEConfig,
     count_params,
-    explain,
     flops_per_token,
     get_preset,
-    main_params,
 )
 
 MIXTRAL = PRESETS["mixtral-8x7b"]
 
 
-# --- Mixtral 8x7B: reference §6.2 ------------------------------------------------------
+# --- Mixtral 8x7B: Mistral's "46.7B total, 12.9B per token", HF MixtralConfig defaults ---
 
 def test_mixtral_total_and_active_exact():
     c = count_params(MIXTRAL)

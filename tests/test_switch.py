@@ -311,7 +311,7 @@ def test_z_loss_value_gradient_and_stability():
     assert router_z_loss(x).item() == pytest.approx(np.mean(lse ** 2), rel=1e-12)
     router_z_loss(x).backward()
     s = np.exp(x.numpy() - lse[:, None])
-    np.testing.assert_allclose(x.grad, 2 * lse[:, None] * s / 6, rtol=1e-10)  # 2·lse·softmax / T
+    np.testing.assert_allclose(x.grad, 2 * lse[:, None] * s / 6, rtol=1e-10)  # 2·lse·softmax/T
     tm.gradcheck(router_z_loss, [tm.tensor(x.numpy(), requires_grad=True)])
     big = router_z_loss(tm.tensor(np.array([[1000.0, 1000.0]], np.float32)))
     assert np.isfinite(big.item()) and big.item() == pytest.approx((1000 + math.log(2)) ** 2)

@@ -14,6 +14,7 @@ import importlib
 from typing import Any
 
 from tinymoe import functional
+from tinymoe.ops import methods as _methods  # noqa: F401  (gives Tensor its ops as methods)
 from tinymoe.autograd import Function, enable_grad, is_grad_enabled, no_grad, unbroadcast
 from tinymoe.gradcheck import GradcheckError, GradcheckReport, gradcheck
 from tinymoe.tensor import Tensor, tensor

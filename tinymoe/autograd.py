@@ -1,4 +1,5 @@
-"""The autograd engine: Function (a forward/backward pair), the graph walk, no_grad, unbroadcast.
+"""The autograd engine: Function (a forward/backward pair) and the graph it records, no_grad,
+unbroadcast.
 
 Every differentiable op is a subclass of :class:`Function` with two static methods side by
 side::
@@ -15,24 +16,28 @@ side::
             return unbroadcast(grad * b, a.shape), unbroadcast(grad * a, b.shape)
 
 ``Mul.apply(x, y)`` runs ``forward`` on the arrays inside the tensors and, when gradients are
-wanted, records a :class:`Node` so that ``backward`` can walk the graph later. Positional
-arguments are the differentiable inputs (Tensors, or arrays/numbers taken as constants);
-keyword arguments are non-differentiable settings (an axis, integer indices, a seed).
+wanted, records a node (the :class:`Context`) in the result so that ``loss.backward()`` can
+walk the graph later. Positional arguments are the differentiable inputs (Tensors, or
+arrays/numbers taken as constants); keyword arguments are non-differentiable settings (an
+axis, integer indices, a seed).
 
-Backpropagation (:func:`backward`) visits the nodes in reverse topological order, found
-with an explicit stack (no recursion, so a chain of 100,000 ops is fine), and sums the
-gradient flowing into a tensor from every place it was used.
+The walk itself, :func:`~tinymoe.tensor.backpropagate`, lives with the Tensor in
+``tinymoe/tensor.py``: it visits the nodes in reverse topological order, found with an
+explicit stack (no recursion, so a chain of 100,000 ops is fine), and sums the gradient
+flowing into a tensor from every place it was used. The imports run one way: ``tensor.py``
+imports nothing from tinymoe, this file imports ``tensor.py``, and the ops import both.
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from tinymoe.tensor import Tensor
+from tinymoe.tensor import Tensor, as_tensor
+# the graph walk, importable from here too (tinymoe.autograd is the engine's public face)
+from tinymoe.tensor import backpropagate, graph_nodes, topological_order  # noqa: F401
 
 _GRAD_ENABLED = True
 
@@ -90,9 +95,6 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad
 
 
-_TENSOR_TYPES: list = []  # [Tensor, as_tensor], filled in by tinymoe.tensor (avoids a cycle)
-
-
 class Context:
     """One op application: scratch space shared by its forward and backward, and (once
     recorded in the graph) a node standing for the op's output.
@@ -141,13 +143,12 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> Tensor:
-        Tensor = _TENSOR_TYPES[0]
         like = None
         for x in inputs:
             if isinstance(x, Tensor):
                 like = x
                 break
-        tensors = tuple(x if isinstance(x, Tensor) else _TENSOR_TYPES[1](x, like=like)
+        tensors = tuple(x if isinstance(x, Tensor) else as_tensor(x, like=like)
                         for x in inputs)
         needs = tuple([t.requires_grad for t in tensors])
         ctx = Context(cls, needs)
@@ -162,93 +163,3 @@ class Function:
             ctx.output = weakref.ref(result)
             result._node = ctx
         return result
-
-
-def topological_order(root: Tensor) -> list[Context | Tensor]:
-    """The graph behind ``root``, inputs before outputs: nodes and the leaves they reach.
-
-    A vertex is a recorded node (standing for the tensor an op made) or a leaf tensor. An
-    iterative depth-first search appends a vertex once all of its inputs have been, so
-    reversing the list gives an order in which every gradient is complete before it is
-    passed on.
-    """
-    order: list[Context | Tensor] = []
-    visited: set[int] = set()
-    start = root if root._node is None else root._node
-    stack: list[tuple[Context | Tensor, bool]] = [(start, False)]
-    while stack:
-        v, inputs_done = stack.pop()
-        if inputs_done:
-            order.append(v)
-            continue
-        if id(v) in visited:
-            continue
-        visited.add(id(v))
-        stack.append((v, True))
-        if isinstance(v, Context):
-            for parent in v.inputs:
-                if parent is not None and id(parent) not in visited:
-                    stack.append((parent, False))
-    return order
-
-
-def backward(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None:
-    """Backpropagate ``grad`` (dL/d root) to every tensor ``root`` depends on.
-
-    Leaves (tensors made by the user with ``requires_grad=True``) and tensors that called
-    ``retain_grad()`` get ``.grad`` += their gradient. Unless ``retain_graph`` is set, the
-    graph's saved arrays are released afterwards and a second backward through it raises.
-    """
-    order = topological_order(root)
-    grads: dict[int, np.ndarray] = {id(order[-1]): grad}
-    for v in reversed(order):
-        g = grads.pop(id(v), None)
-        if g is None:  # a branch that received no gradient
-            continue
-        if not isinstance(v, Context):  # a leaf tensor
-            v._accumulate(g)
-            continue
-        node = v
-        out = node.output()
-        if out is not None and out._retains_grad:
-            out._accumulate(g)
-        if node.freed:
-            raise RuntimeError(
-                f"backward: the graph through {node.fn.__name__} was already freed by an earlier "
-                f"backward(); pass retain_graph=True to the first backward() to "
-                f"backpropagate through the same graph twice")
-        in_grads = node.fn.backward(node, g)
-        del g
-        if not isinstance(in_grads, tuple):
-            in_grads = (in_grads,)
-        if len(in_grads) != len(node.inputs):
-            raise RuntimeError(f"{node.fn.__name__}.backward returned {len(in_grads)} gradients "
-                               f"for {len(node.inputs)} inputs")
-        for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
-            if pg is None or parent is None:
-                continue
-            if isinstance(parent, Context):
-                shape, dtype = parent.out_shape, parent.out_dtype
-            else:
-                shape, dtype = parent.shape, parent.dtype
-            if pg.shape != shape:
-                raise RuntimeError(
-                    f"{node.fn.__name__}.backward returned a gradient of shape {pg.shape} for "
-                    f"input {i} of shape {shape}; an unbroadcast() is probably missing")
-            if pg.dtype != dtype:
-                pg = pg.astype(dtype)
-            key = id(parent)
-            if key in grads:
-                grads[key] = grads[key] + pg  # used more than once: the sum
-            else:
-                grads[key] = pg
-        in_grads = pg = None  # drop references before the next node runs
-        if not retain_graph:
-            node.saved, node.freed = (), True  # release the saved arrays
-
-
-def graph_nodes(root: Tensor) -> Iterator[Node]:
-    """The recorded nodes behind ``root``, inputs first (for lessons that draw the graph)."""
-    for v in topological_order(root):
-        if isinstance(v, Context):
-            yield v

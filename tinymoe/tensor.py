@@ -8,14 +8,22 @@ every leaf that asked for it.
 Dtype rules: NumPy arrays keep their dtype; new float data from Python numbers or lists
 becomes float32; ``dtype=`` overrides. Python numbers mixed into an op take the dtype of the
 tensor they meet, so ``x * 0.5`` stays float32 when ``x`` is.
+
+This file is the bottom of the engine and imports nothing else from tinymoe. It holds the
+Tensor and the walk backward through its graph (:func:`topological_order`,
+:func:`backpropagate`). The ops come on top: ``tinymoe/autograd.py`` defines ``Function``,
+which records the graph; ``tinymoe/ops/`` holds one ``Function`` per op and a function that
+calls it; ``tinymoe/ops/methods.py`` makes those functions the Tensor's methods and
+operators (``x.exp()`` is ``ops.exp(x)``, ``a + b`` is ``ops.add(a, b)``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from tinymoe import autograd
+if TYPE_CHECKING:
+    from tinymoe.autograd import Context
 
 DEFAULT_FLOAT = np.float32
 
@@ -36,7 +44,7 @@ class Tensor:
     def __init__(self, data: np.ndarray, requires_grad: bool = False) -> None:
         self.data: np.ndarray = data
         self.grad: np.ndarray | None = None
-        self._node: autograd.Node | None = None
+        self._node: Context | None = None  # the op that made it; None for a leaf
         self._retains_grad = False
         self.requires_grad = False
         if requires_grad:
@@ -128,23 +136,10 @@ class Tensor:
                 raise ValueError(f"backward: grad has shape {g.shape} but the tensor has "
                                  f"shape {self.shape}")
             g = g.astype(self.dtype, copy=False)
-        autograd.backward(self, g, retain_graph=retain_graph)
+        backpropagate(self, g, retain_graph=retain_graph)
 
-    # --- operators (the ops live in tinymoe.ops) --------------------------------------------
-    def __add__(self, o: Any) -> Tensor: return Add.apply(self, o)
-    def __radd__(self, o: Any) -> Tensor: return Add.apply(o, self)
-    def __sub__(self, o: Any) -> Tensor: return Sub.apply(self, o)
-    def __rsub__(self, o: Any) -> Tensor: return Sub.apply(o, self)
-    def __mul__(self, o: Any) -> Tensor: return Mul.apply(self, o)
-    def __rmul__(self, o: Any) -> Tensor: return Mul.apply(o, self)
-    def __truediv__(self, o: Any) -> Tensor: return Div.apply(self, o)
-    def __rtruediv__(self, o: Any) -> Tensor: return Div.apply(o, self)
-    def __pow__(self, o: Any) -> Tensor: return ops.pow(self, o)
-    def __rpow__(self, o: Any) -> Tensor: return ops.pow(o, self)
-    def __neg__(self) -> Tensor: return Neg.apply(self)
-    def __matmul__(self, o: Any) -> Tensor: return MatMul.apply(self, o)
-    def __rmatmul__(self, o: Any) -> Tensor: return MatMul.apply(o, self)
-    def __getitem__(self, idx: Any) -> Tensor: return ops.getitem(self, idx)
+    # The ops (``x.exp()``, ``x.sum(axis=0)``, ``a + b``, ``a @ b``, ``x[idx]``, ``x.T``, ...)
+    # are attached to this class by tinymoe/ops/methods.py: each is a function of tinymoe.ops.
 
     # comparisons give plain boolean arrays: they have no gradient
     def __lt__(self, o: Any) -> np.ndarray: return self.data < _raw(o)
@@ -153,58 +148,6 @@ class Tensor:
     def __ge__(self, o: Any) -> np.ndarray: return self.data >= _raw(o)
 
     __hash__ = object.__hash__
-
-    # --- methods mirroring tm.functional ---------------------------------------------------
-    def exp(self) -> Tensor: return ops.exp(self)
-    def log(self) -> Tensor: return ops.log(self)
-    def sqrt(self) -> Tensor: return ops.sqrt(self)
-    def abs(self) -> Tensor: return ops.abs(self)
-    def relu(self) -> Tensor: return ops.relu(self)
-    def gelu(self) -> Tensor: return ops.gelu(self)
-    def tanh(self) -> Tensor: return ops.tanh(self)
-    def sigmoid(self) -> Tensor: return ops.sigmoid(self)
-    def softplus(self) -> Tensor: return ops.softplus(self)
-    def clip(self, lo: Any = None, hi: Any = None) -> Tensor: return ops.clip(self, lo, hi)
-
-    def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.sum(self, axis=axis, keepdims=keepdims)
-
-    def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.mean(self, axis=axis, keepdims=keepdims)
-
-    def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.max(self, axis=axis, keepdims=keepdims)
-
-    def var(self, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Tensor:
-        return ops.var(self, axis=axis, keepdims=keepdims, ddof=ddof)
-
-    def softmax(self, axis: int = -1) -> Tensor: return ops.softmax(self, axis=axis)
-    def log_softmax(self, axis: int = -1) -> Tensor: return ops.log_softmax(self, axis=axis)
-
-    def logsumexp(self, axis: Any = -1, keepdims: bool = False) -> Tensor:
-        return ops.logsumexp(self, axis=axis, keepdims=keepdims)
-
-    def reshape(self, *shape: Any) -> Tensor:
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return ops.reshape(self, shape)
-
-    def transpose(self, *axes: Any) -> Tensor:
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
-        return ops.transpose(self, axes or None)
-
-    permute = transpose
-
-    @property
-    def T(self) -> Tensor:
-        return ops.transpose(self, None)
-
-    def swapaxes(self, a: int, b: int) -> Tensor: return ops.swapaxes(self, a, b)
-    def broadcast_to(self, shape: Sequence[int]) -> Tensor: return ops.broadcast_to(self, shape)
-    def squeeze(self, axis: Any = None) -> Tensor: return ops.squeeze(self, axis)
-    def unsqueeze(self, axis: int) -> Tensor: return ops.unsqueeze(self, axis)
-    def astype(self, dtype: Any) -> Tensor: return ops.astype(self, dtype)
 
 
 def _raw(x: Any) -> Any:
@@ -244,9 +187,95 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     return tensor(x)
 
 
-autograd._TENSOR_TYPES[:] = [Tensor, as_tensor]
+# --- backpropagation: the walk through the graph ---------------------------------------------
+# A vertex of the graph is a leaf Tensor or a recorded node (an autograd.Context, standing for
+# the tensor an op made). A node knows its op (``fn``), where each input's gradient goes
+# (``inputs``: a node, a leaf, or None), the output's shape and dtype, and what its backward
+# saved.
+def topological_order(root: Tensor) -> list[Context | Tensor]:
+    """The graph behind ``root``, inputs before outputs: nodes and the leaves they reach.
 
-# the ops import Tensor, so they are bound here, after it exists
-from tinymoe import ops  # noqa: E402
-from tinymoe.ops.elementwise import Add, Div, Mul, Neg, Sub  # noqa: E402
-from tinymoe.ops.linalg import MatMul  # noqa: E402
+    An iterative depth-first search appends a vertex once all of its inputs have been, so
+    reversing the list gives an order in which every gradient is complete before it is
+    passed on. No recursion, so a chain of 100,000 ops is fine.
+    """
+    order: list[Context | Tensor] = []
+    visited: set[int] = set()
+    start = root if root._node is None else root._node
+    stack: list[tuple[Context | Tensor, bool]] = [(start, False)]
+    while stack:
+        v, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(v)
+            continue
+        if id(v) in visited:
+            continue
+        visited.add(id(v))
+        stack.append((v, True))
+        if not isinstance(v, Tensor):  # a node: visit its inputs first
+            for parent in v.inputs:
+                if parent is not None and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+def backpropagate(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None:
+    """Backpropagate ``grad`` (dL/d root) to every tensor ``root`` depends on.
+
+    Leaves (tensors made by the user with ``requires_grad=True``) and tensors that called
+    ``retain_grad()`` get ``.grad`` += their gradient. Unless ``retain_graph`` is set, the
+    graph's saved arrays are released afterwards and a second backward through it raises.
+    """
+    order = topological_order(root)
+    grads: dict[int, np.ndarray] = {id(order[-1]): grad}
+    for v in reversed(order):
+        g = grads.pop(id(v), None)
+        if g is None:  # a branch that received no gradient
+            continue
+        if isinstance(v, Tensor):  # a leaf
+            v._accumulate(g)
+            continue
+        node = v
+        out = node.output()
+        if out is not None and out._retains_grad:
+            out._accumulate(g)
+        if node.freed:
+            raise RuntimeError(
+                f"backward: the graph through {node.fn.__name__} was already freed by an earlier "
+                f"backward(); pass retain_graph=True to the first backward() to "
+                f"backpropagate through the same graph twice")
+        in_grads = node.fn.backward(node, g)
+        del g
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        if len(in_grads) != len(node.inputs):
+            raise RuntimeError(f"{node.fn.__name__}.backward returned {len(in_grads)} gradients "
+                               f"for {len(node.inputs)} inputs")
+        for i, (parent, pg) in enumerate(zip(node.inputs, in_grads)):
+            if pg is None or parent is None:
+                continue
+            if isinstance(parent, Tensor):
+                shape, dtype = parent.shape, parent.dtype
+            else:
+                shape, dtype = parent.out_shape, parent.out_dtype
+            if pg.shape != shape:
+                raise RuntimeError(
+                    f"{node.fn.__name__}.backward returned a gradient of shape {pg.shape} for "
+                    f"input {i} of shape {shape}; an unbroadcast() is probably missing")
+            if pg.dtype != dtype:
+                pg = pg.astype(dtype)
+            key = id(parent)
+            if key in grads:
+                grads[key] = grads[key] + pg  # used more than once: the sum
+            else:
+                grads[key] = pg
+        in_grads = pg = None  # drop references before the next node runs
+        if not retain_graph:
+            node.saved, node.freed = (), True  # release the saved arrays
+
+
+def graph_nodes(root: Tensor) -> Iterator[Context]:
+    """The recorded nodes behind ``root``, inputs first (for lessons that draw the graph)."""
+    for v in topological_order(root):
+        if not isinstance(v, Tensor):
+            yield v

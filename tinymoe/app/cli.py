@@ -90,7 +90,7 @@ FORWARDED = {
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.app.cli", "main_bench")),
     "params": ("total/active parameters and FLOPs per token of an MoE transformer config",
-               ("tinymoe.params", "main_params")),
+               ("tinymoe.app.params_cli", "main_params")),
     "classroom": ("student/instructor copies and grading for a course",
                   ("tinymoe.classroom.cli", "main_classroom")),
 }

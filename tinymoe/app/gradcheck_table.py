@@ -207,6 +207,13 @@ def _adaptive_mixture(rng):
     return (lambda x, *ps: moe.mixture_nll(*model(x), d)), inputs, options
 
 
+@register("1991 AdaptiveMixture output sum_i p_i o_i (combine)")
+def _adaptive_mixture_output(rng):
+    model = moe.AdaptiveMixture(3, 2, 3, gate_init="random", rng=rng)  # float64
+    inputs, options = module_inputs(model, x=leaf(rng.standard_normal((6, 3))))
+    return (lambda x, *ps: model(x).output), inputs, options
+
+
 # --- 1994: hierarchical mixtures of experts -----------------------------------------------------
 def _hme(expert: str) -> None:
     def build(rng):
@@ -218,7 +225,7 @@ def _hme(expert: str) -> None:
             Y = (X[:, :1] * X[:, 1:] > 0).astype(F64)  # XOR-like classes
         inputs, options = module_inputs(tree)
         return (lambda *ps: (tree.log_likelihood(X, Y), tree(X))), inputs, options
-    CHECKS[f"1994 HME log-likelihood, prediction ({expert})"] = build
+    CHECKS[f"1994 HME log-likelihood, prediction by combine ({expert})"] = build
 
 
 for _expert in ("gaussian", "logistic"):

@@ -21,7 +21,7 @@ from .markers import ClassroomError, Region, load_tasks, strip_file
 
 COPY_DIRS = ("tinymoe", "tests", "lessons", "benchmarks", "docs")
 COPY_FILES = ("setup.py", "pyproject.toml", "setup.cfg", "MANIFEST.in", "README.md", "LICENSE",
-              "pytest.ini", ".gitignore")
+              "CHANGELOG.md", "pytest.ini", ".gitignore")
 SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints",
              ".mypy_cache", ".ruff_cache", "_build", "build", "dist", ".venv"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".nbi", ".nbc", ".egg-info")

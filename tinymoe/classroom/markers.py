@@ -264,7 +264,8 @@ def strip_file(rel: str, data: bytes, tasks: Mapping[str, object]) -> tuple[byte
 
 
 def load_tasks(root) -> dict:
-    """The ``TASKS`` registry of the tree at ``root`` (its ``tinymoe/classroom/registry.py``, run as a file).
+    """The ``TASKS`` registry of the tree at ``root``: its ``tinymoe/classroom/registry.py``,
+    run as a file.
 
     Falls back to the installed ``tinymoe.classroom.registry`` when the tree has no registry.
     """

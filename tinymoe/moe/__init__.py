@@ -52,13 +52,16 @@ from tinymoe.moe.mixture import (  # noqa: F401
     AdaptiveMixture,
     LinearExpert,
     MixtureOutput,
+    blend,
     categorical_log_likelihood,
     competitive_loss,
     cooperative_loss,
+    dense_routing,
     gaussian_log_likelihood,
     mixture_classification_nll,
     mixture_nll,
     posterior_responsibilities,
+    softmax_routing,
 )
 from tinymoe.moe.noisy_topk import (  # noqa: F401
     NoisyTopKGate,

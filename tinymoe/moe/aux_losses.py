@@ -9,13 +9,15 @@ Switch Transformer (Fedus et al. 2021), eqs. (4)-(6), for T tokens and N experts
 ``f_i`` is a count (no gradient), ``P_i`` its differentiable stand-in. Under uniform routing
 ``Σ f_i P_i = 1/N``, so the factor N makes the loss exactly **1** whatever N; the paper uses
 α = 1e-2. :func:`load_balancing_loss` returns ``N · Σ f_i P_i`` (the part without α): the
-layer multiplies by its coefficient.
+router multiplies it by its coefficient.
 
 GShard (Lepikhin et al. 2020, §2.2) writes ``ℓ_aux = (1/E) Σ_e (c_e/S) · m_e`` with ``c_e``
 the number of **first** choices of expert e (counted before dropping) and ``m_e`` the mean
 gate: the same product, but ``1/E²`` at uniform. Like Mesh TF, fairseq and DeepSpeed we
 multiply it by E², which makes it identical to the Switch loss computed on the first choices
-(:func:`gshard_aux_loss`). Conventions (reference §7.7-7.8): ``f_i`` counts choices
+(:func:`gshard_aux_loss`). Conventions (implementations differ: fairseq and MegaBlocks
+average the layers' losses, HF transformers concatenates the layers' router outputs and
+computes one loss): ``f_i`` counts choices
 *before* capacity dropping; one value per group, averaged over groups; per layer (the model
 sums the layers, as the Switch paper adds the loss "for each Switch layer").
 
@@ -103,7 +105,7 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     """ST-MoE eq. (5): the mean over tokens of ``logsumexp(logits)²``, a scalar Tensor.
 
     ``router_logits`` (T, N) or (..., T, N). All-zero logits give ``(ln N)²``. The gradient
-    wrt the logits is ``2 · lse · softmax(logits) / T`` (reference A3).
+    wrt the logits is ``2 · lse · softmax(logits) / T`` (d lse/dx = softmax(x)).
     """
     z = as_tensor(router_logits)
     if z.ndim < 2:

@@ -42,6 +42,14 @@ objective, documented here because they change it (negligibly):
 
 The M-step is plain NumPy linear algebra (it is not autograd); the gradient method
 (:func:`fit_gradient`) backpropagates through :meth:`HME.log_likelihood` instead.
+
+The two levels of gates together are one dense gate over the ``I*J`` experts (the leaves,
+numbered ``i*J + j``): :meth:`HME.route` returns the
+:class:`~tinymoe.dispatch.routing.Routing` that sends every case to every leaf with weight
+``g_i g_{j|i}``, the product of the gates on its path, and the prediction
+``sum_i g_i sum_j g_{j|i} mu_ij`` is ``combine`` with it (:func:`~tinymoe.moe.mixture.blend`),
+as in the 1991 mixture. The likelihood and the posteriors need every expert's own
+``P_ij(y)``, and stay in log space.
 """
 from __future__ import annotations
 
@@ -54,8 +62,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import tinymoe as tm
-from tinymoe import ops
+from tinymoe import ops, validate
+from tinymoe.dispatch.routing import Routing
 from tinymoe.losses import apply_reduction
+from tinymoe.moe.mixture import blend, dense_routing
 from tinymoe.nn import Module, Parameter, as_rng
 from tinymoe.nn.init import lecun_normal
 from tinymoe.ops.softmax import logsumexp_array, softmax_array
@@ -96,18 +106,17 @@ class HME(Module):
                  rng: Any = None, dtype: Any = np.float64, gate_scale: float = 0.1,
                  init_scale: float = 1.0) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features),
-                        ("n_branches", n_branches), ("n_experts", n_experts)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                what = " (a gate with zero experts)" if name.startswith("n_") else ""
-                raise ValueError(f"HME: {name}={v!r} must be a positive integer{what}")
+        in_features = validate.positive_int(in_features, "in_features", "HME")
+        D = validate.positive_int(out_features, "out_features", "HME")
+        I = validate.positive_int(n_branches, "n_branches", "HME")
+        J = validate.positive_int(n_experts, "n_experts", "HME")
         if expert not in EXPERTS:
             raise ValueError(f"HME: expert={expert!r}; choose one of {EXPERTS}")
         if not variance > 0:
             raise ValueError(f"HME: variance={variance} must be > 0")
         rng = as_rng(rng)
-        d, D, I, J = int(in_features) + 1, int(out_features), int(n_branches), int(n_experts)
-        self.in_features, self.out_features = int(in_features), D
+        d = in_features + 1  # the inputs with the constant 1 appended
+        self.in_features, self.out_features = in_features, D
         self.n_branches, self.n_experts, self.expert = I, J, expert
         self.v_top = Parameter(lecun_normal(rng, d, (d, I), np.dtype(dtype), gate_scale))
         self.v_low = Parameter(lecun_normal(rng, d, (I, d, J), np.dtype(dtype), gate_scale))
@@ -119,10 +128,8 @@ class HME(Module):
     def check_inputs(self, X: Any, Y: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
         """``X`` (n, in_features) finite, ``Y`` (n, D) (or (n,) when D = 1) as float arrays."""
         X = np.asarray(X.data if isinstance(X, Tensor) else X, dtype=self.U.dtype)
-        if X.ndim != 2 or X.shape[1] != self.in_features:
-            raise ValueError(f"HME: expected inputs (n, {self.in_features}), got shape "
-                             f"{X.shape}; the tree was built for {self.in_features} features")
-        if not np.isfinite(X).all():
+        validate.tokens(X, self.in_features, "HME")
+        if not np.isfinite(X).all():  # bad data, not a diverged model: a ValueError
             rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
             raise ValueError(f"HME: inputs have NaN or inf features in rows "
                              f"{rows[:5].tolist()}; clean or drop them first")
@@ -178,13 +185,24 @@ class HME(Module):
         per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], -1)), axis=-1)  # (n,)
         return apply_reduction("HME.log_likelihood", per_case, reduction)
 
-    def forward(self, X: Any) -> Tensor:
-        """The tree's prediction ``mu = sum_i g_i sum_j g_{j|i} mu_ij``: (n, D)."""
+    def route(self, X: Any) -> Routing:
+        """Both levels of gates as one dense routing over the ``I*J`` experts (leaf
+        ``i*J + j``): every case goes to every leaf, weighted by ``g_i g_{j|i}``. The
+        routing's ``stats`` keep the two levels, ``log_g`` (n, I) and ``log_g_low`` (n, I, J).
+        """
         log_g, log_g_low = self.gates(X)
         w = ops.exp(ops.unsqueeze(log_g, -1) + log_g_low)  # (n, I, J) g_i g_{j|i}
+        w = ops.reshape(w, (w.shape[0], -1))  # (n, I*J) leaf i*J + j
+        return dense_routing(w, stats={"log_g": log_g, "log_g_low": log_g_low})
+
+    def forward(self, X: Any) -> Tensor:
+        """The tree's prediction ``mu = sum_i g_i sum_j g_{j|i} mu_ij``: (n, D), the
+        experts' means combined with the gates' routing."""
+        routing = self.route(X)  # (n, I*J) weights g_i g_{j|i}
         eta = self.expert_eta(X)  # (n, I, J, D)
-        mu = eta if self.expert == "gaussian" else eta.sigmoid()
-        return (ops.unsqueeze(w, -1) * mu).sum(axis=(1, 2))  # (n, D)
+        mu = eta if self.expert == "gaussian" else eta.sigmoid()  # (n, I, J, D) (2.1)
+        n, I, J, D = mu.shape
+        return blend(ops.reshape(mu, (n, I * J, D)), routing)  # (n, D)
 
     # --- arrays for the E-step and for plots ----------------------------------------------------
     def predict(self, X: Any) -> np.ndarray:
@@ -194,9 +212,7 @@ class HME(Module):
     def gate_probs(self, X: Any) -> np.ndarray:
         """``g_i g_{j|i}``, the prior weight of every expert: (n, I*J), experts in row order."""
         with tm.no_grad():
-            log_g, log_g_low = self.gates(X)
-            w = np.exp(log_g.data[:, :, None] + log_g_low.data)  # (n, I, J)
-        return w.reshape(len(w), -1)
+            return self.route(X).probs.data  # (n, I*J)
 
     def posteriors(self, X: Any, Y: Any) -> Posteriors:
         """The E-step: ``h_i``, ``h_{j|i}`` and ``h_ij`` (eqs. 2.10-2.12) as arrays."""

@@ -23,6 +23,12 @@ output class scores, the same mixture gives ``-log sum_i p_i P_i(y|x)``.
 Every loss takes ``gate_logits`` (n, E) rather than probabilities, so that ``log p`` comes
 from ``log_softmax`` and eq. (3) from ``logsumexp``: no ``exp`` can underflow to 0 and no
 ``log(0)`` appears, however large the errors.
+
+The gate's decision is the :class:`~tinymoe.dispatch.routing.Routing` every later router
+returns, in its **dense** form: every case goes to all E experts, weighted by ``p``
+(:func:`softmax_routing`). The blend ``sum_i p_i o_i`` is then ``combine`` over the experts'
+outputs (:func:`blend`), the last step of every MoE layer since 2017. Eqs. (2)-(5) need each
+expert's own output ``o_i``, so the losses take all of them, (n, E, D).
 """
 from __future__ import annotations
 
@@ -31,8 +37,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tinymoe import ops
+from tinymoe import ops, validate
 from tinymoe.autograd import no_grad
+from tinymoe.dispatch.functions import combine
+from tinymoe.dispatch.routing import Routing, route
 from tinymoe.losses import apply_reduction
 from tinymoe.nn import Linear, Module, ModuleList, as_rng
 from tinymoe.tensor import Tensor, as_tensor
@@ -52,10 +60,10 @@ def _check_parts(op: str, gate_logits: Any, expert_outputs: Any) -> tuple[Tensor
     if expert_outputs.ndim != 3 or expert_outputs.shape[:2] != (n, E):
         raise ValueError(f"{op}: expert_outputs must be (n, E, D) = ({n}, {E}, D) to match "
                          f"gate_logits {gate_logits.shape}, got {expert_outputs.shape}")
-    for name, t in (("gate_logits", gate_logits), ("expert_outputs", expert_outputs)):
-        if not np.isfinite(t.data).all():
-            raise FloatingPointError(f"{op}: {name} contain NaN or inf; check the inputs "
-                                     f"(NaN features?) or lower the step size")
+    validate.finite(gate_logits, "gate_logits", op, rows="case")
+    for i in range(E):
+        validate.finite(expert_outputs.data[:, i], f"expert {i}'s outputs", op, rows="case",
+                        cols="output")
     return gate_logits, expert_outputs
 
 
@@ -81,6 +89,47 @@ def _check_labels(op: str, y: Any, n: int, n_classes: int) -> np.ndarray:
         raise ValueError(f"{op}: unknown class label {y[bad][0]} (row {np.flatnonzero(bad)[0]}); "
                          f"labels must lie in [0, {n_classes})")
     return y
+
+
+# --- the gate's routing, and the blend ----------------------------------------------------------
+def dense_routing(probs: Tensor, **fields: Any) -> Routing:
+    """A dense gate's decision as a :class:`Routing`: every case goes to all E experts.
+
+    For n cases and gate probabilities ``probs`` (n, E), rows summing to one::
+
+        expert_index[t] = (0, 1, ..., E-1)    combine_weight = probs    capacity None
+
+    so ``dispatch`` gives each expert every case (expert e's rows are
+    ``offsets[e]:offsets[e+1] = e*n:(e+1)*n``) and ``combine`` computes
+    ``sum_i probs_i o_i``. ``fields`` fill the rest (``logits``, ``stats``).
+    """
+    n, E = probs.shape
+    expert_index = np.tile(np.arange(E), (n, 1))  # (n, E) every expert, in order
+    return route(expert_index, probs, E, probs=probs, **fields)
+
+
+def softmax_routing(gate_logits: Any) -> Routing:
+    """The 1991 gate: ``p_j = exp(x_j) / sum_i exp(x_i)`` (Fig. 1 caption) over all E
+    experts, as a dense :class:`Routing` with ``probs = combine_weight = p`` and
+    ``logits = x`` (n, E)."""
+    gate_logits = as_tensor(gate_logits)
+    return dense_routing(ops.softmax(gate_logits, axis=-1), logits=gate_logits)
+
+
+def blend(expert_outputs: Any, routing: Routing) -> Tensor:
+    """The blended output ``sum_i p_i o_i`` (n, D) of every expert's output (n, E, D),
+    weighted by a dense routing (:func:`dense_routing`): ``combine`` over the experts' rows."""
+    expert_outputs = as_tensor(expert_outputs)
+    n, E, D = expert_outputs.shape
+    if routing.expert_index.shape != (n, E) or routing.num_experts != E \
+            or not (routing.expert_index == np.arange(E)).all():
+        raise ValueError(f"blend: expert_outputs {expert_outputs.shape} need the dense "
+                         f"routing of those n = {n} cases over all E = {E} experts "
+                         f"(expert_index 0..{E - 1} on every row, see dense_routing), got "
+                         f"expert_index {routing.expert_index.shape} over "
+                         f"{routing.num_experts} experts")
+    rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2)), (E * n, D))  # (E*n, D)
+    return combine(rows, routing)  # (n, D)  sum_i p_i o_i: expert e's rows e*n:(e+1)*n
 
 
 # --- per-expert likelihoods --------------------------------------------------------------------
@@ -126,9 +175,8 @@ def cooperative_loss(gate_logits: Any, expert_outputs: Any, target: Any,
     op = "cooperative_loss"
     gate_logits, expert_outputs = _check_parts(op, gate_logits, expert_outputs)
     target = _check_target(op, target, expert_outputs)
-    p = ops.softmax(gate_logits, axis=-1)  # (n, E)
-    blend = (ops.unsqueeze(p, -1) * expert_outputs).sum(axis=1)  # (n, D)
-    diff = target - blend  # (n, D)
+    y = blend(expert_outputs, softmax_routing(gate_logits))  # (n, D)  sum_i p_i o_i
+    diff = target - y  # (n, D)
     return apply_reduction(op, (diff * diff).sum(axis=-1), reduction)
 
 
@@ -220,10 +268,14 @@ class MixtureOutput(NamedTuple):
         return ops.softmax(self.gate_logits, axis=-1)
 
     @property
+    def routing(self) -> Routing:
+        """The gate's decision: every case to all E experts, weighted by ``p``."""
+        return softmax_routing(self.gate_logits)
+
+    @property
     def output(self) -> Tensor:
-        """The blended output ``sum_i p_i o_i``: (n, D)."""
-        p = ops.unsqueeze(self.gate_probs, -1)  # (n, E, 1)
-        return (p * self.expert_outputs).sum(axis=1)  # (n, D)
+        """The blended output ``sum_i p_i o_i``: (n, D), ``combine`` with the routing."""
+        return blend(self.expert_outputs, self.routing)
 
 
 class LinearExpert(Module):
@@ -274,8 +326,9 @@ class AdaptiveMixture(Module):
     mixing proportion ``1/E`` (the paper's unbiased gate, Fig. 3 text).
 
     ``forward(x)`` returns a :class:`MixtureOutput` ``(gate_logits, expert_outputs)``; feed
-    it to :func:`mixture_nll` and the other losses, or read ``.output`` (the blend) and
-    ``.gate_probs``.
+    it to :func:`mixture_nll` and the other losses, or read ``.output`` (the blend),
+    ``.gate_probs`` and ``.routing``. ``route(x)`` is the gate alone: a dense
+    :class:`~tinymoe.dispatch.routing.Routing`.
     """
 
     def __init__(self, in_features: int, out_features: int, n_experts: int | None = None, *,
@@ -283,14 +336,15 @@ class AdaptiveMixture(Module):
                  dtype: Any = np.float64, rng: np.random.Generator | None = None,
                  init_scale: float = 1.0, gate_init: str = "zeros") -> None:
         super().__init__()
+        where = "AdaptiveMixture"
+        in_features = validate.positive_int(in_features, "in_features", where)
+        out_features = validate.positive_int(out_features, "out_features", where)
         if experts is None:
-            if n_experts is None or int(n_experts) < 1:
-                raise ValueError(f"AdaptiveMixture: n_experts={n_experts}; the gate needs at "
-                                 f"least one expert to choose from")
+            n_experts = validate.positive_int(n_experts, "n_experts", where)
             rng = as_rng(rng)
             experts = [LinearExpert(in_features, out_features, activation, dtype=dtype,
                                     rng=rng, init_scale=init_scale)
-                       for _ in range(int(n_experts))]
+                       for _ in range(n_experts)]
         experts = list(experts)
         if not experts:
             raise ValueError("AdaptiveMixture: experts=[] is empty; the gate needs at least "
@@ -301,7 +355,7 @@ class AdaptiveMixture(Module):
         if gate_init not in ("zeros", "random"):
             raise ValueError(f"AdaptiveMixture: gate_init={gate_init!r}; choose 'zeros' "
                              f"(equal proportions) or 'random'")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = in_features, out_features
         self.n_experts = len(experts)
         self.experts = ModuleList(experts)
         self.gate = Linear(in_features, self.n_experts, dtype=dtype, rng=as_rng(rng),
@@ -312,17 +366,24 @@ class AdaptiveMixture(Module):
 
     def _check_input(self, x: Any) -> Tensor:
         x = as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"AdaptiveMixture: expected input (n, {self.in_features}), got "
-                             f"shape {x.shape}; the mixture was built for "
-                             f"{self.in_features} features")
-        if not np.isfinite(x.data).all():
+        validate.tokens(x, self.in_features, "AdaptiveMixture")
+        if not np.isfinite(x.data).all():  # bad data, not a diverged model: a ValueError
             rows = np.flatnonzero(~np.isfinite(x.data).all(axis=1))
             raise ValueError(f"AdaptiveMixture: input has NaN or inf features in rows "
                              f"{rows[:5].tolist()}; clean or drop them first")
         return x
 
+    def route(self, x: Any) -> Routing:
+        """The gate's decision for the cases ``x`` (n, in_features): see
+        :func:`softmax_routing`."""
+        return softmax_routing(self.gate(self._check_input(x)))
+
     def forward(self, x: Any) -> MixtureOutput:
+        """The gate's logits and every expert's output for the cases ``x`` (n, in_features).
+
+        Every expert sees every case: ``dispatch`` of the dense routing would hand each
+        expert a copy of ``x``, so each expert is simply run on ``x``.
+        """
         x = self._check_input(x)
         gate_logits = self.gate(x)  # (n, E)
         outs = []
@@ -337,9 +398,8 @@ class AdaptiveMixture(Module):
 
     def gate_probs(self, x: Any) -> np.ndarray:
         """The mixing proportions ``p`` (n, E) as an array, without recording a graph."""
-        x = self._check_input(x)
         with no_grad():
-            return ops.softmax(self.gate(x), axis=-1).data
+            return self.route(x).probs.data
 
     def predict(self, x: Any) -> np.ndarray:
         """The blended output ``sum_i p_i o_i`` (n, D) as an array, without a graph."""

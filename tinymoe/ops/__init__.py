@@ -1,7 +1,9 @@
 """The differentiable ops as plain functions (``tm.functional`` re-exports them).
 
 Each function checks its arguments and calls one Function's ``apply``; the Functions live
-in the files of this package, one family per file.
+in the files of this package, one family per file, forward and backward side by side. The
+Tensor's methods and operators are these same functions (``x.exp()`` is ``exp(x)``, ``a + b``
+is ``add(a, b)``), attached to the class in one table in ``tinymoe/ops/methods.py``.
 """
 from __future__ import annotations
 
@@ -18,11 +20,7 @@ from tinymoe.ops.reductions import Max, Mean, Sum, normalize_axes
 from tinymoe.ops.shape import AsType, BroadcastTo, Concatenate, Reshape, Transpose
 from tinymoe.ops.softmax import LogSoftmax, LogSumExp, Softmax
 from tinymoe.ops.special import Erf, NormalCDF
-
-
-def _t():
-    from tinymoe.tensor import Tensor, as_tensor
-    return Tensor, as_tensor
+from tinymoe.tensor import Tensor, as_tensor
 
 
 # --- elementwise ----------------------------------------------------------------------------
@@ -43,10 +41,8 @@ def clip(a: Any, lo: Any = None, hi: Any = None): return Clip.apply(a, lo=lo, hi
 
 def where(cond: Any, a: Any, b: Any):
     """``cond ? a : b`` elementwise; ``cond`` is a boolean array (or tensor) with no gradient."""
-    Tensor, _ = _t()
     cond = cond.data if isinstance(cond, Tensor) else np.asarray(cond)
     like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
-    _, as_tensor = _t()
     return Where.apply(as_tensor(a, like), as_tensor(b, like), cond=cond)
 
 
@@ -73,7 +69,6 @@ def max(a: Any, axis: Any = None, keepdims: bool = False):  # noqa: A001
 
 def var(a: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0):
     """Variance sum((a - mean)^2) / (n - ddof), composed from differentiable ops."""
-    _, as_tensor = _t()
     a = as_tensor(a)
     axes = normalize_axes("var", axis, a.ndim)
     n = int(np.prod([a.shape[i] for i in axes]))
@@ -135,7 +130,7 @@ def stack(tensors: Sequence[Any], axis: int = 0):
     shapes = {tuple(np.shape(t.data if hasattr(t, "data") else t)) for t in tensors}
     if len(shapes) != 1:
         raise ValueError(f"stack: all tensors need the same shape, got {sorted(shapes)}")
-    return concatenate([unsqueeze(_t()[1](t), axis) for t in tensors], axis=axis)
+    return concatenate([unsqueeze(as_tensor(t), axis) for t in tensors], axis=axis)
 
 
 # --- indexing and selection ------------------------------------------------------------------
@@ -143,7 +138,6 @@ def getitem(a: Any, idx: Any): return GetItem.apply(a, idx=_as_index(idx))
 
 
 def take_along_axis(a: Any, indices: Any, axis: int):
-    Tensor, _ = _t()
     if isinstance(indices, Tensor):
         indices = indices.data
     return TakeAlongAxis.apply(a, indices=indices, axis=axis)
@@ -156,7 +150,6 @@ def topk(a: Any, k: int, axis: int = -1):
     an int64 NumPy array (selection has no gradient). Ties go to the lower index, as in
     ``np.argsort(kind="stable")`` and ``torch.topk`` on CPU.
     """
-    _, as_tensor = _t()
     a = as_tensor(a)
     if a.ndim == 0:
         raise ValueError("topk: needs a tensor with at least one axis")
@@ -174,7 +167,6 @@ def topk(a: Any, k: int, axis: int = -1):
 
 def one_hot(indices: Any, num_classes: int, dtype: Any = np.float32):
     """A constant tensor with a 1 at each index along a new last axis."""
-    Tensor, _ = _t()
     idx = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"one_hot: indices must be integers, got {idx.dtype}")
@@ -191,7 +183,6 @@ def dropout(a: Any, p: float, training: bool = True, rng: np.random.Generator | 
     dropout); the identity when not training or when p = 0."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout: p={p} must be in [0, 1)")
-    _, as_tensor = _t()
     a = as_tensor(a)
     if not training or p == 0.0:
         return a

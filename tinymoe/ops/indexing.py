@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from tinymoe.autograd import Function
+from tinymoe.tensor import Tensor
 
 
 def _is_basic(idx: Any) -> bool:
@@ -22,8 +23,6 @@ def _is_basic(idx: Any) -> bool:
 
 def _as_index(idx: Any) -> Any:
     """Unwrap tensors inside an index expression into arrays."""
-    from tinymoe.tensor import Tensor
-
     if isinstance(idx, tuple):
         return tuple(_as_index(p) for p in idx)
     if isinstance(idx, Tensor):

@@ -59,7 +59,7 @@ import numpy as np
 
 import tinymoe as tm
 from tinymoe.data import vowels
-from tinymoe.moe.mixture import AdaptiveMixture, mixture_nll
+from tinymoe.moe.mixture import AdaptiveMixture, blend, mixture_nll
 from tinymoe.nn import Linear, Module
 
 SYSTEMS = ("ME4", "ME8", "BP6", "BP12")
@@ -115,9 +115,10 @@ def _forward(model: Module, x: tm.Tensor, target: np.ndarray) -> tuple[tm.Tensor
     if isinstance(model, AdaptiveMixture):
         parts = model(x)
         loss = mixture_nll(parts.gate_logits, parts.expert_outputs, target)  # eq. (3)
-        p = parts.gate_probs.data  # (n, E)
-        output = (p[:, :, None] * parts.expert_outputs.data).sum(axis=1)  # (n, 4)
-        return loss, output, p
+        with tm.no_grad():
+            routing = parts.routing  # every case to every expert, weighted by p
+            output = blend(parts.expert_outputs, routing).data  # (n, 4) sum_i p_i o_i
+        return loss, output, routing.probs.data  # p: (n, E)
     y = model(x)  # (n, 4)
     return tm.losses.mse(y, target), y.data, None
 
