@@ -11,7 +11,8 @@ One step is the forward pass, the loss ``sum(y * g) + router losses`` for a fixe
 gradient g, and the backward pass to x and all five weights. No jitter, no dropout, so the
 three implementations compute the same numbers (``check_agreement`` asserts it first).
 
-* **tinymoe**: :class:`tinymoe.moe.CapacityMoELayer` with the default (Numba) dispatch.
+* **tinymoe**: ``tm.moe.switch_layer``, the one :class:`tinymoe.moe.MoELayer` with a
+  :class:`tinymoe.moe.SwitchRouter` and stacked experts, with the default (Numba) dispatch.
 * **PyTorch eager**: the same layer written the way one would in PyTorch: one-hot cumsum
   positions, ``index_copy`` into the buffer, ``baddbmm`` experts, ``index_select`` back;
   backward by autograd.
@@ -50,7 +51,7 @@ from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 TORCH = None if "--no-torch" in sys.argv else try_torch()
 
 import tinymoe as tm  # noqa: E402
-from tinymoe.moe import CapacityMoELayer  # noqa: E402
+from tinymoe.moe import MoELayer, switch_layer  # noqa: E402
 
 D_MODEL, D_FF, EXPERTS, CAPACITY_FACTOR = 256, 1024, 8, 1.25
 AUX_COEF, Z_COEF = 1e-2, 1e-3
@@ -58,35 +59,34 @@ IMPLS = ("tinymoe", "torch", "numpy")
 
 
 def make_problem(T: int, d: int = D_MODEL, d_ff: int = D_FF, E: int = EXPERTS,
-                 seed: int = 0) -> tuple[CapacityMoELayer, np.ndarray, np.ndarray]:
+                 seed: int = 0) -> tuple[MoELayer, np.ndarray, np.ndarray]:
     """A float32 Switch layer (jitter off) and an input x and upstream gradient g (T, d)."""
-    layer = CapacityMoELayer(d, E, d_ff, gate="switch", capacity_factor=CAPACITY_FACTOR,
-                             jitter=0.0, aux_loss_coef=AUX_COEF, z_loss_coef=Z_COEF,
-                             rng=seed)
+    layer = switch_layer(d, E, d_ff, capacity_factor=CAPACITY_FACTOR, jitter=0.0,
+                         aux_loss_coef=AUX_COEF, z_loss_coef=Z_COEF, rng=seed)
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((T, d)).astype(np.float32)
     g = rng.standard_normal((T, d)).astype(np.float32)
     return layer, x, g
 
 
-def weights(layer: CapacityMoELayer) -> dict[str, np.ndarray]:
+def weights(layer: MoELayer) -> dict[str, np.ndarray]:
     ex = layer.experts
-    return {"W_r": layer.gate.router.W_r.data, "W1": ex.W1.data, "b1": ex.b1.data,
+    return {"W_r": layer.router.W_r.data, "W1": ex.W1.data, "b1": ex.b1.data,
             "W2": ex.W2.data, "b2": ex.b2.data}
 
 
 # --- tinymoe ------------------------------------------------------------------------------
-def tinymoe_step(layer: CapacityMoELayer, x: np.ndarray, g: np.ndarray) -> dict:
+def tinymoe_step(layer: MoELayer, x: np.ndarray, g: np.ndarray) -> dict:
     """One forward + backward; returns y, the loss and the gradients (arrays)."""
     for p in layer.parameters():
         p.grad = None
     xt = tm.Tensor(x, requires_grad=True)
-    y = layer(xt)                                        # (T, d)
-    loss = (y * g).sum() + layer.router_loss
+    y, aux = layer(xt)                                   # (T, d), {"balance", "z"}
+    loss = (y * g).sum() + tm.moe.sum_losses(aux.values())
     loss.backward()
     ex = layer.experts
     return {"y": y.data, "loss": float(loss.item()), "x": xt.grad,
-            "W_r": layer.gate.router.W_r.grad, "W1": ex.W1.grad, "b1": ex.b1.grad,
+            "W_r": layer.router.W_r.grad, "W1": ex.W1.grad, "b1": ex.b1.grad,
             "W2": ex.W2.grad, "b2": ex.b2.grad}
 
 

@@ -301,7 +301,7 @@ def test_gradcheck_dispatch(backend, capacity):
     set_backend(backend)
     e, x, w, _ = _grad_inputs()
     r = _routing(e, w, 3, capacity)
-    assert capacity is None or r.dropped.any()  # some choices are dropped
+    assert capacity is None or r.dropped_choices.any()  # some choices are dropped
     tm.gradcheck(lambda x: dispatch(x, r), [x], names=["x"])
 
 
@@ -360,7 +360,10 @@ def test_route_builds_a_routing_with_the_numba_backend():
     np.testing.assert_array_equal(r.position, P_CAP2)
     np.testing.assert_array_equal(r.counts, [2, 2, 1])
     assert (r.num_tokens, r.k, r.capacity) == (4, 2, 2)
-    assert r.dropped_fraction == 3 / 8
+    np.testing.assert_array_equal(r.dropped_choices, P_CAP2 < 0)
+    assert r.dropped_choice_fraction == 3 / 8  # 3 of the 8 choices found their expert full
+    np.testing.assert_array_equal(r.dropped_tokens, [False, False, False, True])
+    assert r.dropped_fraction == 1 / 4  # ... and token 3 lost both: 1 of 4 tokens
     np.testing.assert_array_equal(r.offsets, [0, 2, 4, 5])
     np.testing.assert_array_equal(r.order, [0, 2, 4, 1, 3])
 

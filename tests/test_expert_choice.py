@@ -1,6 +1,6 @@
 """Expert choice routing (Zhou et al. 2022): every expert takes its top-C tokens, C =
 ceil(T·c/E) in [1, T], ties to the lower token, slots in descending score, raw-S gates,
-through RoutedMoELayer on both dispatch backends, gradients, and what it costs (causality)."""
+through the one MoELayer on both dispatch backends, gradients, and what it costs (causality)."""
 import math
 
 import numpy as np
@@ -16,7 +16,8 @@ from tinymoe.moe.expert_choice import (
     experts_per_token,
     unrouted_fraction,
 )
-from tinymoe.moe.routed_layer import RoutedMoELayer, RouterOutput
+from tinymoe.dispatch.routing import Routing
+from tinymoe.moe.layer import MoELayer, moe_layer
 
 F64 = np.float64
 
@@ -45,7 +46,7 @@ def make_router(d=5, E=3, cf=2.0, seed=0, scale=1.0):
 
 
 def make_layer(d=5, E=3, f=4, cf=2.0, seed=0, scale=1.0):
-    layer = RoutedMoELayer(make_router(d, E, cf, seed, scale), f, dtype=F64, rng=seed)
+    layer = moe_layer(make_router(d, E, cf, seed, scale), f, dtype=F64, rng=seed)
     rng = np.random.default_rng(seed + 200)
     for name in ("b1", "b2"):
         p = getattr(layer.experts, name)
@@ -130,20 +131,21 @@ def test_hand_example_through_the_router():
     gates, buckets, experts per token."""
     router = ExpertChoiceRouter(3, 3, capacity_factor=1.0, router_dtype="float64", rng=0)
     router.W_g.data = np.eye(3)
-    out = router(tm.tensor(np.log(HAND_S)))
-    assert isinstance(out, RouterOutput) and out.aux_loss is None
-    np.testing.assert_allclose(out.scores.numpy(), HAND_S, rtol=1e-13)
-    r = out.routing
+    r = router(tm.tensor(np.log(HAND_S)))
+    assert isinstance(r, Routing) and r.aux_losses == {}
+    np.testing.assert_allclose(r.probs.numpy(), HAND_S, rtol=1e-13)
     assert r.capacity == 2 == router.capacity and r.num_experts == 3 and r.k == 3
     np.testing.assert_array_equal(r.expert_index, np.tile(np.arange(3), (6, 1)))
     np.testing.assert_array_equal(r.position, HAND_POSITION)
     np.testing.assert_allclose(r.combine_weight.numpy(), HAND_S * (HAND_POSITION >= 0),
                                rtol=1e-13)
     np.testing.assert_array_equal(r.counts, [2, 2, 2])
-    np.testing.assert_array_equal(out.load, [2, 2, 2])
+    np.testing.assert_array_equal(r.counts, (r.position >= 0).sum(axis=0))  # kept per expert
     np.testing.assert_array_equal(expert_buckets(r), [[0, 1], [2, 1], [5, 3]])
     np.testing.assert_array_equal(experts_per_token(r), [1, 2, 1, 1, 0, 1])
     assert unrouted_fraction(r) == pytest.approx(1 / 6)
+    assert r.dropped_fraction == pytest.approx(1 / 6)  # token 4: no expert took it
+    np.testing.assert_array_equal(r.dropped_tokens, [False] * 4 + [True, False])
 
 
 @pytest.mark.task6_2
@@ -163,12 +165,12 @@ def test_zero_router_sends_every_expert_to_the_first_tokens():
     0..C-1 and the rest of the batch gets no expert at all."""
     router = ExpertChoiceRouter(4, 4, capacity_factor=1.0, router_dtype="float64", rng=0)
     router.W_g.data = np.zeros((4, 4))
-    out = router(tm.tensor(np.random.default_rng(0).standard_normal((8, 4))))
-    C = out.routing.capacity
+    r = router(tm.tensor(np.random.default_rng(0).standard_normal((8, 4))))
+    C = r.capacity
     assert C == 2
-    np.testing.assert_array_equal(expert_buckets(out.routing), np.tile(np.arange(C), (4, 1)))
-    np.testing.assert_array_equal(experts_per_token(out.routing), [4, 4, 0, 0, 0, 0, 0, 0])
-    assert unrouted_fraction(out.routing) == 0.75
+    np.testing.assert_array_equal(expert_buckets(r), np.tile(np.arange(C), (4, 1)))
+    np.testing.assert_array_equal(experts_per_token(r), [4, 4, 0, 0, 0, 0, 0, 0])
+    assert unrouted_fraction(r) == 0.75 == r.dropped_fraction
 
 
 @pytest.mark.task6_2
@@ -189,8 +191,7 @@ def test_routing_equals_a_brute_force_argsort_per_expert():
 def test_every_expert_gets_exactly_C_tokens_one_per_slot(T, E, c):
     router = make_router(d=5, E=E, cf=c, seed=T)
     x = np.random.default_rng(T).standard_normal((T, 5))
-    out = router(tm.tensor(x))
-    r = out.routing
+    r = router(tm.tensor(x))
     C = expert_choice_capacity(T, E, c)
     assert r.capacity == C
     np.testing.assert_array_equal(r.counts, np.full(E, C))
@@ -209,8 +210,8 @@ def test_slots_hold_tokens_in_descending_score():
     """Slot 0 of each expert is its best token; the bucket is the paper's I of TopK(Sᵀ, C)."""
     rng = np.random.default_rng(2)
     router = make_router(d=6, E=4, cf=2.0, seed=2)
-    out = router(tm.tensor(rng.standard_normal((20, 6))))
-    S, buckets = out.scores.numpy(), expert_buckets(out.routing)
+    r = router(tm.tensor(rng.standard_normal((20, 6))))
+    S, buckets = r.probs.numpy(), expert_buckets(r)
     for e in range(4):
         col = S[buckets[e], e]  # (C,) scores in slot order
         assert (np.diff(col) <= 0).all()
@@ -223,12 +224,12 @@ def test_gates_are_the_raw_scores_of_the_chosen_pairs():
     rng = np.random.default_rng(3)
     router = make_router(d=5, E=3, cf=1.0, seed=3)
     x = rng.standard_normal((12, 5))
-    out = router(tm.tensor(x))
+    r = router(tm.tensor(x))
     S = softmax(x @ router.W_g.numpy())
-    np.testing.assert_allclose(out.scores.numpy(), S, rtol=1e-12)
-    np.testing.assert_allclose(out.logits.numpy(), x @ router.W_g.numpy(), rtol=1e-12)
-    chosen = out.routing.position >= 0
-    w = out.routing.combine_weight.numpy()
+    np.testing.assert_allclose(r.probs.numpy(), S, rtol=1e-12)
+    np.testing.assert_allclose(r.logits.numpy(), x @ router.W_g.numpy(), rtol=1e-12)
+    chosen = r.position >= 0
+    w = r.combine_weight.numpy()
     np.testing.assert_allclose(w[chosen], S[chosen], rtol=1e-12)  # not renormalised
     np.testing.assert_array_equal(w[~chosen], 0.0)
     assert (w.sum(axis=1) <= 1 + 1e-12).all()
@@ -241,9 +242,9 @@ def test_router_computes_in_float32_and_returns_the_models_dtype():
     assert router.W_g.dtype == np.float32 and router.W_g.shape == (8, 4)
     for dt in (np.float32, np.float64):
         x = tm.tensor(rng.standard_normal((10, 8)).astype(dt))
-        out = router(x)
-        assert out.logits.dtype == np.float32 and out.scores.dtype == np.float32
-        assert out.routing.combine_weight.dtype == dt
+        r = router(x)
+        assert r.logits.dtype == np.float32 and r.probs.dtype == np.float32
+        assert r.combine_weight.dtype == dt
 
 
 def test_default_init_is_switchs_truncated_normal():
@@ -260,9 +261,9 @@ def test_layer_equals_the_direct_sum_over_chosen_experts(c):
     rng = np.random.default_rng(5)
     layer = make_layer(d=5, E=4, f=6, cf=c, seed=5)
     x = rng.standard_normal((2, 7, 5))
-    y = layer(tm.tensor(x))
-    assert y.shape == (2, 7, 5) and layer.aux_loss is None
-    assert isinstance(layer.last_router, RouterOutput)
+    y, aux = layer(tm.tensor(x))
+    assert y.shape == (2, 7, 5) and aux == {}
+    assert isinstance(layer.last_routing, Routing)
     np.testing.assert_allclose(y.numpy().reshape(14, 5), direct_loop(layer, x.reshape(14, 5)),
                                rtol=1e-12, atol=1e-12)
 
@@ -273,8 +274,8 @@ def test_full_capacity_is_the_dense_softmax_mixture():
     rng = np.random.default_rng(6)
     layer = make_layer(d=4, E=3, f=5, cf=3.0, seed=6)
     x = rng.standard_normal((9, 4))
-    y = layer(tm.tensor(x)).numpy()
-    assert layer.last_router.routing.capacity == 9
+    y = layer(tm.tensor(x))[0].numpy()
+    assert layer.last_routing.capacity == 9
     S = softmax(x @ layer.router.W_g.numpy())
     dense = sum(S[:, e:e + 1] * layer.experts.expert(e, x).numpy() for e in range(3))
     np.testing.assert_allclose(y, dense, rtol=1e-12, atol=1e-12)
@@ -285,8 +286,8 @@ def test_tokens_no_expert_chose_get_zero_output():
     rng = np.random.default_rng(7)
     layer = make_layer(d=5, E=4, f=6, cf=0.5, seed=7, scale=2.0)
     x = rng.standard_normal((24, 5))
-    y = layer(tm.tensor(x)).numpy()
-    r = layer.last_router.routing
+    y = layer(tm.tensor(x))[0].numpy()
+    r = layer.last_routing
     none = experts_per_token(r) == 0
     assert none.sum() >= 12  # E·C = 4·3 = 12 pairs for 24 tokens: half at least get nothing
     assert unrouted_fraction(r) == pytest.approx(none.mean())
@@ -304,7 +305,7 @@ def test_both_dispatch_backends_agree():
         layer = make_layer(d=5, E=4, f=6, cf=1.5, seed=8)
         xt = tm.tensor(x, requires_grad=True)
         with tm.dispatch.use_backend(backend):
-            y = layer(xt)
+            y, _ = layer(xt)
             (y * tm.tensor(cot)).sum().backward()
         results[backend] = {"y": y.numpy(), "x": xt.grad,
                             **{n: p.grad for n, p in layer.named_parameters()}}
@@ -324,9 +325,9 @@ def test_expert_choice_is_not_causal():
     router = ExpertChoiceRouter(2, 2, capacity_factor=1.0, router_dtype="float64", rng=0)
     router.W_g.data = np.eye(2)
     p = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.5, 0.5]])
-    before = router(tm.tensor(np.log(p))).routing.position
+    before = router(tm.tensor(np.log(p))).position
     p[3] = [0.9, 0.1]  # a "future" token becomes a strong candidate for expert 0
-    after = router(tm.tensor(np.log(p))).routing.position
+    after = router(tm.tensor(np.log(p))).position
     np.testing.assert_array_equal(before[0] >= 0, [True, False])  # t0 had expert 0 ...
     np.testing.assert_array_equal(after[0] >= 0, [False, True])   # ... now expert 1 instead
 
@@ -337,11 +338,11 @@ def test_router_gradcheck_of_combine_weights_wrt_x_and_W_g():
     rng = np.random.default_rng(9)
     router = make_router(d=5, E=3, cf=1.5, seed=9)
     x = tm.tensor(rng.standard_normal((8, 5)), requires_grad=True)
-    out = router(x)
-    assert margin(out.scores.numpy(), out.routing.capacity) > 1e-4
+    r = router(x)
+    assert margin(r.probs.numpy(), r.capacity) > 1e-4
 
     def f(x_, W_g):
-        return router(x_).routing.combine_weight
+        return router(x_).combine_weight
 
     tm.gradcheck(f, [x, router.W_g], names=["x", "W_g"])
 
@@ -352,13 +353,13 @@ def test_layer_gradcheck_wrt_x_and_every_parameter():
     layer = make_layer(d=4, E=3, f=5, cf=1.5, seed=10)
     x = tm.tensor(rng.standard_normal((8, 4)), requires_grad=True)
     layer(x)
-    r = layer.last_router
-    assert margin(r.scores.numpy(), r.routing.capacity) > 1e-4
+    r = layer.last_routing
+    assert margin(r.probs.numpy(), r.capacity) > 1e-4
     params = [x] + [p for _, p in layer.named_parameters()]
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     assert "router.W_g" in names
 
-    tm.gradcheck(lambda *_: layer(x), params, names=names)
+    tm.gradcheck(lambda *_: layer(x)[0], params, names=names)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -395,13 +396,15 @@ def test_other_bad_arguments():
         expert_choice_positions(np.ones((4, 2)), 5)
     with pytest.raises(ValueError, match="expert_choice_positions: scores must be"):
         expert_choice_positions(np.ones(4), 1)
-    with pytest.raises(ValueError, match="RoutedMoELayer.*last dim 3"):
-        RoutedMoELayer(ExpertChoiceRouter(4, 2, rng=0), 8, rng=0)(
+    with pytest.raises(ValueError, match="MoELayer.*last dim 3"):
+        moe_layer(ExpertChoiceRouter(4, 2, rng=0), 8, rng=0)(
             tm.tensor(np.ones((5, 3), np.float32)))
+    with pytest.raises(ValueError, match="MoELayer: 3 experts given for a router over "
+                                         "num_experts=2"):
+        MoELayer(ExpertChoiceRouter(4, 2, rng=0), [tm.nn.Linear(4, 4) for _ in range(3)])
 
 
 def test_expert_buckets_refuses_a_token_choice_routing():
-    from tinymoe.dispatch.functions import Routing
     r = Routing(np.zeros((3, 1), np.int64), np.ones((3, 1)), np.array([[0], [1], [2]]),
                 np.array([3, 0]), 2, 3)
     with pytest.raises(ValueError, match="expert_buckets: needs .* one column per expert"):

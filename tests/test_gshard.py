@@ -98,7 +98,8 @@ def test_capacity_per_group_and_at_most_C_per_expert(cf, S):
     r = top2_route(logits, probs, cf, group_size=S, uniform=rng.random(T))
     S_ = T if S is None else S
     C = expert_capacity(S_, E, cf, k=2)
-    assert r.capacity == C and r.routing.capacity == (T // S_) * C
+    assert r.stats["capacity"] == C and r.capacity == (T // S_) * C
+    assert r.stats["num_groups"] == T // S_
     for g in range(T // S_):
         rows = slice(g * S_, (g + 1) * S_)
         e, p = r.expert_index[rows], r.position[rows]
@@ -119,12 +120,12 @@ def test_random_routing_keeps_the_second_expert_when_2_g2_exceeds_u():
     p = probs.numpy()
     e1, e2 = top2(p)
     g2 = p[np.arange(T), e2] / (p[np.arange(T), e1] + p[np.arange(T), e2])
-    np.testing.assert_array_equal(r.active[:, 1], 2 * g2 > u)
+    np.testing.assert_array_equal(r.stats["active"][:, 1], 2 * g2 > u)
     np.testing.assert_array_equal(r.position[:, 1] >= 0, 2 * g2 > u)  # room for all
-    assert r.active[:, 0].all()
+    assert r.stats["active"][:, 0].all()
     # over many draws the second expert is used with probability 2·g2 (<= 1)
-    draws = np.stack([top2_route(logits, probs, float(E), uniform=rng.random(T)).active[:, 1]
-                      for _ in range(400)])
+    draws = np.stack([top2_route(logits, probs, float(E), uniform=rng.random(T))
+                      .stats["active"][:, 1] for _ in range(400)])
     np.testing.assert_allclose(draws.mean(0), 2 * g2, atol=0.1)
 
 
@@ -132,9 +133,9 @@ def test_random_routing_keeps_the_second_expert_when_2_g2_exceeds_u():
 def test_second_policies():
     rng = np.random.default_rng(2)
     logits, probs = random_gates(rng, 12, 4)
-    assert top2_route(logits, probs, 4.0, second_policy="all").active.all()
+    assert top2_route(logits, probs, 4.0, second_policy="all").stats["active"].all()
     none = top2_route(logits, probs, 4.0, second_policy="none")
-    assert not none.active[:, 1].any() and (none.position[:, 1] == -1).all()
+    assert not none.stats["active"][:, 1].any() and (none.position[:, 1] == -1).all()
     with pytest.raises(ValueError, match="uniform draws"):
         top2_route(logits, probs, 4.0, second_policy="random")
 
@@ -150,7 +151,7 @@ def test_normalise_before_dropping_keeps_g1_below_one():
     # tokens 0, 1; token 2's second choice overflows
     before = top2_route(logits, probs, 1.0, second_policy="all", normalize="before")
     after = top2_route(logits, probs, 1.0, second_policy="all", normalize="after")
-    assert before.capacity == 3
+    assert before.stats["capacity"] == 3 == before.capacity
     np.testing.assert_array_equal(before.position[:, 1], [1, 2, -1, 0])
     w_b, w_a = before.combine_weight.numpy(), after.combine_weight.numpy()
     g1, g2 = p[0, 0], p[0, 1]
@@ -168,10 +169,12 @@ def test_a_token_with_both_choices_dropped_overflows():
     logits = tm.tensor(np.array([[3.0, 2.0, -5.0]] * 5, F64))
     r = top2_route(logits, logits.softmax(-1), 0.3, second_policy="all")
     # C = ceil(2·5/3·0.3) = 1: token 0 takes the only slot of expert 0 and of expert 1
-    assert r.capacity == 1
+    assert r.stats["capacity"] == 1
     np.testing.assert_array_equal(r.position, [[0, 0]] + [[-1, -1]] * 4)
     np.testing.assert_array_equal(r.dropped_tokens, [False, True, True, True, True])
-    assert r.dropped_fraction == pytest.approx(0.8) and r.dropped_choices == 8
+    assert r.dropped_fraction == pytest.approx(0.8)  # 4 of 5 tokens reach no expert
+    assert (r.stats["active"] & r.dropped_choices).sum() == 8  # active choices found no slot
+    assert r.dropped_choice_fraction == pytest.approx(0.8)
 
 
 @gshard_tasks
@@ -184,7 +187,8 @@ def test_aux_loss_is_E_squared_times_the_papers_and_one_at_uniform():
     c = np.bincount(p.argmax(1), minlength=E)  # first choices, before dropping
     m = p.mean(0)
     paper = np.sum(c / S * m) / E  # ℓ_aux of §2.2
-    assert r.aux_loss.item() == pytest.approx(E * E * paper, rel=1e-12)
+    assert r.stats["balance_loss"].item() == pytest.approx(E * E * paper, rel=1e-12)
+    assert r.aux_losses["balance"].item() == pytest.approx(1e-2 * E * E * paper, rel=1e-12)
     assert gshard_aux_loss(probs, p.argmax(1)).item() == pytest.approx(E * E * paper)
     uniform = tm.tensor(np.full((S, E), 1 / E))
     assert gshard_aux_loss(uniform, np.arange(S) % E).item() == pytest.approx(1.0)
@@ -197,15 +201,16 @@ def test_top2_gate_module_training_and_eval():
     gate = Top2Gate(6, 4, capacity_factor=2.0, rng=0)
     x = tm.tensor(rng.standard_normal((16, 6)).astype(np.float32))
     a, b = gate(x), gate(x)
-    assert a.router_probs.dtype == np.float32 and a.combine_weight.dtype == np.float32
-    assert not np.array_equal(a.active, b.active) or a.active[:, 1].all()
+    assert a.probs.dtype == np.float32 and a.combine_weight.dtype == np.float32
+    active_a, active_b = a.stats["active"], b.stats["active"]
+    assert not np.array_equal(active_a, active_b) or active_a[:, 1].all()
     gate.eval()
     c, d = gate(x), gate(x)
     np.testing.assert_array_equal(c.position, d.position)  # deterministic in eval
-    assert c.active.all()  # second_policy_eval="all"
+    assert c.stats["active"].all()  # second_policy_eval="all"
     gate.train()
     r = gate(x, uniform=np.ones(16))
-    assert not r.active[:, 1].any()  # 2·g2 <= 1 never beats u = 1
+    assert not r.stats["active"][:, 1].any()  # 2·g2 <= 1 never beats u = 1
 
 
 @gshard_tasks
@@ -214,24 +219,25 @@ def test_top2_gate_gradcheck(normalize):
     rng = np.random.default_rng(5)
     gate = Top2Gate(5, 4, capacity_factor=2.0, normalize=normalize, router_dtype="float64",
                     rng=0)
-    gate.router.W_r.data = rng.standard_normal((5, 4))
+    gate.W_g.data = rng.standard_normal((5, 4))
     x = tm.tensor(rng.standard_normal((10, 5)), requires_grad=True)
     u = rng.random(10)
 
     def f(x, W):
         r = gate(x, uniform=u)
-        assert (r.kept == r.active).all()  # nothing dropped
-        return r.combine_weight, r.aux_loss, r.z_loss
+        assert (r.kept == r.stats["active"]).all()  # nothing dropped
+        return (r.combine_weight, r.stats["balance_loss"], r.stats["z_loss"],
+                r.aux_losses["balance"])
 
-    tm.gradcheck(f, [x, gate.router.W_r], names=["x", "W_g"])
+    tm.gradcheck(f, [x, gate.W_g], names=["x", "W_g"])
 
 
 def test_top2_bad_input():
-    with pytest.raises(ValueError, match="num_experts >= 2"):
+    with pytest.raises(ValueError, match="Top2Gate: top-2 gating needs num_experts >= 2"):
         Top2Gate(4, 1)
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(ValueError, match="Top2Gate: num_experts=0 must be an integer >= 1"):
         Top2Gate(4, 0)
-    with pytest.raises(ValueError, match="capacity_factor"):
+    with pytest.raises(ValueError, match="Top2Gate: capacity_factor=0.0 must be"):
         Top2Gate(4, 4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="normalize"):
         Top2Gate(4, 4, normalize="sometimes")

@@ -14,7 +14,8 @@ from tinymoe.moe.aux_free import (
     sequence_balance_loss,
 )
 from tinymoe.moe.aux_losses import router_z_loss
-from tinymoe.moe.routed_layer import RoutedMoELayer, RouterOutput
+from tinymoe.dispatch.routing import Routing
+from tinymoe.moe.layer import moe_layer
 from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates
 
 F64 = np.float64
@@ -43,6 +44,11 @@ def aux_free_identity(E, k, **kw):
     return r
 
 
+def total(aux):
+    """The layer's aux losses summed, as a model adds them to its task loss."""
+    return tm.moe.sum_losses(aux.values())
+
+
 def skewed_inputs(T=256, d=8, E=8, seed=0):
     """Fixed inputs with a constant feature, and W_g row 0 = logit offsets -1.5 .. 1.5:
     the sigmoid router sends nearly every token to the last experts."""
@@ -56,17 +62,17 @@ def skewed_inputs(T=256, d=8, E=8, seed=0):
 def test_top2_weights_by_hand():
     r = identity_router(4, 2)
     out = r(tm.tensor(np.array([[1.0, 2.0, 0.0, -1.0]])))
-    assert isinstance(out, RouterOutput)
-    np.testing.assert_array_equal(out.routing.expert_index, [[1, 0]])  # most probable first
+    assert isinstance(out, Routing) and out.capacity is None  # dropless
+    np.testing.assert_array_equal(out.expert_index, [[1, 0]])  # most probable first
     # e^2 / (e^2 + e^1) = 1 / (1 + e^-1), e^1 / (e^2 + e^1) = 1 / (1 + e)
-    w = out.routing.combine_weight.numpy()
+    w = out.combine_weight.numpy()
     np.testing.assert_allclose(w, [[1 / (1 + math.exp(-1)), 1 / (1 + math.e)]], rtol=1e-14)
     assert w[0, 0] == pytest.approx(0.7310585786300049)
     Z = math.exp(2) + math.exp(1) + 1 + math.exp(-1)
     raw = identity_router(4, 2, normalize=False)(tm.tensor(np.array([[1.0, 2.0, 0.0, -1.0]])))
-    np.testing.assert_allclose(raw.routing.combine_weight.numpy(),
+    np.testing.assert_allclose(raw.combine_weight.numpy(),
                                [[math.exp(2) / Z, math.exp(1) / Z]], rtol=1e-14)
-    np.testing.assert_allclose(out.scores.numpy(), softmax([[1.0, 2.0, 0.0, -1.0]]), rtol=1e-14)
+    np.testing.assert_allclose(out.probs.numpy(), softmax([[1.0, 2.0, 0.0, -1.0]]), rtol=1e-14)
     np.testing.assert_array_equal(out.logits.numpy(), [[1.0, 2.0, 0.0, -1.0]])
 
 
@@ -86,11 +92,11 @@ def test_ties_go_to_the_lowest_index():
     r = identity_router(4, 2)
     x = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 3.0], [2.0, 0.0, 2.0, 2.0]])
     out = r(tm.tensor(x))
-    np.testing.assert_array_equal(out.routing.expert_index, [[0, 1], [1, 2], [0, 2]])
-    np.testing.assert_allclose(out.routing.combine_weight.numpy(), 0.5, rtol=1e-14)
+    np.testing.assert_array_equal(out.expert_index, [[0, 1], [1, 2], [0, 2]])
+    np.testing.assert_allclose(out.combine_weight.numpy(), 0.5, rtol=1e-14)
     # zero initialisation: all logits equal, every token goes to experts 0..k-1 (stable sort)
     z = TopKRouter(6, 5, 3, init_scale=0.0, rng=0)
-    e = z(np.random.default_rng(0).standard_normal((7, 6))).routing.expert_index
+    e = z(np.random.default_rng(0).standard_normal((7, 6))).expert_index
     np.testing.assert_array_equal(e, np.tile([0, 1, 2], (7, 1)))
 
 
@@ -103,7 +109,7 @@ def test_renormalised_gates_are_a_softmax_over_the_kept_logits(k):
     r.W_g.data[...] = rng.standard_normal((d, E))
     x = rng.standard_normal((T, d))
     out = r(tm.tensor(x))
-    e, w = out.routing.expert_index, out.routing.combine_weight.numpy()
+    e, w = out.expert_index, out.combine_weight.numpy()
     logits = x @ r.W_g.data
     kept = np.take_along_axis(logits, e, axis=1)  # (T, k)
     np.testing.assert_allclose(w, softmax(kept), rtol=1e-12, atol=1e-15)  # Mixtral's form
@@ -114,7 +120,7 @@ def test_renormalised_gates_are_a_softmax_over_the_kept_logits(k):
     assert (np.diff(w, axis=1) <= 0).all()
     # normalize=False (DeepSeekMoE) keeps the raw probabilities: they sum to < 1 if k < E
     r.normalize = False
-    raw = r(tm.tensor(x)).routing.combine_weight.numpy()
+    raw = r(tm.tensor(x)).combine_weight.numpy()
     np.testing.assert_allclose(raw, np.take_along_axis(p, e, axis=1), rtol=1e-12)
     assert (raw.sum(axis=1) < 1.0).all() if k < E else np.allclose(raw.sum(axis=1), 1.0)
 
@@ -124,7 +130,7 @@ def test_top1_renormalised_gate_is_exactly_one():
     """With k = 1 renormalisation the gate is the constant p/p = 1 (no task-loss gradient)."""
     r = TopKRouter(4, 6, 1, router_dtype="float64", rng=2)
     x = tm.tensor(np.random.default_rng(3).standard_normal((9, 4)), requires_grad=True)
-    w = r(x).routing.combine_weight
+    w = r(x).combine_weight
     np.testing.assert_array_equal(w.numpy(), 1.0)
     (w * tm.tensor(np.arange(9.0)[:, None])).sum().backward()
     np.testing.assert_allclose(r.W_g.grad, 0.0, atol=1e-15)
@@ -134,12 +140,11 @@ def test_top1_renormalised_gate_is_exactly_one():
 def test_routing_is_dropless_with_the_load_of_every_choice():
     rng = np.random.default_rng(4)
     r = TopKRouter(8, 6, 2, rng=5)
-    out = r(rng.standard_normal((50, 8)).astype(np.float32))
-    ro = out.routing
+    ro = r(rng.standard_normal((50, 8)).astype(np.float32))
     assert ro.capacity is None and ro.k == 2 and ro.num_experts == 6
-    assert not ro.dropped.any()
-    np.testing.assert_array_equal(out.load, np.bincount(ro.expert_index.ravel(), minlength=6))
-    assert out.load.sum() == 100
+    assert not ro.dropped_choices.any() and ro.dropped_fraction == 0.0
+    np.testing.assert_array_equal(ro.counts, np.bincount(ro.expert_index.ravel(), minlength=6))
+    assert ro.counts.sum() == 100
     assert (ro.expert_index[:, 0] != ro.expert_index[:, 1]).all()
 
 
@@ -149,11 +154,11 @@ def test_router_runs_in_float32_and_returns_gates_in_the_input_dtype():
     r = TopKRouter(6, 4, 2, rng=0)
     assert r.W_g.dtype == np.float32
     out = r(tm.tensor(rng.standard_normal((5, 6))))  # float64 input
-    assert out.logits.dtype == np.float32 and out.scores.dtype == np.float32
-    assert out.routing.combine_weight.dtype == np.float64
+    assert out.logits.dtype == np.float32 and out.probs.dtype == np.float32
+    assert out.combine_weight.dtype == np.float64
     out16 = r(tm.tensor(rng.standard_normal((5, 6)).astype(np.float16)))
     assert out16.logits.dtype == np.float32
-    assert out16.routing.combine_weight.dtype == np.float16
+    assert out16.combine_weight.dtype == np.float16
 
 
 # --- the top-k balance loss -------------------------------------------------------------------
@@ -206,13 +211,19 @@ def test_router_aux_loss_combines_balance_and_z_loss():
     x = rng.standard_normal((12, 6))
     r = TopKRouter(6, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001, rng=0)
     out = r(x)
-    bal = topk_balance_loss(out.scores, out.routing.expert_index).item()
+    bal = topk_balance_loss(out.probs, out.expert_index).item()
     z = router_z_loss(out.logits).item()
-    assert out.aux_loss.item() == pytest.approx(0.01 * bal + 0.001 * z, rel=1e-6)
+    assert set(out.aux_losses) == {"balance", "z"}
+    assert out.aux_losses["balance"].item() == pytest.approx(0.01 * bal, rel=1e-6)
+    assert out.aux_losses["z"].item() == pytest.approx(0.001 * z, rel=1e-6)
+    assert out.total_aux_loss().item() == pytest.approx(0.01 * bal + 0.001 * z, rel=1e-6)
     r.aux_loss_coef = 0.0
-    assert r(x).aux_loss.item() == pytest.approx(0.001 * z, rel=1e-6)
+    out = r(x)
+    assert set(out.aux_losses) == {"z"}
+    assert out.total_aux_loss().item() == pytest.approx(0.001 * z, rel=1e-6)
     r.z_loss_coef = 0.0
-    assert r(x).aux_loss is None
+    out = r(x)
+    assert out.aux_losses == {} and out.total_aux_loss() is None
 
 
 # --- gradients --------------------------------------------------------------------------------
@@ -228,7 +239,8 @@ def test_router_gradcheck(normalize):
 
     def f(*_):
         out = r(x)
-        return out.routing.combine_weight, out.aux_loss
+        assert set(out.aux_losses) == {"balance", "z"}
+        return out.combine_weight, out.total_aux_loss()
 
     tm.gradcheck(f, [x, r.W_g], names=["x", "W_g"])
 
@@ -236,41 +248,44 @@ def test_router_gradcheck(normalize):
 @z_loss
 @task6_1
 @pytest.mark.parametrize("normalize", [True, False])
-def test_routed_layer_with_topk_router_gradcheck(normalize):
+def test_layer_with_topk_router_gradcheck(normalize):
     rng = np.random.default_rng(10)
     T, d = 6, 4
     router = TopKRouter(d, 3, 2, normalize=normalize, z_loss_coef=0.01,
                         router_dtype="float64", rng=2)
     router.W_g.data[...] = rng.standard_normal((d, 3))
-    layer = RoutedMoELayer(router, 5, num_shared=1, dtype=F64, rng=3)
+    layer = moe_layer(router, 5, num_shared=1, dtype=F64, rng=3)
     x = tm.tensor(rng.standard_normal((T, d)), requires_grad=True)
     named = list(layer.named_parameters())
     assert "router.W_g" in [n for n, _ in named]
 
     def f(*_):
-        return layer(x), layer.aux_loss
+        y, aux = layer(x)
+        assert set(aux) == {"balance", "z"}
+        return y, total(aux)
 
     tm.gradcheck(f, [x] + [p for _, p in named], names=["x"] + [n for n, _ in named])
 
 
 @task6_1
-def test_routed_layer_matches_a_per_token_sum():
+def test_layer_with_a_shared_expert_matches_a_per_token_sum():
     """y_t = Σ_j w_tj FFN_{e_tj}(x_t) + shared(x_t), and the layer keeps the router output."""
     rng = np.random.default_rng(11)
     router = TopKRouter(4, 5, 2, normalize=False, router_dtype="float64", rng=4)
-    layer = RoutedMoELayer(router, 6, num_shared=1, dtype=F64, rng=5)
+    layer = moe_layer(router, 6, num_shared=1, dtype=F64, rng=5)
     x = rng.standard_normal((2, 3, 4))
-    y = layer(tm.tensor(x)).numpy().reshape(-1, 4)
-    r = layer.last_router
+    y, aux = layer(tm.tensor(x))
+    y = y.numpy().reshape(-1, 4)
+    r = layer.last_routing
     x2 = x.reshape(-1, 4)
-    w = r.routing.combine_weight.numpy()
+    w = r.combine_weight.numpy()
     ref = layer.shared[0](tm.tensor(x2)).numpy()
     for t in range(6):
         for j in range(2):
-            ref[t] += w[t, j] * layer.experts.expert(int(r.routing.expert_index[t, j]),
+            ref[t] += w[t, j] * layer.experts.expert(int(r.expert_index[t, j]),
                                                      tm.tensor(x2[t:t + 1])).numpy()[0]
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
-    assert layer.aux_loss is r.aux_loss
+    assert aux is r.aux_losses and set(aux) == {"balance"}
 
 
 # --- TopKRouter: bad input --------------------------------------------------------------------
@@ -329,13 +344,13 @@ def test_update_applies_after_routing_from_the_next_batch():
     ref = AuxFreeRouter(6, 4, 2, bias_update_speed=0.0, rng=3)
     ref.load_state_dict(r.state_dict())
     first = r(x)
-    np.testing.assert_array_equal(first.routing.expert_index, ref(x).routing.expert_index)
-    load = first.load
+    np.testing.assert_array_equal(first.expert_index, ref(x).expert_index)
+    load = first.counts
     np.testing.assert_array_equal(r.last_load, load)
     np.testing.assert_allclose(r.bias.data, bias_update(np.zeros(4), load, 0.05), rtol=1e-6)
     assert r.bias.data[0] < 0  # expert 0 was overloaded
     ref.bias.data[...] = r.bias.data
-    np.testing.assert_array_equal(r(x).routing.expert_index, ref(x).routing.expert_index)
+    np.testing.assert_array_equal(r(x).expert_index, ref(x).expert_index)
     r.eval()
     before = r.bias.data.copy()
     r(x)
@@ -373,8 +388,8 @@ def test_eval_mode_never_updates_the_bias():
     for _ in range(5):
         out = r(x)
     np.testing.assert_array_equal(r.bias.data, 0.0)
-    np.testing.assert_array_equal(r.last_load, out.load)  # still recorded
-    assert out.load.max() / out.load.mean() >= 3.5
+    np.testing.assert_array_equal(r.last_load, out.counts)  # still recorded
+    assert out.counts.max() / out.counts.mean() >= 3.5
 
 
 def test_gates_are_the_normalised_unbiased_affinities():
@@ -382,13 +397,13 @@ def test_gates_are_the_normalised_unbiased_affinities():
     r = aux_free_identity(4, 2, route_scale=2.5)
     out = r(tm.tensor(x))
     s = 1 / (1 + np.exp(-x))
-    np.testing.assert_allclose(out.scores.numpy(), s, rtol=1e-14)
-    np.testing.assert_array_equal(out.routing.expert_index, [[3, 1], [0, 2]])
-    e = out.routing.expert_index
+    np.testing.assert_allclose(out.probs.numpy(), s, rtol=1e-14)
+    np.testing.assert_array_equal(out.expert_index, [[3, 1], [0, 2]])
+    e = out.expert_index
     g = np.take_along_axis(s, e, axis=1)
-    np.testing.assert_allclose(out.routing.combine_weight.numpy(),
+    np.testing.assert_allclose(out.combine_weight.numpy(),
                                2.5 * g / g.sum(axis=1, keepdims=True), rtol=1e-13)
-    assert out.routing.capacity is None and out.aux_loss is not None
+    assert out.capacity is None and set(out.aux_losses) == {"sequence_balance"}
 
 
 def test_a_constant_added_to_the_bias_changes_nothing():
@@ -399,10 +414,11 @@ def test_a_constant_added_to_the_bias_changes_nothing():
     a = r(tm.tensor(x))
     r.bias.data[...] += 0.75
     b = r(tm.tensor(x))
-    np.testing.assert_array_equal(a.routing.expert_index, b.routing.expert_index)
-    np.testing.assert_array_equal(a.routing.combine_weight.numpy(),
-                                  b.routing.combine_weight.numpy())
-    np.testing.assert_array_equal(a.aux_loss.numpy(), b.aux_loss.numpy())
+    np.testing.assert_array_equal(a.expert_index, b.expert_index)
+    np.testing.assert_array_equal(a.combine_weight.numpy(),
+                                  b.combine_weight.numpy())
+    np.testing.assert_array_equal(a.aux_losses["sequence_balance"].numpy(),
+                                  b.aux_losses["sequence_balance"].numpy())
 
 
 def test_a_large_bias_forces_an_expert_but_its_weight_stays_s_based():
@@ -413,12 +429,12 @@ def test_a_large_bias_forces_an_expert_but_its_weight_stays_s_based():
     r.W_g.data[:, 3] -= 2.0 * x.mean(axis=0) / np.dot(x.mean(axis=0), x.mean(axis=0))
     r.bias.data[3] = 10.0  # far above any affinity gap
     out = r(tm.tensor(x))
-    e = out.routing.expert_index
+    e = out.expert_index
     assert (e[:, 0] == 3).all()  # in every token's top-k, first
-    s = out.scores.numpy()
+    s = out.probs.numpy()
     assert (s[:, 3] < np.sort(s, axis=1)[:, -2]).any()  # often not in the top-2 of s alone
     other = e[:, 1]
-    w = out.routing.combine_weight.numpy()
+    w = out.combine_weight.numpy()
     np.testing.assert_allclose(w[:, 0], s[:, 3] / (s[:, 3] + s[np.arange(25), other]),
                                rtol=1e-13)
     # the other choice is the best of the remaining experts by s (their biases are 0)
@@ -430,9 +446,10 @@ def test_a_large_bias_forces_an_expert_but_its_weight_stays_s_based():
 def test_the_bias_gets_no_gradient():
     rng = np.random.default_rng(15)
     router = AuxFreeRouter(4, 3, 2, bias_update_speed=0.0, seq_aux_loss_coef=0.1, rng=6)
-    layer = RoutedMoELayer(router, 5, num_shared=1, rng=7)
+    layer = moe_layer(router, 5, num_shared=1, rng=7)
     x = tm.tensor(rng.standard_normal((8, 4)).astype(np.float32), requires_grad=True)
-    (layer(x).sum() + layer.aux_loss).backward()
+    y, aux = layer(x)
+    (y.sum() + total(aux)).backward()
     assert router.W_g.grad is not None and np.abs(router.W_g.grad).sum() > 0
     assert router.bias.grad is None  # an optimizer skips it
     router.bias.data[...] = [0.2, -0.1, 0.0]
@@ -497,12 +514,12 @@ def test_router_aux_loss_and_its_sequences():
     r = AuxFreeRouter(6, 4, 2, bias_update_speed=0.0, seq_aux_loss_coef=1e-2,
                       sequence_length=4, rng=8)
     out = r(x)
-    want = 1e-2 * sequence_balance_loss(out.scores, out.routing.expert_index, 4).item()
-    assert out.aux_loss.item() == pytest.approx(want, rel=1e-6)
+    want = 1e-2 * sequence_balance_loss(out.probs, out.expert_index, 4).item()
+    assert out.aux_losses["sequence_balance"].item() == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="AuxFreeRouter: 10 tokens.*sequence_length=4"):
         r(x[:10])
     r.seq_aux_loss_coef = 0.0
-    assert r(x).aux_loss is None
+    assert r(x).aux_losses == {} and r(x).total_aux_loss() is None
 
 
 def test_aux_free_gates_with_a_bias_array():
@@ -523,21 +540,23 @@ def test_aux_free_router_gradcheck():
 
     def f(*_):
         out = r(x)
-        return out.routing.combine_weight, out.aux_loss
+        assert set(out.aux_losses) == {"sequence_balance"}
+        return out.combine_weight, out.total_aux_loss()
 
     tm.gradcheck(f, [x, r.W_g], names=["x", "W_g"])
 
 
-def test_routed_layer_with_aux_free_router_gradcheck():
+def test_layer_with_aux_free_router_gradcheck():
     rng = np.random.default_rng(20)
     router = AuxFreeRouter(4, 3, 2, seq_aux_loss_coef=0.1, router_dtype="float64", rng=10)
     router.W_g.data[...] = rng.standard_normal((4, 3))
-    layer = RoutedMoELayer(router, 5, num_shared=1, dtype=F64, rng=11).eval()  # no updates
+    layer = moe_layer(router, 5, num_shared=1, dtype=F64, rng=11).eval()  # no updates
     x = tm.tensor(rng.standard_normal((6, 4)), requires_grad=True)
     named = [(n, p) for n, p in layer.named_parameters() if n != "router.bias"]
 
     def f(*_):
-        return layer(x), layer.aux_loss
+        y, aux = layer(x)
+        return y, total(aux)
 
     tm.gradcheck(f, [x] + [p for _, p in named], names=["x"] + [n for n, _ in named])
     np.testing.assert_array_equal(router.bias.data, 0.0)

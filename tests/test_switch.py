@@ -8,18 +8,15 @@ import pytest
 import tinymoe as tm
 from tinymoe.moe.aux_losses import dispatch_fraction, load_balancing_loss, router_z_loss
 from tinymoe.moe.capacity import expert_capacity
-from tinymoe.moe.switch import (
-    SwitchGate,
-    SwitchRouter,
-    round_bfloat16_array,
-    switch_route,
-    truncated_normal,
-)
+from tinymoe.moe.precision import round_bfloat16_array
+from tinymoe.moe.router_weight import multiplicative_jitter
+from tinymoe.moe.switch import SwitchRouter, switch_route
+from tinymoe.nn.init import truncated_normal
 
 F64 = np.float64
 
 
-def switch_tasks(f):  # a SwitchGate forward runs all three regions of lesson 04
+def switch_tasks(f):  # a SwitchRouter forward runs all three regions of lesson 04
     return pytest.mark.task4_1(pytest.mark.task4_2(pytest.mark.task4_3(f)))
 
 
@@ -48,16 +45,17 @@ def test_capacity_never_below_the_balanced_share():
 def test_bad_capacity_factor_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="capacity_factor"):
         expert_capacity(10, 4, bad)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        SwitchGate(4, 2, capacity_factor=bad)
+    with pytest.raises(ValueError, match="SwitchRouter: capacity_factor=.* must be a finite "
+                                         "number > 0"):
+        SwitchRouter(4, 2, capacity_factor=bad)
 
 
 @pytest.mark.parametrize("E", [0, -2, 1.5, None])
 def test_bad_number_of_experts_is_a_clear_error(E):
     with pytest.raises(ValueError, match="num_experts"):
         expert_capacity(10, E, 1.0)
-    with pytest.raises(ValueError, match="num_experts"):
-        SwitchGate(4, E)
+    with pytest.raises(ValueError, match="SwitchRouter: num_experts=.* must be an integer >= 1"):
+        SwitchRouter(4, E)
 
 
 def test_bad_k_and_tokens():
@@ -80,55 +78,64 @@ def test_router_init_is_a_truncated_normal_with_scale_0_1():
     assert np.abs(t).max() <= 6.0
 
 
+@switch_tasks
 def test_router_computes_in_float32_whatever_the_input_dtype():
     rng = np.random.default_rng(0)
     r = SwitchRouter(8, 4, rng=0).eval()
     for dt in (np.float16, np.float32, np.float64):
         x = tm.tensor(rng.standard_normal((5, 8)).astype(dt))
-        logits, probs = r(x)
+        out = r(x)
+        logits, probs = out.logits, out.probs
         assert logits.dtype == np.float32 and probs.dtype == np.float32
         ref = x.numpy().astype(np.float64) @ r.W_r.numpy().astype(np.float64)
         np.testing.assert_allclose(logits.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+@switch_tasks
 def test_float16_router_is_a_float16_computation_with_float32_weights():
     r = SwitchRouter(8, 4, router_dtype="float16", rng=0).eval()
-    logits, probs = r(tm.tensor(np.ones((3, 8), np.float32)))
-    assert r.W_r.dtype == np.float32 and logits.dtype == np.float16
-    assert probs.dtype == np.float16
+    out = r(tm.tensor(np.ones((3, 8), np.float32)))
+    assert r.W_r.dtype == np.float32 and out.logits.dtype == np.float16
+    assert out.probs.dtype == np.float16
+    assert out.combine_weight.dtype == np.float32  # cast back to the model's dtype
 
 
+@switch_tasks
 def test_jitter_is_multiplicative_on_the_input_and_only_in_training():
     rng = np.random.default_rng(0)
     x = tm.tensor(rng.standard_normal((64, 8)))
     r = SwitchRouter(8, 4, router_dtype="float64", jitter=0.01, rng=0)
     clean = x.numpy() @ r.W_r.numpy()
-    a, _ = r(x)
-    b, _ = r(x)
+    a = r(x).logits
+    b = r(x).logits
     assert not np.array_equal(a.numpy(), b.numpy())  # fresh noise every call
     # multiplicative noise in [1 - eps, 1 + eps] on each input entry
     noise = np.random.default_rng(5).uniform(0.99, 1.01, size=(64, 8))
-    c, _ = r(x, jitter_noise=noise)
+    c = r(x, jitter_noise=noise).logits
     np.testing.assert_allclose(c.numpy(), (x.numpy() * noise) @ r.W_r.numpy(), rtol=1e-12)
     assert np.abs(c.numpy() - clean).max() <= 0.01 * (np.abs(x.numpy()) @
                                                       np.abs(r.W_r.numpy())).max() + 1e-12
     r.eval()
-    d1, _ = r(x)
-    d2, _ = r(x, jitter_noise=noise)  # explicit noise is ignored in eval too
+    d1 = r(x).logits
+    d2 = r(x, jitter_noise=noise).logits  # explicit noise is ignored in eval too
     np.testing.assert_array_equal(d1.numpy(), clean)
     np.testing.assert_array_equal(d2.numpy(), clean)
-    assert r.draw_jitter((2, 8)) is None
+    assert multiplicative_jitter(r, (2, 8)) is None
+    r.train()
+    u = multiplicative_jitter(r, (2, 8))  # training: U(1 - eps, 1 + eps) from r.rng
+    assert u.shape == (2, 8) and (np.abs(u - 1) <= 0.01).all()
 
 
 def test_router_bad_input():
     r = SwitchRouter(8, 4, rng=0)
-    with pytest.raises(ValueError, match=r"x must be \(T, 8\).*\(5, 7\)"):
+    with pytest.raises(ValueError,
+                       match=r"SwitchRouter\(d_model=8\): x must be \(T, 8\).*\(5, 7\)"):
         r(tm.tensor(np.ones((5, 7), np.float32)))
-    with pytest.raises(ValueError, match="jitter_noise"):
+    with pytest.raises(ValueError, match=r"SwitchRouter: jitter_noise has shape \(5, 7\)"):
         r(tm.tensor(np.ones((5, 8), np.float32)), jitter_noise=np.ones((5, 7)))
-    with pytest.raises(ValueError, match="router_dtype"):
+    with pytest.raises(ValueError, match="SwitchRouter: router_dtype='int8'"):
         SwitchRouter(8, 4, router_dtype="int8")
-    with pytest.raises(ValueError, match="jitter"):
+    with pytest.raises(ValueError, match="SwitchRouter: jitter=1.5"):
         SwitchRouter(8, 4, jitter=1.5)
 
 
@@ -144,26 +151,26 @@ def test_bfloat16_rounding():
     assert np.abs(round_bfloat16_array(x) - x).max() <= np.abs(x).max() * 2.0 ** -8
 
 
-# --- the gate: top-1, raw p, capacity ---------------------------------------------------------
+# --- routing: top-1, raw p, capacity ---------------------------------------------------------
 @switch_tasks
 def test_combine_weight_is_the_raw_probability_of_the_argmax():
     rng = np.random.default_rng(0)
-    gate = SwitchGate(6, 5, capacity_factor=5.0, router_dtype="float64", rng=0).eval()
-    gate.router.W_r.data[...] = rng.standard_normal((6, 5))
+    router = SwitchRouter(6, 5, capacity_factor=5.0, router_dtype="float64", rng=0).eval()
+    router.W_r.data[...] = rng.standard_normal((6, 5))
     x = tm.tensor(rng.standard_normal((20, 6)))
-    r = gate(x)
-    p = r.router_probs.numpy()
+    r = router(x)
+    p = r.probs.numpy()
     np.testing.assert_array_equal(r.expert_index[:, 0], p.argmax(1))
     w = r.combine_weight.numpy()[:, 0]
     np.testing.assert_allclose(w, p.max(1), rtol=0, atol=0)  # not renormalised: < 1
-    assert (w < 1).all() and r.routing.k == 1 and not r.dropped_tokens.any()
+    assert (w < 1).all() and r.k == 1 and not r.dropped_tokens.any()
 
 
 @switch_tasks
 def test_ties_go_to_the_lowest_expert():
-    gate = SwitchGate(4, 3, capacity_factor=3.0, rng=0).eval()
-    gate.router.W_r.data[...] = 0.0
-    r = gate(tm.tensor(np.ones((6, 4), np.float32)))
+    router = SwitchRouter(4, 3, capacity_factor=3.0, rng=0).eval()
+    router.W_r.data[...] = 0.0
+    r = router(tm.tensor(np.ones((6, 4), np.float32)))
     assert (r.expert_index == 0).all()
     np.testing.assert_allclose(r.combine_weight.numpy(), 1 / 3, rtol=1e-6)
 
@@ -181,9 +188,9 @@ def test_dropping_keeps_the_first_C_tokens_of_each_expert_in_sequence_order():
         kept = mine[r.position[mine, 0] >= 0]
         np.testing.assert_array_equal(kept, mine[:C])  # the first C in sequence order
         np.testing.assert_array_equal(r.position[kept, 0], np.arange(len(kept)))
-        assert r.routing.counts[j] == min(len(mine), C)
+        assert r.counts[j] == min(len(mine), C)
     assert r.dropped_fraction == pytest.approx(np.mean(r.position[:, 0] < 0))
-    np.testing.assert_array_equal(r.demand, np.bincount(e, minlength=E))
+    np.testing.assert_array_equal(r.stats["demand"], np.bincount(e, minlength=E))
 
 
 @switch_tasks
@@ -194,7 +201,7 @@ def test_capacity_per_group():
     probs = logits.softmax(-1)
     r = switch_route(logits, probs, 1.0, group_size=S)
     C = expert_capacity(S, E, 1.0)
-    assert r.capacity == C and r.num_groups == 3 and r.routing.capacity == 3 * C
+    assert r.stats["capacity"] == C and r.stats["num_groups"] == 3 and r.capacity == 3 * C
     for g in range(3):
         part = switch_route(logits[g * S:(g + 1) * S], probs[g * S:(g + 1) * S], 1.0)
         pos = r.position[g * S:(g + 1) * S, 0]
@@ -205,21 +212,22 @@ def test_capacity_per_group():
 
 
 @switch_tasks
-def test_switch_gate_gradcheck():
+def test_switch_router_gradcheck():
     """Gradients of the combine weights and both losses wrt the input and W_r (float64,
     capacity for every token, fixed jitter)."""
     rng = np.random.default_rng(0)
-    gate = SwitchGate(5, 4, capacity_factor=4.0, router_dtype="float64", rng=0)
-    gate.router.W_r.data = rng.standard_normal((5, 4))
+    router = SwitchRouter(5, 4, capacity_factor=4.0, router_dtype="float64", rng=0)
+    router.W_r.data = rng.standard_normal((5, 4))
     x = tm.tensor(rng.standard_normal((9, 5)), requires_grad=True)
     noise = rng.uniform(0.99, 1.01, size=(9, 5))
 
     def f(x, W):
-        r = gate(x, jitter_noise=noise)
+        r = router(x, jitter_noise=noise)
         assert not r.dropped_tokens.any()
-        return r.combine_weight, r.aux_loss, r.z_loss
+        return (r.combine_weight, r.stats["balance_loss"], r.stats["z_loss"],
+                r.aux_losses["balance"], r.aux_losses["z"])
 
-    tm.gradcheck(f, [x, gate.router.W_r], names=["x", "W_r"])
+    tm.gradcheck(f, [x, router.W_r], names=["x", "W_r"])
 
 
 # --- the balancing loss, eqs. (4)-(6) ---------------------------------------------------------
@@ -319,19 +327,19 @@ def test_float32_router_holds_under_float16_inputs():
     rng = np.random.default_rng(0)
     d, E = 16, 4
     x16 = (rng.standard_normal((32, d)) * 300).astype(np.float16)
-    gate32 = SwitchGate(d, E, capacity_factor=4.0, rng=0).eval()
-    gate32.router.W_r.data[...] = (rng.standard_normal((d, E)) * 40).astype(np.float32)
-    r = gate32(tm.tensor(x16))
-    ref_logits = x16.astype(np.float64) @ gate32.router.W_r.numpy().astype(np.float64)
+    router32 = SwitchRouter(d, E, capacity_factor=4.0, rng=0).eval()
+    router32.W_r.data[...] = (rng.standard_normal((d, E)) * 40).astype(np.float32)
+    r = router32(tm.tensor(x16))
+    ref_logits = x16.astype(np.float64) @ router32.W_r.numpy().astype(np.float64)
     assert np.abs(ref_logits).max() > 65504  # beyond float16
-    assert r.router_logits.dtype == np.float32 and r.router_probs.dtype == np.float32
-    assert np.isfinite(r.router_probs.numpy()).all()
+    assert r.logits.dtype == np.float32 and r.probs.dtype == np.float32
+    assert np.isfinite(r.probs.numpy()).all()
     np.testing.assert_array_equal(r.expert_index[:, 0], ref_logits.argmax(1))
     assert r.combine_weight.dtype == np.float16  # cast back to the model's dtype
-    gate16 = SwitchGate(d, E, capacity_factor=4.0, router_dtype="float16", rng=0).eval()
-    gate16.router.W_r.data[...] = gate32.router.W_r.data
+    router16 = SwitchRouter(d, E, capacity_factor=4.0, router_dtype="float16", rng=0).eval()
+    router16.W_r.data[...] = router32.W_r.data
     with pytest.raises(FloatingPointError, match="router_dtype='float32'"):
-        gate16(tm.tensor(x16))
+        router16(tm.tensor(x16))
 
 
 @switch_tasks
@@ -342,6 +350,6 @@ def test_float32_router_keeps_small_differences_that_float16_loses():
     W = np.array([[1.0, 1.0], [0.0, 0.01]], np.float32)  # logit 1 = logit 0 + 0.01 x_1
     x = tm.tensor(np.array([[128.0, 1.0]], np.float32))
     for dtype, winner in (("float32", 1), ("float16", 0)):
-        gate = SwitchGate(d, 2, capacity_factor=2.0, router_dtype=dtype, rng=0).eval()
-        gate.router.W_r.data[...] = W
-        assert gate(x).expert_index[0, 0] == winner
+        router = SwitchRouter(d, 2, capacity_factor=2.0, router_dtype=dtype, rng=0).eval()
+        router.W_r.data[...] = W
+        assert router(x).expert_index[0, 0] == winner

@@ -159,3 +159,55 @@ def test_clip_grad_norm_matches_torch(max_norm):
     assert total_o == pytest.approx(float(total_t), rel=1e-12)
     for po, pt in zip(ours, theirs):
         close(po.grad, pt.grad)
+
+
+# --- MoE layers: the one MoELayer against the same layer written the usual way in PyTorch -------
+def torch_ffn(h, W1, b1, W2, b2):
+    """One of tinymoe's stacked ReLU experts: relu(h W1 + b1) W2 + b2."""
+    return F.relu(h @ W1 + b1) @ W2 + b2
+
+
+@pytest.mark.task6_1
+@pytest.mark.parametrize("k", [1, 2])
+def test_mixtral_style_layer_matches_torch(k):
+    """HF MixtralSparseMoeBlock's routing (softmax in float, top-k, renormalise, one loop
+    over the experts with index_add_) and HF's load_balancing_loss_func (one f per choice
+    slot, so k times ours) against MoELayer(TopKRouter): y, the loss and every gradient."""
+    rng = np.random.default_rng(20 + k)
+    T, d, f, E, coef = 9, 4, 6, 3, 0.1
+    router = tm.moe.TopKRouter(d, E, k, normalize=k > 1, aux_loss_coef=coef,
+                               router_dtype="float64", rng=0)
+    router.W_g.data = rng.standard_normal((d, E))
+    layer = tm.moe.moe_layer(router, f, dtype=F64, rng=1)
+    ex = layer.experts
+    for b in (ex.b1, ex.b2):
+        b.data = 0.1 * rng.standard_normal(b.shape)
+    x = rand(T, d, seed=k)
+    xt = tm.tensor(x, requires_grad=True)
+    y, aux = layer(xt)
+    loss = tm.moe.sum_losses(aux.values())
+
+    xx = t(x, grad=True)
+    Wg, W1, b1, W2, b2 = (t(p.data, grad=True) for p in (router.W_g, ex.W1, ex.b1, ex.W2, ex.b2))
+    probs = torch.softmax(xx @ Wg, dim=-1)  # (T, E)
+    weights, chosen = torch.topk(probs, k, dim=-1)  # (T, k)
+    if k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(xx)
+    mask = F.one_hot(chosen, E).permute(2, 1, 0)  # (E, k, T)
+    for e in range(E):
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, weights[tok, slot, None] * torch_ffn(xx[tok], W1[e], b1[e],
+                                                                    W2[e], b2[e]))
+    slots = F.one_hot(chosen, E).double()  # (T, k, E)
+    hf = E * (slots.mean(dim=0) * probs.mean(dim=0)).sum()  # HF's loss: k at uniform
+    theirs = coef * hf / k
+    np.testing.assert_array_equal(layer.last_routing.expert_index, chosen.numpy())
+    close(y.numpy(), out)
+    close(loss.item(), theirs.item())
+    g = rand(T, d, seed=10 + k)  # one backward of both: a cotangent on y plus the aux loss
+    ((y * tm.tensor(g)).sum() + loss).backward()
+    ((out * t(g)).sum() + theirs).backward()
+    close(xt.grad, xx.grad)
+    for ours, tt in zip((router.W_g, ex.W1, ex.b1, ex.W2, ex.b2), (Wg, W1, b1, W2, b2)):
+        close(ours.grad, tt.grad)

@@ -152,6 +152,11 @@ def require(ok: bool, what: str) -> None:
         raise RuntimeError(f"gradcheck: {what}")
 
 
+def total(aux: dict[str, Any]) -> Any:
+    """A layer's aux losses summed, as a model adds them to its task loss."""
+    return moe.sum_losses(aux.values())
+
+
 def module_inputs(module: Any, **leaves: tm.Tensor) -> tuple[list[Any], dict[str, Any]]:
     """``leaves`` then every parameter of ``module``, and their names for the report."""
     named = list(module.named_parameters())
@@ -242,8 +247,8 @@ def _noisy_gate(rng):
     x, W_g, W_noise, noise, _ = with_margin(draw, lambda v: top_gap(v[4], k))
 
     def fn(x, W_g, W_noise):
-        out = moe.noisy_top_k_gating(x, W_g, W_noise, k, noise=noise)
-        return out.combine_weight, out.gates, out.importance, out.load
+        r = moe.noisy_top_k_gating(x, W_g, W_noise, k, noise=noise)
+        return r.combine_weight, r.probs, r.stats["importance"], r.stats["load"]
     return fn, [leaf(x), leaf(W_g), leaf(W_noise)], {"names": ["x", "W_g", "W_noise"]}
 
 
@@ -292,18 +297,20 @@ def _randomise_gates(layer: Any, rng: np.random.Generator) -> None:
 
 
 def _layer_gap(layer: Any) -> float:
-    """The smallest top-k gap of the noisy logits of every gate used in the last forward."""
-    return min(top_gap(m.last_gate.noisy_logits, m.k) for m in layer.modules()
-               if isinstance(m, moe.MoELayer) and m.last_gate is not None
-               and m.last_gate.gates.shape[0])
+    """The smallest top-k gap of the noisy logits of every gate used in the last forward
+    (a hierarchical gate's primary and group gates, which its routing keeps in ``stats``)."""
+    r = layer.last_routing
+    gates = [r.stats["primary"], *r.stats["groups"]] if "primary" in r.stats else [r]
+    return min(top_gap(g.logits, g.k) for g in gates if g.num_tokens)
 
 
-@register("2017 MoELayer (k=2, dropless, fixed noise)")
+@register("2017 MoELayer + NoisyTopKGate (k=2, dropless, fixed noise)")
 def _moe_layer(rng):
     T, d, E = 7, 4, 5
 
     def draw():
-        layer = moe.MoELayer(d, E, 2, d_ff=6, w_importance=0.5, w_load=0.5, rng=rng, dtype=F64)
+        layer = moe.sparse_moe_layer(d, E, 2, d_ff=6, w_importance=0.5, w_load=0.5, rng=rng,
+                                     dtype=F64)
         _randomise_gates(layer, rng)
         x, noise = rng.standard_normal((T, d)), rng.standard_normal((T, E))
         layer(tm.tensor(x), noise=noise)
@@ -311,7 +318,36 @@ def _moe_layer(rng):
 
     layer, x, noise = with_margin(draw, lambda v: _layer_gap(v[0]))
     inputs, options = module_inputs(layer, x=leaf(x))
-    return (lambda x, *ps: (layer(x, noise=noise), layer.aux_loss)), inputs, options
+
+    def fn(x, *ps):
+        y, aux = layer(x, noise=noise)
+        return y, total(aux)
+    return fn, inputs, options
+
+
+@register("2017 MoELayer, ExpertList of any Modules (k=2, residual)")
+def _moe_layer_modules(rng):
+    """The one layer with a list of arbitrary expert Modules (a FeedForward, a Linear, a
+    LayerNorm) and the residual connection."""
+    T, d, E = 6, 4, 3
+
+    def draw():
+        experts = [tm.nn.FeedForward(d, 5, "gelu", dtype=F64, rng=rng),
+                   tm.nn.Linear(d, d, dtype=F64, rng=rng), tm.nn.LayerNorm(d, dtype=F64)]
+        gate = moe.NoisyTopKGate(d, E, 2, w_importance=0.5, w_load=0.5, rng=rng, dtype=F64)
+        layer = moe.MoELayer(gate, experts, residual=True)
+        _randomise_gates(layer, rng)
+        x, noise = rng.standard_normal((T, d)), rng.standard_normal((T, E))
+        layer(tm.tensor(x), noise=noise)
+        return layer, x, noise
+
+    layer, x, noise = with_margin(draw, lambda v: _layer_gap(v[0]))
+    inputs, options = module_inputs(layer, x=leaf(x))
+
+    def fn(x, *ps):
+        y, aux = layer(x, noise=noise)
+        return y, total(aux)
+    return fn, inputs, options
 
 
 @register("2017 hierarchical MoE (3 x 3 experts)")
@@ -325,7 +361,8 @@ def _hierarchical_moe(rng):
         def fn(x, *ps):
             for gate, seed in zip(_noisy_gates(layer), seeds):
                 gate.rng = np.random.default_rng(seed)  # the inner gates draw their noise
-            return layer(x), layer.aux_loss  # aux_loss: eqs. (13)-(14)
+            y, aux = layer(x)
+            return y, total(aux)  # the balancing loss of eqs. (13)-(14)
         x = rng.standard_normal((6, 3))
         fn(tm.tensor(x))
         return layer, x, fn
@@ -341,7 +378,8 @@ def _dispatch_check(capacity: int | None):
         T, E, k, d = 7, 3, 2, 4
         e = np.stack([rng.permutation(E)[:k] for _ in range(T)])  # (T, k) distinct experts
         r = route(e, None, E, capacity)  # positions from the active backend
-        require(capacity is None or bool(r.dropped.any()), "expected some dropped choices")
+        require(capacity is None or bool(r.dropped_choices.any()),
+                "expected some dropped choices")
         rows = (E, capacity, d) if capacity else (int(r.counts.sum()), d)
         x, out, w = (leaf(rng.standard_normal((T, d))), leaf(rng.standard_normal(rows)),
                      leaf(rng.random((T, k))))
@@ -359,16 +397,16 @@ CHECKS["dispatch + combine, sorted mode (dropless)"] = _dispatch_check(None)
 def _top2_gate(rng):
     def draw():
         gate = moe.Top2Gate(5, 4, capacity_factor=2.0, router_dtype="float64", rng=rng).eval()
-        gate.router.W_r.data = rng.standard_normal((5, 4))
+        gate.W_g.data = rng.standard_normal((5, 4))
         return gate, rng.standard_normal((10, 5))
 
-    gate, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].router.W_r.data, 2))
+    gate, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].W_g.data, 2))
 
     def fn(x, W):
         r = gate(x)  # eval: no random routing, every second choice is active
         require(bool(r.kept.all()), "Top2Gate dropped a choice")
-        return r.combine_weight, r.aux_loss, r.z_loss
-    return fn, [leaf(x), gate.router.W_r], {"names": ["x", "W_g"]}
+        return r.combine_weight, r.stats["balance_loss"], r.stats["z_loss"]
+    return fn, [leaf(x), gate.W_g], {"names": ["x", "W_g"]}
 
 
 @register("2020 Top2Gate (train, random routing, drops)")
@@ -380,16 +418,21 @@ def _top2_gate_train(rng):
     def draw():
         gate = moe.Top2Gate(d, E, capacity_factor=0.75, normalize="after",
                             router_dtype="float64", rng=rng)
-        gate.router.W_r.data = rng.standard_normal((d, E))
+        gate.W_g.data = rng.standard_normal((d, E))
         x, u = rng.standard_normal((T, d)), rng.random(T)
         return gate, x, u
+
+    def dropped_and_inactive(r):
+        """Some active choice found its expert full, and some second choice was inactive."""
+        active = r.stats["active"]
+        return bool((active & r.dropped_choices).any()) and not active[:, 1].all()
 
     def gap(v):
         gate, x, u = v
         r = gate(tm.tensor(x), uniform=u)
-        if r.dropped_choices == 0 or r.active[:, 1].all():
+        if not dropped_and_inactive(r):
             return -np.inf  # draw again: this check is about drops and inactive choices
-        logits = x @ gate.router.W_r.data
+        logits = x @ gate.W_g.data
         p = np.exp(logits - logits.max(1, keepdims=True))
         g = -np.sort(-p, axis=1)[:, :2]
         g2 = g[:, 1] / g.sum(1)  # the normalised second gate that random routing tests
@@ -399,20 +442,23 @@ def _top2_gate_train(rng):
 
     def fn(x, W):
         r = gate(x, uniform=u)
-        require(r.dropped_choices > 0 and not r.active[:, 1].all(),
-                "expected dropped and inactive second choices")
-        return r.combine_weight, r.aux_loss, r.z_loss
-    return fn, [leaf(x), gate.router.W_r], {"names": ["x", "W_g"]}
+        require(dropped_and_inactive(r), "expected dropped and inactive second choices")
+        return r.combine_weight, r.stats["balance_loss"], r.stats["z_loss"]
+    return fn, [leaf(x), gate.W_g], {"names": ["x", "W_g"]}
 
 
 def _capacity_layer(gate: str, rng: np.random.Generator):
-    """A float64 CapacityMoELayer with room for every choice, its input and fixed noise."""
+    """A float64 Switch or GShard layer (the one MoELayer with a SwitchRouter or a Top2Gate)
+    with room for every choice, its input and fixed noise; both train the balancing loss and
+    the z-loss (c_z = 1e-3)."""
     T, d, E = 8, 6, 3
 
     def draw():
-        layer = moe.CapacityMoELayer(d, E, 5, gate=gate, capacity_factor=3.0,
-                                     router_dtype="float64", dtype=F64, rng=rng)
-        layer.gate.router.W_r.data = rng.standard_normal((d, E))
+        build = moe.switch_layer if gate == "switch" else moe.gshard_layer
+        layer = build(d, E, 5, capacity_factor=3.0, router_dtype="float64", z_loss_coef=1e-3,
+                      dtype=F64, rng=rng)
+        W = layer.router.W_r if gate == "switch" else layer.router.W_g
+        W.data = rng.standard_normal((d, E))
         for b in (layer.experts.b1, layer.experts.b2):
             b.data = 0.1 * rng.standard_normal(b.shape)
         x = rng.standard_normal((T, d))
@@ -423,46 +469,48 @@ def _capacity_layer(gate: str, rng: np.random.Generator):
         return layer, x, fixed
 
     layer, x, fixed = with_margin(
-        draw, lambda v: top_gap(v[0].last_routing.router_logits, v[0].k))
+        draw, lambda v: top_gap(v[0].last_routing.logits, v[0].k))
 
     def fn(x, *ps):
-        y = layer(x, **fixed)
-        require(not layer.last_routing.dropped_tokens.any(), "a token was dropped")
-        return y, layer.router_loss
+        y, aux = layer(x, **fixed)
+        require(not layer.last_routing.dropped_choices.any(), "a choice was dropped")
+        require(set(aux) == {"balance", "z"}, f"expected the balance and z losses, got {aux}")
+        return y, total(aux)
     inputs, options = module_inputs(layer, x=leaf(x))
     return fn, inputs, options
 
 
-@register("2020 CapacityMoELayer (top2, eval)")
+@register("2020 gshard_layer: MoELayer + Top2Gate (eval)")
 def _capacity_layer_top2(rng):
     return _capacity_layer("top2", rng)
 
 
-@register("2021 SwitchRouter (fixed jitter)")
-def _switch_router(rng):
-    router = moe.SwitchRouter(5, 4, router_dtype="float64", rng=rng)
-    router.W_r.data = rng.standard_normal((5, 4))
+@register("2021 router_probabilities (fixed jitter)")
+def _router_probabilities(rng):
+    """The router body every learned router shares: logits and softmax of the jittered input."""
+    from tinymoe.moe.router_weight import router_probabilities
+
+    W_r = leaf(rng.standard_normal((5, 4)))
     x, noise = rng.standard_normal((6, 5)), rng.uniform(0.99, 1.01, (6, 5))
-    return ((lambda x, W: router(x, jitter_noise=noise)), [leaf(x), router.W_r],
+    return ((lambda x, W: router_probabilities(x, W, "float64", noise)), [leaf(x), W_r],
             {"names": ["x", "W_r"]})
 
 
-@register("2021 SwitchGate (capacity for all)")
-def _switch_gate(rng):
+@register("2021 SwitchRouter (capacity for all)")
+def _switch_router(rng):
     def draw():
-        gate = moe.SwitchGate(5, 4, capacity_factor=4.0, router_dtype="float64", rng=rng)
-        gate.router.W_r.data = rng.standard_normal((5, 4))
+        router = moe.SwitchRouter(5, 4, capacity_factor=4.0, router_dtype="float64", rng=rng)
+        router.W_r.data = rng.standard_normal((5, 4))
         x, noise = rng.standard_normal((9, 5)), rng.uniform(0.99, 1.01, (9, 5))
-        return gate, x, noise
+        return router, x, noise
 
-    gate, x, noise = with_margin(draw, lambda v: top_gap((v[1] * v[2]) @ v[0].router.W_r.data,
-                                                         1))
+    router, x, noise = with_margin(draw, lambda v: top_gap((v[1] * v[2]) @ v[0].W_r.data, 1))
 
     def fn(x, W):
-        r = gate(x, jitter_noise=noise)
-        require(not r.dropped_tokens.any(), "SwitchGate dropped a token")
-        return r.combine_weight, r.aux_loss, r.z_loss
-    return fn, [leaf(x), gate.router.W_r], {"names": ["x", "W_r"]}
+        r = router(x, jitter_noise=noise)
+        require(not r.dropped_tokens.any(), "SwitchRouter dropped a token")
+        return r.combine_weight, r.stats["balance_loss"], r.stats["z_loss"]
+    return fn, [leaf(x), router.W_r], {"names": ["x", "W_r"]}
 
 
 @register("2021 load_balancing_loss")
@@ -479,7 +527,7 @@ def _router_z_loss(rng):
         {"names": ["router_logits"]}
 
 
-@register("2021 CapacityMoELayer (switch)")
+@register("2021 switch_layer: MoELayer + SwitchRouter")
 def _capacity_layer_switch(rng):
     return _capacity_layer("switch", rng)
 
@@ -525,17 +573,19 @@ def _topk_router(rng):
     router, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].W_g.data, 2))
 
     def fn(x, W):
-        out = router(x)
-        return out.routing.combine_weight, out.aux_loss
+        r = router(x)
+        require(set(r.aux_losses) == {"balance", "z"}, "expected the balance and z losses")
+        return r.combine_weight, r.total_aux_loss()
     return fn, [leaf(x), router.W_g], {"names": ["x", "W_g"]}
 
 
-def _routed_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Generator,
+def _router_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Generator,
                   num_shared: int = 0) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
-    """A float64 RoutedMoELayer around ``router``, its input and every trainable weight."""
+    """A float64 MoELayer around ``router`` (``moe_layer``), its input and every trainable
+    weight."""
     def draw():
         router.W_g.data = rng.standard_normal(router.W_g.shape)
-        layer = moe.RoutedMoELayer(router, 5, num_shared=num_shared, dtype=F64, rng=rng)
+        layer = moe.moe_layer(router, 5, num_shared=num_shared, dtype=F64, rng=rng)
         for b in (layer.experts.b1, layer.experts.b2):
             b.data = 0.1 * rng.standard_normal(b.shape)
         return layer.eval(), rng.standard_normal((8, router.d_model))
@@ -544,19 +594,19 @@ def _routed_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Gener
     named = [(n, p) for n, p in layer.named_parameters() if n != "router.bias"]
 
     def fn(x, *ps):
-        y = layer(x)
-        return y if layer.aux_loss is None else (y, layer.aux_loss)
+        y, aux = layer(x)
+        return (y, total(aux)) if aux else y
     return fn, [leaf(x)] + [p for _, p in named], {"names": ["x"] + [n for n, _ in named],
                                                    "max_elements": 100}
 
 
-@register("2024 RoutedMoELayer (top-2 + 1 shared expert)")
+@register("2024 MoELayer + TopKRouter (top-2 + 1 shared expert)")
 def _routed_topk(rng):
     router = moe.TopKRouter(4, 3, 2, normalize=False, router_dtype="float64", rng=rng)
-    return _routed_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
+    return _router_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
 
 
-@register("2022 ExpertChoiceRouter + RoutedMoELayer")
+@register("2022 ExpertChoiceRouter + MoELayer")
 def _expert_choice(rng):
     router = moe.ExpertChoiceRouter(4, 3, capacity_factor=1.5, router_dtype="float64",
                                     rng=rng)
@@ -565,10 +615,10 @@ def _expert_choice(rng):
     def gap(z):
         p = np.exp(z - z.max(axis=1, keepdims=True))
         return top_gap((p / p.sum(axis=1, keepdims=True)).T, C)  # (E, T): top-C per expert
-    return _routed_layer(router, gap, rng)
+    return _router_layer(router, gap, rng)
 
 
-@register("2024 AuxFreeRouter + RoutedMoELayer (sigmoid, bias)")
+@register("2024 AuxFreeRouter + MoELayer (sigmoid, bias)")
 def _aux_free(rng):
     router = moe.AuxFreeRouter(4, 4, 2, seq_aux_loss_coef=0.1, route_scale=2.5,
                                router_dtype="float64", rng=rng)
@@ -577,7 +627,7 @@ def _aux_free(rng):
 
     def gap(z):
         return top_gap(1.0 / (1.0 + np.exp(-z)) + bias, 2)  # the selection uses s + b
-    return _routed_layer(router, gap, rng)
+    return _router_layer(router, gap, rng)
 
 
 @register("parallel all_to_all (D = 3)")

@@ -83,6 +83,8 @@ def load_balancing_loss(router_probs: Tensor, expert_index: Any) -> Tensor:
     """
     p, e = _grouped(router_probs, expert_index, "load_balancing_loss")  # (G, S, N), (G, S)
     N = p.shape[-1]
+    if p.shape[1] == 0:
+        return Tensor(np.zeros((), dtype=p.dtype))  # no tokens, nothing to balance
     ### BEGIN SOLUTION task4_2
     f = dispatch_fraction(e, N).astype(p.dtype)  # (G, N) eq. (5), a constant
     P = p.mean(axis=1)                           # (G, N) eq. (6)
@@ -111,6 +113,8 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     if z.ndim < 2:
         raise ValueError(f"router_z_loss: router_logits must be (T, N) (tokens, experts), "
                          f"got shape {z.shape}")
+    if z.shape[-2] == 0:
+        return Tensor(np.zeros((), dtype=z.dtype))  # no tokens
     ### BEGIN SOLUTION task4_3
     lse = ops.logsumexp(z, axis=-1)  # (..., T) log Σ_j exp(x_j)
     return (lse * lse).mean()        # mean over tokens of lse²

@@ -61,7 +61,11 @@ class MoELayer(Module):
         self.d_model, self.num_experts = int(router.d_model), int(router.num_experts)
         if not isinstance(experts, Module):
             experts = ExpertList(experts)
-        n = getattr(experts, "num_experts", None) or len(experts)
+        n = getattr(experts, "num_experts", None)
+        if n is None and not hasattr(experts, "__len__"):
+            raise TypeError(f"MoELayer: experts must be a StackedExperts, an ExpertList or a "
+                            f"list of E Modules, got {type(experts).__name__}")
+        n = len(experts) if n is None else n
         if n != self.num_experts:
             raise ValueError(f"MoELayer: {n} experts given for a router over "
                              f"num_experts={self.num_experts}; pass exactly one per expert")

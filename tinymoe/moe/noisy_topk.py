@@ -223,11 +223,15 @@ class NoisyTopKGate(Module):
                  w_importance: float = 0.0, w_load: float = 0.0,
                  rng: np.random.Generator | int | None = None, dtype=np.float32) -> None:
         super().__init__()
-        validate.top_k(k, num_experts, "NoisyTopKGate")
         validate.positive_int(d_model, "d_model", "NoisyTopKGate")
-        self.d_model, self.num_experts, self.k = d_model, num_experts, k
-        self.noisy_gating, self.noise_epsilon = noisy_gating, noise_epsilon
-        self.w_importance, self.w_load = w_importance, w_load
+        validate.num_experts(num_experts, "NoisyTopKGate")
+        validate.top_k(k, num_experts, "NoisyTopKGate")
+        self.d_model, self.num_experts, self.k = int(d_model), int(num_experts), int(k)
+        self.noisy_gating = bool(noisy_gating)
+        self.noise_epsilon = validate.coef(noise_epsilon, "noise_epsilon", "NoisyTopKGate",
+                                           "tensor2tensor uses 1e-2")
+        self.w_importance = validate.coef(w_importance, "w_importance", "NoisyTopKGate")
+        self.w_load = validate.coef(w_load, "w_load", "NoisyTopKGate")
         self.rng = np.random.default_rng(rng)
         self.W_g = Parameter(np.zeros((d_model, num_experts), dtype=dtype))
         self.W_noise = Parameter(np.zeros((d_model, num_experts), dtype=dtype))

@@ -148,7 +148,8 @@ class TopKRouter(Module):
         self.aux_loss_coef = validate.coef(aux_loss_coef, "aux_loss_coef", "TopKRouter")
         self.z_loss_coef = validate.coef(z_loss_coef, "z_loss_coef", "TopKRouter")
         self.router_dtype = check_router_dtype(router_dtype, "TopKRouter")
-        scale = validate.coef(init_scale, "init_scale", "TopKRouter")
+        scale = validate.coef(init_scale, "init_scale", "TopKRouter",
+                              "0 starts W_g at zero: every token ties")
         self.rng = as_rng(rng)
         self.W_g = router_weight(self.rng, self.d_model, self.num_experts, self.router_dtype,
                                  scale)  # (d, E)
