@@ -96,6 +96,7 @@ def test_forward_returns_the_aux_losses_and_the_loss_adds_them(kind):
     assert m.tok.weight.grad is not None  # tied: the head's gradient lands in the embedding
 
 
+@lesson04
 def test_aux_losses_belong_to_their_forward():
     """Two forwards, two sets of losses: nothing is kept on the layers between calls."""
     m = Transformer(TINY, rng=0).eval()
@@ -135,6 +136,7 @@ def test_the_2017_char_lm_adds_each_layers_balancing_loss():
         model(np.zeros((1, 9), np.int64))
 
 
+@pytest.mark.task6_1  # the TopKRouter's gates
 def test_a_custom_moe_layer_from_make_moe():
     built = []
 
