@@ -85,7 +85,7 @@ def test_dropping_is_exact(gate):
     y = layer(tm.tensor(x))[0].numpy()
     r = layer.last_routing
     C = expert_capacity(S, E, 0.5, k=layer.k)
-    assert r.stats["capacity"] == C and r.capacity == (T // S) * C
+    assert r.stats["group_capacity"] == C and r.capacity == (T // S) * C
     for g in range(T // S):
         rows = slice(g * S, (g + 1) * S)
         for e in range(E):
@@ -151,7 +151,7 @@ def test_router_losses_and_counters():
     assert total(aux).item() == pytest.approx(aux["balance"].item() + aux["z"].item())
     assert s["balance_loss"].item() == pytest.approx(
         load_balancing_loss(r.probs, r.expert_index[:, 0]).item(), rel=1e-12)
-    assert r.num_tokens == 24 and s["capacity"] == 6 and s["num_groups"] == 1
+    assert r.num_tokens == 24 and s["group_capacity"] == 6 and s["num_groups"] == 1
     assert r.capacity == 6 and r.num_experts == 4
     np.testing.assert_array_equal(r.counts, np.bincount(r.expert_index[r.kept], minlength=4))
     dropped_choices = int((s["active"] & r.dropped_choices).sum())

@@ -144,7 +144,7 @@ def test_forward_and_gradients_equal_the_grouped_layer(gate, D):
     np.testing.assert_allclose([aux2, z2], [aux1, z1], rtol=1e-12)
     # the devices' routings are the layer's groups, capacity C per group
     for r, cr in enumerate(ep.last_routings):
-        assert cr.stats["capacity"] == r1.stats["capacity"]
+        assert cr.stats["group_capacity"] == r1.stats["group_capacity"]
         rows = slice(r * T // D, (r + 1) * T // D)
         np.testing.assert_array_equal(cr.expert_index, r1.expert_index[rows])
         np.testing.assert_array_equal(cr.kept, r1.kept[rows])

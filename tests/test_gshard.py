@@ -98,7 +98,7 @@ def test_capacity_per_group_and_at_most_C_per_expert(cf, S):
     r = top2_route(logits, probs, cf, group_size=S, uniform=rng.random(T))
     S_ = T if S is None else S
     C = expert_capacity(S_, E, cf, k=2)
-    assert r.stats["capacity"] == C and r.capacity == (T // S_) * C
+    assert r.stats["group_capacity"] == C and r.capacity == (T // S_) * C
     assert r.stats["num_groups"] == T // S_
     for g in range(T // S_):
         rows = slice(g * S_, (g + 1) * S_)
@@ -151,7 +151,7 @@ def test_normalise_before_dropping_keeps_g1_below_one():
     # tokens 0, 1; token 2's second choice overflows
     before = top2_route(logits, probs, 1.0, second_policy="all", normalize="before")
     after = top2_route(logits, probs, 1.0, second_policy="all", normalize="after")
-    assert before.stats["capacity"] == 3 == before.capacity
+    assert before.stats["group_capacity"] == 3 == before.capacity
     np.testing.assert_array_equal(before.position[:, 1], [1, 2, -1, 0])
     w_b, w_a = before.combine_weight.numpy(), after.combine_weight.numpy()
     g1, g2 = p[0, 0], p[0, 1]
@@ -169,7 +169,7 @@ def test_a_token_with_both_choices_dropped_overflows():
     logits = tm.tensor(np.array([[3.0, 2.0, -5.0]] * 5, F64))
     r = top2_route(logits, logits.softmax(-1), 0.3, second_policy="all")
     # C = ceil(2·5/3·0.3) = 1: token 0 takes the only slot of expert 0 and of expert 1
-    assert r.stats["capacity"] == 1
+    assert r.stats["group_capacity"] == 1
     np.testing.assert_array_equal(r.position, [[0, 0]] + [[-1, -1]] * 4)
     np.testing.assert_array_equal(r.dropped_tokens, [False, True, True, True, True])
     assert r.dropped_fraction == pytest.approx(0.8)  # 4 of 5 tokens reach no expert

@@ -201,7 +201,7 @@ def test_capacity_per_group():
     probs = logits.softmax(-1)
     r = switch_route(logits, probs, 1.0, group_size=S)
     C = expert_capacity(S, E, 1.0)
-    assert r.stats["capacity"] == C and r.stats["num_groups"] == 3 and r.capacity == 3 * C
+    assert r.stats["group_capacity"] == C and r.stats["num_groups"] == 3 and r.capacity == 3 * C
     for g in range(3):
         part = switch_route(logits[g * S:(g + 1) * S], probs[g * S:(g + 1) * S], 1.0)
         pos = r.position[g * S:(g + 1) * S, 0]

@@ -18,7 +18,8 @@ biased router. For T tokens, E experts and k choices per token:
     aux_losses    {name: Tensor} the auxiliary losses the router defines, each a scalar
                                  with its coefficient applied: add them to the task loss
     stats         {name: value}  whatever else the router reports (importance, load, demand,
-                                 the raw losses before their coefficients, ...)
+                                 the slots per expert and group ``group_capacity``, the raw
+                                 losses before their coefficients, ...)
 
 The choice itself (``expert_index``, ``position``) gets no gradient: it is a discrete
 decision. Gradients reach the router through ``combine_weight`` and ``aux_losses``.
@@ -65,7 +66,9 @@ class Routing:
 
     @property
     def dropped_choices(self) -> np.ndarray:
-        """(T, k) bool: the choices without a slot (their expert was full, or never active)."""
+        """(T, k) bool: the choices without a slot: their expert was full, or the choice was
+        never active (GShard's random routing can leave a second choice unused; those are in
+        ``stats["active"]``)."""
         return self.position < 0
 
     @property

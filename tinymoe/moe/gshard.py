@@ -114,7 +114,7 @@ def top2_route(logits: Tensor, probs: Tensor, capacity_factor: float, *,
     balance = gshard_aux_loss(probs.reshape(G, S, E), e1.reshape(G, S))
     z = router_z_loss(logits)
     demand = np.bincount(expert[active], minlength=E).astype(np.int64)  # (E,)
-    stats = dict(capacity=C, num_groups=G, demand=demand, active=active,
+    stats = dict(group_capacity=C, num_groups=G, demand=demand, active=active,
                  balance_loss=balance, z_loss=z)
     aux = {"balance": balance * aux_loss_coef, "z": z * z_loss_coef}
     return Routing(expert.astype(np.int64), weight, position, counts, E, G * C, probs=probs,

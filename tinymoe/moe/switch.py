@@ -61,9 +61,10 @@ def switch_route(logits: Tensor, probs: Tensor, capacity_factor: float, *,
     The chosen expert is ``argmax p`` (ties: lowest index); its combine weight is the raw
     ``p_{i*}`` (eq. 2) cast to ``out_dtype``; C = ``expert_capacity(S, N,
     capacity_factor)`` per group of S tokens; the load-balancing loss (eqs. 4-6) and the
-    z-loss are computed on the pre-drop choices. ``stats``: ``capacity`` C per group,
-    ``num_groups`` G, ``demand`` (E,) choices per expert before dropping, ``active`` (T, 1),
-    and the losses before their coefficients, ``balance_loss`` (1 at uniform) and ``z_loss``.
+    z-loss are computed on the pre-drop choices. ``stats``: ``group_capacity`` C per group
+    (the routing's ``capacity`` is G·C), ``num_groups`` G, ``demand`` (E,) choices per expert
+    before dropping, ``active`` (T, 1), and the losses before their coefficients,
+    ``balance_loss`` (1 at uniform) and ``z_loss``.
     """
     T, N = probs.shape
     G, S = num_groups(T, group_size, "switch_route")
@@ -75,7 +76,8 @@ def switch_route(logits: Tensor, probs: Tensor, capacity_factor: float, *,
     balance = load_balancing_loss(probs.reshape(G, S, N), expert[:, 0].reshape(G, S))
     z = router_z_loss(logits)
     demand = np.bincount(expert[:, 0], minlength=N).astype(np.int64)  # (E,)
-    stats = dict(capacity=C, num_groups=G, demand=demand, active=np.ones((T, 1), dtype=bool),
+    stats = dict(group_capacity=C, num_groups=G, demand=demand,
+                 active=np.ones((T, 1), dtype=bool),
                  balance_loss=balance, z_loss=z)
     aux = {"balance": balance * aux_loss_coef, "z": z * z_loss_coef}  # α · eq. (4), c_z · L_z
     return Routing(expert.astype(np.int64), weight, position, counts, N, G * C, probs=probs,

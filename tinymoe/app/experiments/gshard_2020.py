@@ -63,7 +63,7 @@ def routing_stats(res: TrainResult, val_ids: np.ndarray) -> dict[str, float]:
             rows["tokens_dropped"].append(r.dropped_fraction)
             rows["aux_loss"].append(float(r.stats["balance_loss"].item()))  # before its α
     out = {k: float(np.mean(v)) for k, v in rows.items()}
-    out["capacity"] = int(layer.last_routing.stats["capacity"])  # C per group
+    out["capacity"] = int(layer.last_routing.stats["group_capacity"])  # C per group
     return out
 
 
