@@ -61,19 +61,22 @@ class Routing:
 
     @property
     def kept(self) -> np.ndarray:
-        """(T, k) bool: the choices that hold a slot."""
+        """The choices that hold a slot, a (T, k) bool array."""
         return self.position >= 0
 
     @property
     def dropped_choices(self) -> np.ndarray:
-        """(T, k) bool: the choices without a slot: their expert was full, or the choice was
-        never active (GShard's random routing can leave a second choice unused; those are in
-        ``stats["active"]``)."""
+        """The choices without a slot, a (T, k) bool array.
+
+        A choice has no slot when its expert was full, or when it was never active (GShard's
+        random routing can leave a second choice unused; those are in ``stats["active"]``).
+        """
         return self.position < 0
 
     @property
     def dropped_tokens(self) -> np.ndarray:
-        """(T,) bool: tokens that reach no expert (in a residual block they pass unchanged)."""
+        """The tokens that reach no expert, a (T,) bool array (in a residual block they pass
+        unchanged)."""
         return ~self.kept.any(axis=1)
 
     @property
