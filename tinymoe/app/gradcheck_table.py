@@ -304,13 +304,10 @@ def _layer_gap(layer: Any) -> float:
     return min(top_gap(g.logits, g.k) for g in gates if g.num_tokens)
 
 
-@register("2017 MoELayer + NoisyTopKGate (k=2, dropless, fixed noise)")
-def _moe_layer(rng):
-    T, d, E = 7, 4, 5
-
+def _noisy_layer_check(rng, build, T: int, d: int, E: int):
+    """A 2017 layer from ``build()`` with randomised gates, checked at fixed noise (T, E)."""
     def draw():
-        layer = moe.sparse_moe_layer(d, E, 2, d_ff=6, w_importance=0.5, w_load=0.5, rng=rng,
-                                     dtype=F64)
+        layer = build()
         _randomise_gates(layer, rng)
         x, noise = rng.standard_normal((T, d)), rng.standard_normal((T, E))
         layer(tm.tensor(x), noise=noise)
@@ -323,6 +320,13 @@ def _moe_layer(rng):
         y, aux = layer(x, noise=noise)
         return y, total(aux)
     return fn, inputs, options
+
+
+@register("2017 MoELayer + NoisyTopKGate (k=2, dropless, fixed noise)")
+def _moe_layer(rng):
+    T, d, E = 7, 4, 5
+    return _noisy_layer_check(rng, lambda: moe.sparse_moe_layer(
+        d, E, 2, d_ff=6, w_importance=0.5, w_load=0.5, rng=rng, dtype=F64), T, d, E)
 
 
 @register("2017 MoELayer, ExpertList of any Modules (k=2, residual)")
@@ -331,23 +335,12 @@ def _moe_layer_modules(rng):
     LayerNorm) and the residual connection."""
     T, d, E = 6, 4, 3
 
-    def draw():
+    def build():
         experts = [tm.nn.FeedForward(d, 5, "gelu", dtype=F64, rng=rng),
                    tm.nn.Linear(d, d, dtype=F64, rng=rng), tm.nn.LayerNorm(d, dtype=F64)]
         gate = moe.NoisyTopKGate(d, E, 2, w_importance=0.5, w_load=0.5, rng=rng, dtype=F64)
-        layer = moe.MoELayer(gate, experts, residual=True)
-        _randomise_gates(layer, rng)
-        x, noise = rng.standard_normal((T, d)), rng.standard_normal((T, E))
-        layer(tm.tensor(x), noise=noise)
-        return layer, x, noise
-
-    layer, x, noise = with_margin(draw, lambda v: _layer_gap(v[0]))
-    inputs, options = module_inputs(layer, x=leaf(x))
-
-    def fn(x, *ps):
-        y, aux = layer(x, noise=noise)
-        return y, total(aux)
-    return fn, inputs, options
+        return moe.MoELayer(gate, experts, residual=True)
+    return _noisy_layer_check(rng, build, T, d, E)
 
 
 @register("2017 hierarchical MoE (3 x 3 experts)")
