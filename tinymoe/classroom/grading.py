@@ -30,6 +30,7 @@ task::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -388,7 +389,7 @@ class Grader:
         self._expected: dict[str, ProbeRun] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="tinymoe-grade-"))
         os.chmod(self._tmp, 0o711)  # the child's user may enter its own work dir, not list
-        self._n = 0
+        self._n = itertools.count(1)  # thread-safe work-dir numbers
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -400,8 +401,7 @@ class Grader:
         self.close()
 
     def _work(self, what: str) -> Path:
-        self._n += 1
-        return self._tmp / f"{self._n:04d}-{what}"
+        return self._tmp / f"{next(self._n):04d}-{what}"
 
     def _run(self, task: str, bodies, cases) -> ProbeRun:
         regions, nb = self.regions[task], PROBES[task].notebook
