@@ -323,6 +323,8 @@ def _short(text, n: int = NOTE_CHARS) -> str:
 def compare(task: str, expected: ProbeRun, got: ProbeRun, n_cases: int) -> tuple[int, list[str]]:
     """How many cases match, and what differed (at most 3 notes)."""
     probe = PROBES[task]
+    if expected is None:  # no reference: the probe must only run without an exception
+        expected = ProbeRun({k: v for k, v in got.outputs.items()}, {}, [], 0.0)
     if expected.notes or expected.errors:
         raise ClassroomError(task, None, "the instructor's own code fails its probe: "
                              + "; ".join(expected.notes + [
@@ -410,7 +412,7 @@ class Grader:
                          task, cases, timeout=self.timeout, memory=self.memory,
                          hide=[self.solutions])
 
-    def expected(self, task: str) -> ProbeRun:
+    def expected(self, task: str) -> ProbeRun | None:
         if task not in self._expected:
             self._expected[task] = self._run(task, None, _inputs(task, self.seed))
         return self._expected[task]
@@ -454,6 +456,52 @@ class Grader:
             if n not in self.tasks:
                 raise ClassroomError(n, None, "unknown task; known: " + ", ".join(self.tasks))
         return GradeReport([self.grade_task(student, n) for n in names], self.seed)
+
+
+PUBLIC_SEED = 0  # the seed of the answers shipped with the student copy (grading draws its own)
+
+
+def answers_path(root: Path, task: str) -> Path:
+    return Path(root) / "tinymoe" / "classroom" / "answers" / f"{task}.npz"
+
+
+def write_answers(solutions, out, tasks: Iterable[str] | None = None) -> list[Path]:
+    """The instructor's probe outputs for the public seed, one ``.npz`` per task, under
+    ``out/tinymoe/classroom/answers/``: what ``tinymoe classroom test`` compares a student's
+    copy with. Grading draws another seed, so these never reveal a graded output."""
+    written = []
+    with Grader(solutions, seed=PUBLIC_SEED) as g:
+        for task in list(g.tasks) if tasks is None else tasks:
+            run = g.expected(task)
+            path = answers_path(out, task)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **run.outputs)
+            written.append(path)
+    return written
+
+
+def self_test(directory=".", tasks: Iterable[str] = (), *, solutions=None,
+              timeout: float = DEFAULT_TIMEOUT) -> GradeReport:
+    """The student's command: the grader's probes against the copy at ``directory``.
+
+    Compared with the instructor's tree when ``solutions`` is given, else with the answers
+    shipped in the copy (public seed); with neither, only exceptions are reported.
+    """
+    directory = Path(directory).resolve()
+    with Grader(solutions or directory, seed=None if solutions else PUBLIC_SEED,
+                timeout=timeout) as g:
+        for task in tasks:
+            if task not in g.tasks:
+                raise ClassroomError(task, None, "unknown task; known: " + ", ".join(g.tasks))
+            path = answers_path(directory, task)
+            if solutions is None and path.is_file():
+                with np.load(path, allow_pickle=False) as data:
+                    g._expected[task] = ProbeRun({k: data[k] for k in data.files}, {}, [], 0.0)
+            elif solutions is None:
+                g._expected[task] = None
+        report = g.grade(directory, list(tasks))
+    print(report.table())
+    return report
 
 
 def grade(directory=".", json_path=None, *, solutions=None, tasks: Iterable[str] | None = None,
