@@ -129,7 +129,8 @@ def test_pytest_from_the_copy_root_imports_the_copy(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["grade", "/no/such/dir"], "error: /no/such/dir: no such directory"),
-    (["grade", ".", "--task", "task9_9"], "error: task9_9: unknown task; known: task0_1"),
+    (["grade", "tests", "--task", "task9_9"], "error: task9_9: unknown task; known: task0_1"),
+    (["grade", "."], "this is the solutions tree itself; pass --solutions DIR"),
     (["grade", "--timeout", "soon"], "invalid float value: 'soon'"),
     (["grade", "--solutions", "/no/such/dir"], "error: /no/such/dir: no such directory"),
     (["test", "task4_3", "--dir", "/"], "not the root of a tinymoe copy"),

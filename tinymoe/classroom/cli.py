@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the grader's probes of the tasks against the copy "
                        "(default: .) and print what differed from the answers shipped with "
                        "the copy.")
-    t.add_argument("tasks", nargs="+", metavar="taskN_M")
+    t.add_argument("tasks", nargs="+", metavar="taskN_M", help="task names, or all")
     t.add_argument("--dir", default=".", metavar="DIR", help="the copy's root (default: .)")
     t.add_argument("--solutions", metavar="DIR", help="compare with this instructor tree")
+    t.add_argument("--json", metavar="PATH", help="write GitHub Classroom results JSON here")
     _limit_args(t, memory=False)
     c = sub.add_parser("check", help="validate every marker; list tasks and regions")
     c.add_argument("dir", nargs="?", default=".", metavar="DIR")
@@ -109,7 +110,7 @@ def main_classroom(argv: list[str] | None = None) -> int:
                 raise ClassroomError(args.dir, None, "not the root of a tinymoe copy (no "
                                      "tinymoe/ here); run from the copy's root or pass --dir")
             report = self_test(args.dir, args.tasks, solutions=args.solutions,
-                               timeout=args.timeout)
+                               timeout=args.timeout, json_path=args.json)
             return 0 if report.status == "pass" else 1
         if args.credit or args.full or args.record:
             from .credit import credit_matrix

@@ -447,10 +447,14 @@ class Grader:
         r.duration_ms = round(1000 * (time.perf_counter() - start))
         return r
 
-    def grade(self, student, names: Iterable[str] | None = None) -> GradeReport:
+    def grade(self, student, names: Iterable[str] | None = None, *,
+              against_itself: bool = False) -> GradeReport:
         student = Path(student)
         if not student.is_dir():
             raise ClassroomError(str(student), None, "no such directory to grade")
+        if student.resolve() == self.solutions and not against_itself:
+            raise ClassroomError(str(student), None, "this is the solutions tree itself; pass "
+                                 "--solutions DIR (the instructor's tree) to grade it")
         names = list(self.tasks) if names is None else list(names)
         for n in names:
             if n not in self.tasks:
@@ -481,7 +485,7 @@ def write_answers(solutions, out, tasks: Iterable[str] | None = None) -> list[Pa
 
 
 def self_test(directory=".", tasks: Iterable[str] = (), *, solutions=None,
-              timeout: float = DEFAULT_TIMEOUT) -> GradeReport:
+              timeout: float = DEFAULT_TIMEOUT, json_path=None) -> GradeReport:
     """The student's command: the grader's probes against the copy at ``directory``.
 
     Compared with the instructor's tree when ``solutions`` is given, else with the answers
@@ -490,6 +494,7 @@ def self_test(directory=".", tasks: Iterable[str] = (), *, solutions=None,
     directory = Path(directory).resolve()
     with Grader(solutions or directory, seed=None if solutions else PUBLIC_SEED,
                 timeout=timeout) as g:
+        tasks = list(g.tasks) if list(tasks) == ["all"] else list(tasks)
         for task in tasks:
             if task not in g.tasks:
                 raise ClassroomError(task, None, "unknown task; known: " + ", ".join(g.tasks))
@@ -499,8 +504,11 @@ def self_test(directory=".", tasks: Iterable[str] = (), *, solutions=None,
                     g._expected[task] = ProbeRun({k: data[k] for k in data.files}, {}, [], 0.0)
             elif solutions is None:
                 g._expected[task] = None
-        report = g.grade(directory, list(tasks))
+        report = g.grade(directory, tasks, against_itself=solutions is None)
     print(report.table())
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False)
+                                   + "\n", encoding="utf-8")
     return report
 
 
