@@ -299,6 +299,7 @@ def run_probe(work: Path, tree_builder, task: str, cases: list[dict[str, np.ndar
         except (ValueError, OSError, TypeError, AttributeError) as e:
             notes.append(f"unreadable probe output ({type(e).__name__})")
             outputs, errors = {}, {}
+    shutil.rmtree(work, ignore_errors=True)  # a tree per run: do not let them pile up
     return ProbeRun(outputs, errors, notes, child.seconds)
 
 
