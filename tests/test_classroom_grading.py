@@ -143,3 +143,11 @@ def test_bad_arguments_give_one_line_errors(args, message):
     assert run.returncode == 2
     assert run.stdout == "" and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None,
+                    reason="bubblewrap (bwrap) is not installed: the bwrap level is skipped")
+def test_grading_under_bubblewrap(tmp_path):
+    sub = submission(tmp_path / "s", solved={"task4_3"})
+    report = grade(sub, tasks=["task4_3", "task4_2"], quiet=True)
+    assert [t.earned for t in report.tasks] == [TASKS["task4_3"].points, 0]
