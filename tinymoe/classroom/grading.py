@@ -404,7 +404,8 @@ class Grader:
         self.close()
 
     def _work(self, what: str) -> Path:
-        return self._tmp / f"{next(self._n):04d}-{what}"
+        # unguessable names: a child cannot find another run's tree by its name
+        return self._tmp / f"{next(self._n):04d}-{what}-{secrets.token_hex(8)}"
 
     def _run(self, task: str, bodies, cases) -> ProbeRun:
         regions, nb = self.regions[task], PROBES[task].notebook
