@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from tinymoe.classroom.credit import make_submission
-from tinymoe.classroom.grading import Grader, grade
+from tinymoe.classroom.grading import Grader, grade, has_solutions
 from tinymoe.classroom.markers import load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not has_solutions(REPO), reason="needs the instructor's "
+                                "solutions (this tree is a student copy)")
 AUX = "tinymoe/moe/aux_losses.py"
 BEGIN_Z = "### BEGIN SOLUTION task4_3"
 

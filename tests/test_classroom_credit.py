@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from tinymoe.classroom.credit import credit_matrix
+from tinymoe.classroom.grading import has_solutions
 from tinymoe.classroom.registry import TASKS
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not has_solutions(REPO), reason="needs the instructor's solutions (this is a student copy)")]
 
 
 def test_credit_is_exact_per_task(tmp_path):

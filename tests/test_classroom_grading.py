@@ -15,11 +15,14 @@ import pytest
 
 from tinymoe.classroom import main_classroom
 from tinymoe.classroom.credit import make_submission, plant
-from tinymoe.classroom.grading import STUDENT_COMMAND, Grader, grade, write_answers
+from tinymoe.classroom.grading import (STUDENT_COMMAND, Grader, grade, has_solutions,
+                                       write_answers)
 from tinymoe.classroom.probes import PROBES
 from tinymoe.classroom.registry import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not has_solutions(REPO), reason="needs the instructor's "
+                                "solutions (this tree is a student copy)")
 
 
 def submission(root: Path, solved=(), planted=None) -> Path:

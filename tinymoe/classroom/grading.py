@@ -233,6 +233,18 @@ def build_tree(dest: Path, solutions: Path, regions: list[Region],
         path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def has_solutions(root) -> bool:
+    """Does the tree at ``root`` hold the instructor's solutions (every task has regions and
+    none of them is a stub)? False for a student copy."""
+    root = Path(root)
+    try:
+        regions = solution_regions(root, load_tasks(root))
+    except (ClassroomError, OSError, ValueError):
+        return False
+    return all(regions.values()) and not any(
+        "NotImplementedError(" in line for rs in regions.values() for r in rs for line in r.body)
+
+
 # --- one child run -------------------------------------------------------------------------------
 @dataclass
 class ProbeRun:
