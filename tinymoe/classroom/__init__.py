@@ -7,13 +7,17 @@ One source tree holds the solutions, between nbgrader-style markers naming a tas
   raising ``NotImplementedError("tinymoe task N_M: <title> — see <lesson>")``, hidden tests
   removed, notebook outputs cleared;
 * :func:`instructor` writes the full copy;
-* :func:`grade` runs the tests once, splits them by task marker and scores each task,
-  printing a table and writing GitHub Classroom's results JSON;
+* :func:`grade` is the trusted grader: for each task, a child process runs the task's
+  probes in the instructor's tree holding only that task's regions from the submission,
+  and the parent compares the outputs with the instructor's, printing a table and writing
+  GitHub Classroom's results JSON;
 * :func:`check` validates every marker and lists tasks and regions;
 * :func:`tinymoe.classroom.proofs.prove` proves, for CI, that the copies behave.
 
-Modules: :mod:`.markers` (regions and stubs), :mod:`.copies`, :mod:`.runner` (pytest in a
-subprocess with :mod:`.pytest_plugin`), :mod:`.grading`, :mod:`.proofs`, :mod:`.cli`.
+Modules: :mod:`.markers` (regions and stubs), :mod:`.copies`, :mod:`.grading` (with
+:mod:`.probes`, :mod:`.child` and :mod:`.sandbox`), :mod:`.credit` (the credit matrix),
+:mod:`.runner` (pytest in a subprocess with :mod:`.pytest_plugin`, for the proofs),
+:mod:`.proofs`, :mod:`.cli`.
 The how-to is docs/teaching.md.
 """
 from .cli import main_classroom

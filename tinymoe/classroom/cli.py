@@ -1,18 +1,23 @@
-"""``tinymoe classroom ...``: student/instructor copies, check, grade, prove."""
+"""``tinymoe classroom ...``: student/instructor copies, check, grade, test, prove.
+
+Bad arguments (a missing folder, an unknown task, a bad number) end with one line
+``error: ...`` on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .copies import check, instructor, student
-from .grading import grade
+from .grading import grade, self_test
+from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT
 from .markers import ClassroomError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinymoe classroom",
+    p = _Parser(prog="tinymoe classroom",
                                 description="Classroom copies and grading (docs/teaching.md).")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, what in (("student", ("the student copy: solution regions become task stubs, "
                                     "hidden tests removed, notebook outputs cleared")),
                        ("instructor", "the instructor copy: the same files, unchanged")):
@@ -21,11 +26,29 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true",
                        help="replace the copy's entries in a non-empty OUT; other files stay")
         s.add_argument("--src", default=".", help="source tree (default: .)")
-    g = sub.add_parser("grade", help="run each task's tests; print points; write JSON")
-    g.add_argument("dir", nargs="?", default=".", metavar="DIR", help="tree to grade (default: .)")
+    g = sub.add_parser("grade", help="grade a submission task by task (the trusted grader)",
+                       description="Grade a submission: each task's probes run in a sandboxed "
+                       "child on the instructor's tree with only that task's regions taken "
+                       "from the submission (docs/teaching.md, 'Grading').")
+    g.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                   help="the submission to grade (default: .)")
     g.add_argument("--json", metavar="PATH", help="write GitHub Classroom results JSON here")
-    g.add_argument("--separate", action="store_true", help="one pytest run per task")
-    g.add_argument("--timeout", type=float, default=None, help="seconds per pytest run")
+    g.add_argument("--solutions", metavar="DIR",
+                   help="the instructor's tree (default: the tree this grader runs from)")
+    g.add_argument("--task", action="append", metavar="taskN_M", help="grade only this task "
+                   "(repeatable)")
+    _limit_args(g)
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the probes' inputs (default: a fresh random one)")
+    t = sub.add_parser("test", help="students: run a task's probes against this copy",
+                       description="Run the grader's probes of the tasks against the copy "
+                       "(default: .) and print what differed from the answers shipped with "
+                       "the copy.")
+    t.add_argument("tasks", nargs="+", metavar="taskN_M", help="task names, or all")
+    t.add_argument("--dir", default=".", metavar="DIR", help="the copy's root (default: .)")
+    t.add_argument("--solutions", metavar="DIR", help="compare with this instructor tree")
+    t.add_argument("--json", metavar="PATH", help="write GitHub Classroom results JSON here")
+    _limit_args(t, memory=False)
     c = sub.add_parser("check", help="validate every marker; list tasks and regions")
     c.add_argument("dir", nargs="?", default=".", metavar="DIR")
     v = sub.add_parser("prove", help="build both copies in a temp dir and prove them (slow)")
@@ -34,13 +57,34 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-notebooks", action="store_true", help="do not execute the lessons")
     v.add_argument("--instructor-tests", action="store_true",
                    help="also run the instructor copy's suite and notebooks")
+    v.add_argument("--credit", action="store_true",
+                   help="run the credit matrix (fast mode) instead of the copy proofs")
+    v.add_argument("--full", action="store_true",
+                   help="run the full credit matrix: every task of every submission")
+    v.add_argument("--record", metavar="PATH", help="write the credit matrix's JSON here")
+    v.add_argument("--jobs", type=int, default=2, help="graded submissions in parallel")
     return p
+
+
+def _limit_args(p, memory: bool = True) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds per task (default: {DEFAULT_TIMEOUT:g})")
+    if memory:
+        p.add_argument("--memory", type=int, default=DEFAULT_MEMORY >> 20, metavar="MB",
+                       help=f"address space of the child in MiB (default: {DEFAULT_MEMORY >> 20})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one-line errors (``error: ...``, exit status 2) and no usage dump."""
+
+    def error(self, message):
+        raise ClassroomError(self.prog, None, message)
 
 
 def main_classroom(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 failing tasks/problems, 2 errors)."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command in ("student", "instructor"):
             make = student if args.command == "student" else instructor
             tree = make(args.out, args.src, force=args.force)
@@ -52,9 +96,30 @@ def main_classroom(argv: list[str] | None = None) -> int:
             report = check(args.dir)
             print(report.text())
             return 1 if report.problems else 0
+        if args.command in ("grade", "test") and args.timeout <= 0:
+            raise ClassroomError("--timeout", None, f"must be > 0 seconds, got {args.timeout:g}")
         if args.command == "grade":
-            report = grade(args.dir, args.json, separate=args.separate, timeout=args.timeout)
+            for path in [args.dir] + ([args.solutions] if args.solutions else []):
+                if not Path(path).is_dir():
+                    raise ClassroomError(path, None, "no such directory")
+            report = grade(args.dir, args.json, solutions=args.solutions, tasks=args.task,
+                           timeout=args.timeout, memory=args.memory << 20, seed=args.seed)
             return 0 if report.status == "pass" else 1
+        if args.command == "test":
+            if not (Path(args.dir) / "tinymoe").is_dir():
+                raise ClassroomError(args.dir, None, "not the root of a tinymoe copy (no "
+                                     "tinymoe/ here); run from the copy's root or pass --dir")
+            report = self_test(args.dir, args.tasks, solutions=args.solutions,
+                               timeout=args.timeout, json_path=args.json)
+            return 0 if report.status == "pass" else 1
+        if args.credit or args.full or args.record:
+            from .credit import credit_matrix
+            if not Path(args.dir).is_dir():
+                raise ClassroomError(args.dir, None, "no such directory")
+            matrix = credit_matrix(args.dir, full=args.full, record=args.record,
+                                   jobs=args.jobs)
+            print(matrix.text())
+            return 1 if matrix.problems else 0
         from .proofs import prove
         proof = prove(args.dir, args.work, notebooks=not args.no_notebooks,
                       instructor_tests=args.instructor_tests)
