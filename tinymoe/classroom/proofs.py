@@ -1,7 +1,8 @@
 """Proofs that the copies do what they promise, for CI (``tinymoe classroom prove``).
 
 * **No leaks**: no line that occurs only inside a solution or hidden-test region of a source
-  file appears in the student version of that file, and no marker is left.
+  file appears in the student version of that file, and no hidden-test marker is left (the
+  solution markers stay around each stub).
 * **Student copy**: ``import tinymoe`` works; its test suite runs *once*; every test tagged
   with a stubbed task fails with a task stub's ``NotImplementedError`` and nothing else (a
   test may stop at the stub of a task it depends on, but each task has at least one test
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .copies import build, source_files, write_tree
-from .markers import KEYWORDS, Region, load_tasks, stub_task
+from .markers import BEGIN_HIDDEN, END_HIDDEN, Region, load_tasks, stub_task
 from .runner import PytestRun, run_pytest
 
 
@@ -63,8 +64,9 @@ def leaks(source: dict[str, bytes], student: dict[str, bytes], regions: list[Reg
             where = f"{rel}" + (f" cell {c}" if c is not None else "") + f" line {n}"
             if t.strip() in secret:
                 problems.append(f"{where}: region line leaked into the student copy: {t.strip()!r}")
-            elif t.lstrip().startswith("#") and any(k in t for k in KEYWORDS):
-                problems.append(f"{where}: marker left in the student copy: {t.strip()!r}")
+            elif t.lstrip().startswith("#") and any(k in t for k in (BEGIN_HIDDEN, END_HIDDEN)):
+                problems.append(f"{where}: hidden-test marker left in the student copy: "
+                                f"{t.strip()!r}")
     return problems
 
 
