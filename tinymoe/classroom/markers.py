@@ -279,11 +279,21 @@ def load_tasks(root) -> dict:
     import runpy
     from pathlib import Path
 
-    path = Path(root) / "tinymoe" / "classroom" / "registry.py"
+    root = Path(root)
+    if not root.is_dir():
+        raise ClassroomError(str(root), None, "no such directory" if not root.exists()
+                             else "not a directory")
+    path = root / "tinymoe" / "classroom" / "registry.py"
     if not path.is_file():
         from tinymoe.classroom.registry import TASKS
         return dict(TASKS)
-    return dict(runpy.run_path(str(path), run_name="_tinymoe_classroom_tasks")["TASKS"])
+    try:
+        tasks = runpy.run_path(str(path), run_name="_tinymoe_classroom_tasks")["TASKS"]
+        return dict(tasks)
+    except Exception as e:  # the registry is code: any error in it is the instructor's to fix
+        raise ClassroomError(str(path), getattr(e, "lineno", None), "the task registry does not "
+                             f"load ({type(e).__name__}: {e}); it must define a dict TASKS") \
+            from None
 
 
 # ---------------------------------------------------------------- answers in a student's file
