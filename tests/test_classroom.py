@@ -513,3 +513,33 @@ def test_grade_separate_runs_agree_and_cli_exit_code(tmp_path, capsys):
     assert main_classroom(["grade", str(out), "--json", str(tmp_path / "g.json")]) == 1
     assert json.loads((tmp_path / "g.json").read_text())["tests"][3]["message"].endswith(
         "no tests carry @pytest.mark.task0_4")
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys):
+    src = make_tree(tmp_path / "src", lesson=False)
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x\n")
+    broken = make_tree(tmp_path / "broken", lesson=False)
+    (broken / "tinymoe" / "classroom" / "registry.py").write_text("TASKS = {\n")
+    cases = [
+        (["student", str(tmp_path / "o1"), "--src", str(tmp_path / "nowhere")],
+         "no such directory"),
+        (["instructor", str(tmp_path / "o2"), "--src", str(tmp_path / "file")], "not a directory"),
+        (["student", str(tmp_path / "o3"), "--src", str(tmp_path / "full")],
+         "not a tinymoe source tree"),
+        (["student", str(src / "tests" / "x"), "--src", str(src)], "inside the source's tests"),
+        (["student", str(src), "--src", str(src)], "into the source tree itself"),
+        (["instructor", str(tmp_path / "full"), "--src", str(src)], "not empty; pass --force"),
+        (["student", str(tmp_path / "file"), "--src", str(src)], "not a directory"),
+        (["student", str(tmp_path / "o4"), "--src", str(broken)], "task registry does not load"),
+        (["check", str(tmp_path / "nowhere")], "no such directory"),
+        (["check", str(broken)], "task registry does not load"),
+    ]
+    for argv, words in cases:
+        assert main_classroom(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+    assert (tmp_path / "file").read_text() == "x\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tinymoe.classroom import main_classroom, student
-from tinymoe.classroom.site import external_loads, site, site_leaks, solution_lines
+from tinymoe.classroom.site import external_loads, site_leaks, solution_lines
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDS = ("sphinx", "myst_nb", "sphinx_book_theme", "sphinx-mathjax-offline")
