@@ -543,3 +543,12 @@ def test_bad_arguments_give_one_line_errors(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
     assert (tmp_path / "file").read_text() == "x\n"
+
+
+def test_a_student_copy_of_a_student_copy_is_the_same_and_leaks_nothing(tmp_path):
+    src = make_tree(tmp_path / "src")
+    student(tmp_path / "a", src)
+    student(tmp_path / "b", tmp_path / "a")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    stu, ins = build(tmp_path / "a", student=True), build(tmp_path / "a", student=False)
+    assert len(stu.regions) == 3 and leaks(ins.files, stu.files, stu.regions) == []
