@@ -8,10 +8,15 @@ The lesson notebooks live in ``../lessons`` and are committed without outputs; t
 executes them in fast mode (``TINYMOE_FAST=1``) and renders them with their outputs.
 ``TINYMOE_DOCS_EXECUTE=off`` skips execution while writing prose, ``=cache`` reuses
 outputs between local builds, ``TINYMOE_FAST=0`` renders the full-size runs.
+
+The site loads nothing from outside itself: MathJax is copied into ``_static/`` by the
+``sphinx-mathjax-offline`` extension. ``tinymoe classroom site`` builds the students' site
+from the student copy, without executing the lessons (docs/teaching.md).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -73,6 +78,7 @@ extensions = [
     "sphinx.ext.autodoc",        # the API reference, from the docstrings
     "sphinx.ext.napoleon",       # Google/NumPy-style sections in those docstrings
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",    # MathJax ships in _static/: the math renders offline too
     "tinymoe_docs",              # _ext/: the {lesson} role, {program-help}, plain-text docstrings
 ]
 
@@ -112,3 +118,20 @@ html_static_path: list[str] = []
 # still not valid reST after _ext/tinymoe_docs.py's plain-text pass are shown verbatim and
 # named in the log; TINYMOE_DOCS_STRICT=1 turns those notes into warnings.)
 suppress_warnings: list[str] = []
+
+
+# --- property docstrings that open with a shape ------------------------------------------------
+# ``"""(T, k) bool: the choices that hold a slot."""``: napoleon would read "(T, k) bool" as
+# the property's type and cross-reference each name in it (``k`` matches several attributes,
+# an error under -W). An empty reST comment put first, before napoleon runs, keeps the text as
+# written.
+_SHAPE_FIRST = re.compile(r"^\([^()]*\)[ \w\[\].,|]*: ")
+
+
+def _shape_first_line(app, what, name, obj, options, lines):
+    if what == "property" and lines and _SHAPE_FIRST.match(lines[0]):
+        lines[:0] = ["..", ""]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _shape_first_line, priority=400)

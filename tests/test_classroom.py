@@ -16,7 +16,8 @@ import pytest
 from tinymoe.classroom import ClassroomError, check, instructor, main_classroom, student
 from tinymoe.classroom.copies import build, source_files
 from tinymoe.classroom.grading import grade
-from tinymoe.classroom.markers import strip_notebook, strip_python, stub_task
+from tinymoe.classroom.markers import (Answer, extract_regions, splice_regions, strip_notebook,
+                                       strip_python, stub_task)
 from tinymoe.classroom.proofs import leaks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,8 +204,11 @@ def test_stub_replaces_region_at_marker_indentation():
         \t\t@END
         ''')
     new, regions = strip_python(src, path="pkg/mod.py", tasks=TASKS)
-    assert new == (f'def f(x):\n    """Doc."""\n    # YOUR CODE HERE\n    {STUB1}\n\n\n'
-                   f"class C:\n\tdef g(self):\n\t\t# YOUR CODE HERE\n\t\t{STUB2}\n")
+    assert new == mark(f'def f(x):\n    """Doc."""\n    @BEGIN task0_1\n    # YOUR CODE HERE\n'
+                       f"    {STUB1}\n    @END\n\n\n"
+                       f"class C:\n\tdef g(self):\n\t\t@BEGIN task0_2\n\t\t# YOUR CODE HERE\n"
+                       f"\t\t{STUB2}\n\t\t@END\n")
+    assert strip_python(new, path="pkg/mod.py", tasks=TASKS)[0] == new  # idempotent
     assert [(r.task, r.begin, r.end, r.indent) for r in regions] == [
         ("task0_1", 3, 6, "    "), ("task0_2", 11, 13, "\t\t")]
     assert regions[0].body == ["    y = x + 1", "    return y"]
@@ -220,8 +224,8 @@ def test_stub_keeps_crlf_and_untouched_text():
         x = 1  # unrelated\r
         """)
     new, _ = strip_python(src, path="m.py", tasks=TASKS)
-    assert new == ("import os\r\ndef f():\r\n    # YOUR CODE HERE\r\n"
-                   f"    {STUB1}\r\nx = 1  # unrelated\r\n")
+    assert new == mark("import os\r\ndef f():\r\n    @BEGIN task0_1\r\n    # YOUR CODE HERE\r\n"
+                       f"    {STUB1}\r\n    @END\r\nx = 1  # unrelated\r\n")
 
 
 def test_stub_message_names_the_task():
@@ -251,6 +255,58 @@ def test_hidden_tests_are_deleted():
 def test_mentions_of_markers_in_strings_are_not_markers():
     src = f'"""Write a line ``### BEGIN {SOL} taskN_M`` above your code."""\nx = "### END {SOL}"\n'
     assert strip_python(src, path="m.py", tasks=TASKS) == (src, [])
+
+
+# ---------------------------------------------------------------- a student's answers
+
+def test_extract_regions_reads_a_students_answers():
+    core = mark(CORE_PY)
+    stu, _ = strip_python(core, path="tinymoe/core.py", tasks=TASKS)
+    assert extract_regions(stu, "tinymoe/core.py", TASKS) == [
+        Answer("task0_1", 0, f"    # YOUR CODE HERE\n    {STUB1}\n"),
+        Answer("task0_2", 0, f"        # YOUR CODE HERE\n        {STUB2}\n")]
+    # whatever the student writes between the markers is the answer, marker-like text included
+    edited = stu.replace(f"    # YOUR CODE HERE\n    {STUB1}\n",
+                         mine := "    # I END SOLUTION here\n    y = x + 1\n\n    return y\n")
+    assert extract_regions(edited, "tinymoe/core.py", TASKS)[0] == ("task0_1", 0, mine)
+    # the inverse: splicing the instructor's bodies back gives the instructor's file
+    solved = {(a.task, a.ordinal): a.body for a in extract_regions(core, "c.py", TASKS)}
+    assert splice_regions(stu, "c.py", TASKS, solved) == core
+    assert splice_regions(core, "c.py", TASKS, {("task0_2", 0): "        return 0"}) == \
+        core.replace("return x * 2  # the secret of task 0_2", "return 0")
+    with pytest.raises(ClassroomError, match="no such solution region: task0_1 #1"):
+        splice_regions(core, "c.py", TASKS, {("task0_1", 1): "pass\n"})
+
+
+def test_extract_regions_of_a_notebook_counts_regions_per_task():
+    nb = notebook([code("a", mark("def f():\n    @BEGIN task0_2\n    return 1\n    @END")),
+                   markdown("m", mark("@BEGIN task0_1 in prose is not a region")),
+                   code("b", mark("def g():\n    @BEGIN task0_2\n    return 2\n    @END\n"))])
+    text = json.dumps(nb)
+    assert extract_regions(text, "n.ipynb", TASKS) == [
+        Answer("task0_2", 0, "    return 1\n"), Answer("task0_2", 1, "    return 2\n")]
+    new = splice_regions(text, "n.ipynb", TASKS, {("task0_2", 1): "    return 3\n"})
+    assert [a.body for a in extract_regions(new, "n.ipynb", TASKS)] == \
+        ["    return 1\n", "    return 3\n"]
+
+
+STUDENT_DAMAGE = {
+    "no end": ("def f():\n    @BEGIN task0_1\n    return 1\n", 2, "has no '### END SOLUTION'"),
+    "end damaged": ("def f():\n    @BEGIN task0_1\n    return 1\n    ## END SOLUTION\n", 2,
+                    "line 4 looks like a damaged marker"),
+    "begin deleted": ("def f():\n    return 1\n    @END\n", 3, "restore the BEGIN"),
+    "next begin": ("@BEGIN task0_1\n@BEGIN task0_2\n@END\n", 1, "before the next"),
+    "task renamed": ("@BEGIN task0_9\n@END\n", 1, "unknown task 'task0_9'"),
+    "task deleted": ("@BEGIN\n@END\n", 1, "without a task name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STUDENT_DAMAGE))
+def test_extract_regions_names_damaged_markers(case):
+    text, line, words = STUDENT_DAMAGE[case]
+    with pytest.raises(ClassroomError) as e:
+        extract_regions(mark(text), "tinymoe/core.py", TASKS)
+    assert str(e.value).startswith(f"tinymoe/core.py:{line}: ") and words in str(e.value)
 
 
 # ---------------------------------------------------------------- errors name file and line
@@ -296,8 +352,9 @@ def test_notebook_cell_by_cell():
     codes = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in codes)
     assert all(c["metadata"] == {"tags": ["keep-me"]} for c in codes)
-    assert "".join(nb["cells"][2]["source"]) == \
-        f"def triple(x):\n    # YOUR CODE HERE\n    {STUB2}\ntriple(2)"
+    assert "".join(nb["cells"][2]["source"]) == mark(
+        f"def triple(x):\n    @BEGIN task0_2\n    # YOUR CODE HERE\n    {STUB2}\n    @END\n"
+        "triple(2)")
     assert "".join(nb["cells"][3]["source"]) == "assert triple(1) == 3"
     assert [(r.kind, r.cell, r.begin) for r in regions] == [("solution", 2, 2), ("hidden", 3, 2)]
     assert new.endswith("}\n") and "\n \"cells\": [\n" in new  # nbformat's layout
@@ -323,7 +380,9 @@ def test_student_and_instructor_copies(tmp_path):
     assert sorted(stu) == sorted(ins) == expected
     assert ins == {rel: (src / rel).read_bytes() for rel in expected}
     core = stu["tinymoe/core.py"].decode()
-    assert f"    # YOUR CODE HERE\n    {STUB1}\n" in core and "secret" not in core
+    assert mark(f'def add_one(x):\n    """Return x + 1."""\n    @BEGIN task0_1\n'
+                f"    # YOUR CODE HERE\n    {STUB1}\n    @END\n") in core
+    assert "secret" not in core
     assert f"        {STUB2.replace('double it', 'double it')}\n" in core
     tests = stu["tests/test_core.py"].decode()
     assert "test_add_one_hidden" not in tests and "def test_untagged" in tests
@@ -454,3 +513,42 @@ def test_grade_separate_runs_agree_and_cli_exit_code(tmp_path, capsys):
     assert main_classroom(["grade", str(out), "--json", str(tmp_path / "g.json")]) == 1
     assert json.loads((tmp_path / "g.json").read_text())["tests"][3]["message"].endswith(
         "no tests carry @pytest.mark.task0_4")
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys):
+    src = make_tree(tmp_path / "src", lesson=False)
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x\n")
+    broken = make_tree(tmp_path / "broken", lesson=False)
+    (broken / "tinymoe" / "classroom" / "registry.py").write_text("TASKS = {\n")
+    cases = [
+        (["student", str(tmp_path / "o1"), "--src", str(tmp_path / "nowhere")],
+         "no such directory"),
+        (["instructor", str(tmp_path / "o2"), "--src", str(tmp_path / "file")], "not a directory"),
+        (["student", str(tmp_path / "o3"), "--src", str(tmp_path / "full")],
+         "not a tinymoe source tree"),
+        (["student", str(src / "tests" / "x"), "--src", str(src)], "inside the source's tests"),
+        (["student", str(src), "--src", str(src)], "into the source tree itself"),
+        (["instructor", str(tmp_path / "full"), "--src", str(src)], "not empty; pass --force"),
+        (["student", str(tmp_path / "file"), "--src", str(src)], "not a directory"),
+        (["student", str(tmp_path / "o4"), "--src", str(broken)], "task registry does not load"),
+        (["check", str(tmp_path / "nowhere")], "no such directory"),
+        (["check", str(broken)], "task registry does not load"),
+    ]
+    for argv, words in cases:
+        assert main_classroom(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+    assert (tmp_path / "file").read_text() == "x\n"
+
+
+def test_a_student_copy_of_a_student_copy_is_the_same_and_leaks_nothing(tmp_path):
+    src = make_tree(tmp_path / "src")
+    student(tmp_path / "a", src)
+    student(tmp_path / "b", tmp_path / "a")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    stu, ins = build(tmp_path / "a", student=True), build(tmp_path / "a", student=False)
+    assert len(stu.regions) == 3 and leaks(ins.files, stu.files, stu.regions) == []

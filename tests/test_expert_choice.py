@@ -28,15 +28,24 @@ def softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def brute_force(S, C):
-    """position (T, E): for each expert, sort its tokens by (-score, token), the first C win."""
+def check_expert_choice(S, C, position):
+    """Assert that ``position`` (T, E) is expert choice's answer for scores S and capacity C,
+    from its definition, without computing it: each expert fills slots 0..C-1 once; a
+    chosen token outranks every token left out, and slot c+1's token ranks below slot c's,
+    where t ranks above t' when S[t, e] > S[t', e], or the scores tie and t < t'."""
     T, E = S.shape
-    position = np.full((T, E), -1, dtype=np.int64)
+    assert position.shape == (T, E) and position.dtype == np.int64
     for e in range(E):
-        ranked = sorted(range(T), key=lambda t: (-S[t, e], t))
-        for slot, t in enumerate(ranked[:C]):
-            position[t, e] = slot
-    return position
+        col = position[:, e]
+        assert np.all((col >= -1) & (col < C)), (e, col)
+        slots = col[col >= 0]
+        assert sorted(slots) == list(range(C)), (e, col)  # each slot filled exactly once
+        by_slot = np.argsort(np.where(col >= 0, col, C + np.arange(T)))  # slot order, then out
+        rank = [(-S[t, e], t) for t in by_slot]
+        assert all(a < b for a, b in zip(rank[:C], rank[1:C])), (e, col)  # slots in rank order
+        if C < T:
+            left_out = min(rank[C:])
+            assert rank[C - 1] < left_out, (e, col)  # the last kept outranks all left out
 
 
 def make_router(d=5, E=3, cf=2.0, seed=0, scale=1.0):
@@ -59,7 +68,9 @@ def direct_loop(layer, x):
     S = softmax(x @ layer.router.W_g.numpy())  # (T, E)
     T, E = S.shape
     C = expert_choice_capacity(T, E, layer.router.capacity_factor)
-    chosen = brute_force(S, C) >= 0
+    position = expert_choice_positions(S, C)
+    check_expert_choice(S, C, position)
+    chosen = position >= 0
     y = np.zeros_like(x)
     for t in range(T):
         for e in range(E):
@@ -174,7 +185,7 @@ def test_zero_router_sends_every_expert_to_the_first_tokens():
 
 
 @pytest.mark.task6_2
-def test_routing_equals_a_brute_force_argsort_per_expert():
+def test_routing_meets_the_definition_of_expert_choice():
     rng = np.random.default_rng(1)
     for trial in range(60):
         T, E = int(rng.integers(1, 40)), int(rng.integers(1, 9))
@@ -182,7 +193,15 @@ def test_routing_equals_a_brute_force_argsort_per_expert():
         if trial % 3 == 0:
             S = np.round(S, 1)  # plenty of ties
         C = int(rng.integers(1, T + 1))
-        np.testing.assert_array_equal(expert_choice_positions(S, C), brute_force(S, C))
+        check_expert_choice(S, C, expert_choice_positions(S, C))
+    # the check refuses near misses: a swapped pair of slots, a token left out for a worse one
+    S = np.array([[0.9, 0.1], [0.5, 0.5], [0.5, 0.7], [0.2, 0.3]])
+    good = np.array([[0, -1], [1, 1], [-1, 0], [-1, -1]])
+    check_expert_choice(S, 2, good)
+    for bad in ([[1, -1], [0, 1], [-1, 0], [-1, -1]], [[0, -1], [-1, 1], [1, 0], [-1, -1]],
+                [[0, -1], [1, -1], [-1, 0], [-1, 1]]):
+        with pytest.raises(AssertionError):
+            check_expert_choice(S, 2, np.array(bad))
 
 
 @pytest.mark.task6_2

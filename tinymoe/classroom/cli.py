@@ -1,4 +1,4 @@
-"""``tinymoe classroom ...``: student/instructor copies, check, grade, test, prove.
+"""``tinymoe classroom ...``: student/instructor copies, check, site, grade, test, prove.
 
 Bad arguments (a missing folder, an unknown task, a bad number) end with one line
 ``error: ...`` on stderr and exit status 2, never a traceback."""
@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--solutions", metavar="DIR", help="compare with this instructor tree")
     t.add_argument("--json", metavar="PATH", help="write GitHub Classroom results JSON here")
     _limit_args(t, memory=False)
+    w = sub.add_parser("site", help="build the students' course site (Sphinx HTML, -W) from "
+                       "a student copy, lessons not executed, MathJax shipped")
+    w.add_argument("src", metavar="STUDENT_COPY", help="the student copy (or any tinymoe tree: "
+                   "its student version is built)")
+    w.add_argument("out", metavar="OUT", help="directory to write (new, empty, or an earlier site)")
+    w.add_argument("--solutions", metavar="DIR", help="the instructor's tree: refuse the site if "
+                   "any of its solution lines shows")
     c = sub.add_parser("check", help="validate every marker; list tasks and regions")
     c.add_argument("dir", nargs="?", default=".", metavar="DIR")
     v = sub.add_parser("prove", help="build both copies in a temp dir and prove them (slow)")
@@ -92,6 +99,11 @@ def main_classroom(argv: list[str] | None = None) -> int:
             print(f"wrote the {args.command} copy to {args.out}: {len(tree.files)} files, "
                   f"{n} solution regions" + (" stubbed" if args.command == "student" else ""))
             return 0
+        if args.command == "site":
+            from .site import site
+            site(args.src, args.out, solutions=args.solutions)
+            print(f"wrote the students' site to {args.out}: open {args.out}/index.html")
+            return 0
         if args.command == "check":
             report = check(args.dir)
             print(report.text())
@@ -127,6 +139,9 @@ def main_classroom(argv: list[str] | None = None) -> int:
         return 1 if proof.problems else 0
     except ClassroomError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable source, unwritable OUT, disk full: no traceback
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

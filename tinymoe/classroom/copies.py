@@ -30,6 +30,10 @@ SKIP_SUFFIXES = (".pyc", ".pyo", ".nbi", ".nbc", ".egg-info")
 def source_files(src) -> list[str]:
     """The files a copy takes, as sorted POSIX paths relative to ``src``."""
     src = Path(src)
+    if not src.exists():
+        raise ClassroomError(str(src), None, "no such directory")
+    if not src.is_dir():
+        raise ClassroomError(str(src), None, "not a directory")
     if not (src / "tinymoe").is_dir():
         raise ClassroomError(str(src), None, "not a tinymoe source tree (no tinymoe/ package)")
     found = [name for name in COPY_FILES if (src / name).is_file()]

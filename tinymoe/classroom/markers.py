@@ -6,10 +6,12 @@ feed our notebooks to its ``ClearSolutions``. A hidden-test region is delimited 
 ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS``. (docs/teaching.md shows them in
 place: a marker alone on an indented line of this docstring would count as a real one.)
 
-In the student copy a solution region, markers included, becomes two lines at the BEGIN
-marker's indentation, ``# YOUR CODE HERE`` and
+In the student copy a solution region keeps its two marker lines, and its body becomes two
+lines at the BEGIN marker's indentation, ``# YOUR CODE HERE`` and
 ``raise NotImplementedError("tinymoe task N_M: <title> — see <lesson>")``; a hidden-test region
-is deleted. Everything else is kept byte for byte.
+is deleted. Everything else is kept byte for byte. Because the markers stay, stripping a
+student copy again gives the same copy, and the grader finds a student's answer to a task as
+the text between that task's markers (:func:`extract_regions`, :func:`splice_regions`).
 
 Rules, each refused with a :class:`ClassroomError` naming the file and line:
 
@@ -30,6 +32,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 BEGIN_SOLUTION, END_SOLUTION = "BEGIN SOLUTION", "END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
@@ -86,6 +89,12 @@ def stub_task(message: str, tasks: Mapping[str, object]) -> str | None:
 def stub_message(task: str, tasks: Mapping[str, object]) -> str:
     t = tasks[task]
     return f"{STUB_PREFIX}{task_label(task)}: {t.title} — see {t.lesson}"
+
+
+def stub_body(task: str, tasks: Mapping[str, object], indent: str, nl: str = "\n") -> list[str]:
+    """The two lines that replace a solution region's body in the student copy."""
+    msg = json.dumps(stub_message(task, tasks), ensure_ascii=False)
+    return [f"{indent}# YOUR CODE HERE{nl}", f"{indent}raise NotImplementedError({msg}){nl}"]
 
 
 def _lines(text: str) -> list[str]:
@@ -177,11 +186,9 @@ def strip_text(text: str, *, path: str, tasks: Mapping[str, object],
         end_nl = _ending(lines[r.end - 1])
         if r.kind == "solution":
             nl = _ending(lines[r.begin - 1]) or "\n"
-            msg = json.dumps(stub_message(r.task, tasks), ensure_ascii=False)
-            out += [f"{r.indent}# YOUR CODE HERE{nl}",
-                    f"{r.indent}raise NotImplementedError({msg}){end_nl}"]
-            origin += [r.begin, r.begin]
-            stubs.append(len(out))
+            out += [lines[r.begin - 1], *stub_body(r.task, tasks, r.indent, nl), lines[r.end - 1]]
+            origin += [r.begin, r.begin, r.begin, r.end]
+            stubs.append(len(out) - 1)
         elif not end_nl and out:  # a hidden region ended the text without a newline
             out[-1] = out[-1].rstrip("\r\n")
         n = r.end
@@ -272,8 +279,157 @@ def load_tasks(root) -> dict:
     import runpy
     from pathlib import Path
 
-    path = Path(root) / "tinymoe" / "classroom" / "registry.py"
+    root = Path(root)
+    if not root.is_dir():
+        raise ClassroomError(str(root), None, "no such directory" if not root.exists()
+                             else "not a directory")
+    path = root / "tinymoe" / "classroom" / "registry.py"
     if not path.is_file():
         from tinymoe.classroom.registry import TASKS
         return dict(TASKS)
-    return dict(runpy.run_path(str(path), run_name="_tinymoe_classroom_tasks")["TASKS"])
+    try:
+        tasks = runpy.run_path(str(path), run_name="_tinymoe_classroom_tasks")["TASKS"]
+        return dict(tasks)
+    except Exception as e:  # the registry is code: any error in it is the instructor's to fix
+        raise ClassroomError(str(path), getattr(e, "lineno", None), "the task registry does not "
+                             f"load ({type(e).__name__}: {e}); it must define a dict TASKS") \
+            from None
+
+
+# ---------------------------------------------------------------- answers in a student's file
+
+class Answer(NamedTuple):
+    """A student's answer: the text between the markers of the ``ordinal``-th region (0-based)
+    of ``task`` in one file (notebooks: counted over the code cells in order)."""
+
+    task: str
+    ordinal: int
+    body: str
+
+
+def _solution_spans(text: str, *, path: str, tasks: Mapping[str, object],
+                    cell: int | None = None) -> list[tuple[str, int, int]]:
+    """``(task, begin, end)`` 0-based line indices of the marker lines of each solution region.
+
+    Lenient where a student may write anything: only a line that is exactly a solution
+    marker counts; hidden-test markers and other text are body. Refuses what would make the
+    answer ambiguous: a region with no END, a stray END, an unknown task, a BEGIN without one.
+    """
+    spans: list[tuple[str, int, int]] = []
+    open_: tuple[str, int] | None = None
+    suspects: list[int] = []  # comment lines that mention a keyword but are not a marker
+    for i, raw in enumerate(_lines(text)):
+        line = raw.rstrip("\r\n")
+        m = _MARKER_RE.match(line)
+        keyword = m.group("keyword") if m else None
+        if keyword not in (BEGIN_SOLUTION, END_SOLUTION):
+            if line.lstrip().startswith("#") and (BEGIN_SOLUTION in line or END_SOLUTION in line):
+                suspects.append(i + 1)
+            continue
+        arg = m.group("arg")
+        if keyword == BEGIN_SOLUTION:
+            if arg is None:
+                raise ClassroomError(path, i + 1, f"'### {BEGIN_SOLUTION}' without a task name: "
+                                     f"restore '### {BEGIN_SOLUTION} taskN_M'", cell)
+            if arg not in tasks:
+                raise ClassroomError(path, i + 1, f"unknown task {arg!r} after "
+                                     f"'### {BEGIN_SOLUTION}'", cell)
+            if open_ is not None:
+                raise ClassroomError(path, open_[1] + 1, f"the region of {open_[0]} has no "
+                                     f"'### {END_SOLUTION}' before the next '### "
+                                     f"{BEGIN_SOLUTION}' (line {i + 1}): restore it", cell)
+            open_ = (arg, i)
+        else:
+            if arg is not None:
+                raise ClassroomError(path, i + 1, f"'### {END_SOLUTION}' takes no argument", cell)
+            if open_ is None:
+                raise ClassroomError(path, i + 1, f"'### {END_SOLUTION}' with no '### "
+                                     f"{BEGIN_SOLUTION} taskN_M' above it: restore the BEGIN "
+                                     "marker", cell)
+            spans.append((open_[0], open_[1], i))
+            open_ = None
+    if open_ is not None:
+        hint = (f" (line {', '.join(map(str, suspects))} looks like a damaged marker)"
+                if suspects else "")
+        raise ClassroomError(path, open_[1] + 1, f"the region of {open_[0]} has no "
+                             f"'### {END_SOLUTION}' line{hint}: restore it", cell)
+    return spans
+
+
+def _code_cells(text: str, path: str) -> tuple[dict, list[tuple[int, dict, str]]]:
+    try:
+        nb = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClassroomError(path, e.lineno, f"not a JSON notebook: {e.msg}") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells", []), list):
+        raise ClassroomError(path, None, "not a notebook: no list of cells")
+    cells = []
+    for i, c in enumerate(nb.get("cells", [])):
+        if isinstance(c, dict) and c.get("cell_type") == "code":
+            src = c.get("source", "")
+            cells.append((i, c, "".join(src) if isinstance(src, list) else str(src)))
+    return nb, cells
+
+
+def extract_regions(text: str, path: str, tasks: Mapping[str, object]) -> list[Answer]:
+    """Every solution region of a student's ``.py`` or ``.ipynb`` file, as
+    ``Answer(task, ordinal, body)`` in file order (``body``: the lines between the markers,
+    with their endings).
+
+    Whatever the student wrote between the markers is the answer; a missing or damaged
+    marker raises :class:`ClassroomError` naming the line (a grader gives the file's tasks 0
+    with that message).
+    """
+    counts: dict[str, int] = {}
+    out: list[Answer] = []
+
+    def add(src: str, cell: int | None) -> None:
+        lines = _lines(src)
+        for task, b, e in _solution_spans(src, path=path, tasks=tasks, cell=cell):
+            out.append(Answer(task, counts.get(task, 0), "".join(lines[b + 1:e])))
+            counts[task] = counts.get(task, 0) + 1
+
+    if path.endswith(".ipynb"):
+        for i, _, src in _code_cells(text, path)[1]:
+            add(src, i)
+    else:
+        add(text, None)
+    return out
+
+
+def splice_regions(text: str, path: str, tasks: Mapping[str, object],
+                   bodies: Mapping[tuple[str, int], str]) -> str:
+    """``text`` with the body of region ``(task, ordinal)`` replaced by ``bodies[task, ordinal]``
+    (markers kept); the inverse of :func:`extract_regions`. Builds hybrid trees: the
+    instructor's file with one task's answers taken from a student, or stubbed."""
+    counts: dict[str, int] = {}
+    used: set[tuple[str, int]] = set()
+
+    def splice(src: str, cell: int | None) -> str:
+        lines = _lines(src)
+        n, out = 0, []
+        for task, b, e in _solution_spans(src, path=path, tasks=tasks, cell=cell):
+            key = (task, counts.get(task, 0))
+            counts[task] = key[1] + 1
+            if key not in bodies:
+                continue
+            body = bodies[key]
+            if body and not body.endswith(("\n", "\r")):
+                body += "\n"
+            out += lines[n:b + 1] + [body]
+            n = e
+            used.add(key)
+        return "".join(out + lines[n:])
+
+    if path.endswith(".ipynb"):
+        nb, cells = _code_cells(text, path)
+        for i, c, src in cells:
+            c["source"] = splice(src, i)
+        new = dump_notebook(nb)
+    else:
+        new = splice(text, None)
+    missing = sorted(set(bodies) - used)
+    if missing:
+        raise ClassroomError(path, None, "no such solution region: " + ", ".join(
+            f"{t} #{k}" for t, k in missing))
+    return new

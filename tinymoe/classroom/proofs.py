@@ -1,7 +1,8 @@
 """Proofs that the copies do what they promise, for CI (``tinymoe classroom prove``).
 
 * **No leaks**: no line that occurs only inside a solution or hidden-test region of a source
-  file appears in the student version of that file, and no marker is left.
+  file appears in the student version of that file, and no hidden-test marker is left (the
+  solution markers stay around each stub).
 * **Student copy**: ``import tinymoe`` works; its test suite runs *once*; every test tagged
   with a stubbed task fails with a task stub's ``NotImplementedError`` and nothing else (a
   test may stop at the stub of a task it depends on, but each task has at least one test
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .copies import build, source_files, write_tree
-from .markers import KEYWORDS, Region, load_tasks, stub_task
+from .markers import (BEGIN_HIDDEN, END_HIDDEN, STUB_PREFIX, Region, load_tasks,
+                      stub_task)
 from .runner import PytestRun, run_pytest
 
 
@@ -51,6 +53,12 @@ def _text_lines(rel: str, data: bytes) -> list[tuple[int | None, int, str]]:
     return out
 
 
+def _is_stub(line: str) -> bool:
+    """A stub's own line (a student copy keeps its stubs between the markers)."""
+    return line == "# YOUR CODE HERE" or \
+        line.startswith(f'raise NotImplementedError("{STUB_PREFIX}')
+
+
 def leaks(source: dict[str, bytes], student: dict[str, bytes], regions: list[Region]) -> list[str]:
     """Lines found only inside regions of a source file that survive in its student version."""
     problems = []
@@ -59,12 +67,14 @@ def leaks(source: dict[str, bytes], student: dict[str, bytes], regions: list[Reg
         inside = lambda c, n: any(r.cell == c and r.begin <= n <= r.end for r in mine)  # noqa
         outside = {t.strip() for c, n, t in _text_lines(rel, source[rel]) if not inside(c, n)}
         secret = {t.strip() for r in mine for t in r.body if t.strip()} - outside
+        secret = {t for t in secret if not _is_stub(t)}  # a student copy's own regions
         for c, n, t in _text_lines(rel, student[rel]):
             where = f"{rel}" + (f" cell {c}" if c is not None else "") + f" line {n}"
             if t.strip() in secret:
                 problems.append(f"{where}: region line leaked into the student copy: {t.strip()!r}")
-            elif t.lstrip().startswith("#") and any(k in t for k in KEYWORDS):
-                problems.append(f"{where}: marker left in the student copy: {t.strip()!r}")
+            elif t.lstrip().startswith("#") and any(k in t for k in (BEGIN_HIDDEN, END_HIDDEN)):
+                problems.append(f"{where}: hidden-test marker left in the student copy: "
+                                f"{t.strip()!r}")
     return problems
 
 
