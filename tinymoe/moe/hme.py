@@ -356,7 +356,6 @@ def em_step(model: HME, X: np.ndarray, Y: np.ndarray, *, ridge: float = 1e-4,
     """One iteration of Algorithm 1, in place: E-step, then the four M-step fits.
     Returns the number of Newton steps the IRLS fits took."""
     X, Y = model.check_inputs(X, Y)
-    ### BEGIN SOLUTION task2_4
     xa = augment(X)  # (n, d+1)
     post = model.posteriors(X, Y)  # (1) E-step
     I, J = model.n_branches, model.n_experts
@@ -391,7 +390,6 @@ def em_step(model: HME, X: np.ndarray, Y: np.ndarray, *, ridge: float = 1e-4,
         model.v_low.data[i] = V
         steps += s
     return steps
-    ### END SOLUTION
 
 
 def fit_em(model: HME, X: Any, Y: Any, iters: int = 50, *, ridge: float = 1e-4,
