@@ -7,7 +7,6 @@ The marker lines are assembled at run time (``@BEGIN task0_1`` -> the real marke
 file, which the stripper also reads when it copies tests/, contains no marker of its own.
 """
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 
 from tinymoe.classroom import ClassroomError, check, instructor, main_classroom, student
 from tinymoe.classroom.copies import build, source_files
-from tinymoe.classroom.grading import grade
 from tinymoe.classroom.markers import (Answer, extract_regions, splice_regions, strip_notebook,
                                        strip_python, stub_task)
 from tinymoe.classroom.proofs import leaks
@@ -461,58 +459,6 @@ def test_real_repo_student_copy_has_no_solutions():
     stu, ins = build(REPO, student=True), build(REPO, student=False)
     assert sorted(stu.files) == sorted(ins.files)
     assert leaks(ins.files, stu.files, stu.regions) == []
-
-
-# ---------------------------------------------------------------- grading
-
-def graded_project(tmp_path: Path) -> Path:
-    """A student copy where task 0_1 is solved, 0_2 is not, 0_3 has no tests and 0_4's tests
-    do not import."""
-    src = make_tree(tmp_path / "src", lesson=False)
-    out = tmp_path / "stu"
-    student(out, src)
-    core = out / "tinymoe" / "core.py"
-    core.write_text(core.read_text().replace(f"    # YOUR CODE HERE\n    {STUB1}\n",
-                                             "    return x + 1\n"))
-    (out / "tests" / "test_broken.py").write_text(
-        "import pytest\nimport no_such_module\n\n\n@pytest.mark.task0_4\ndef test_x():\n"
-        "    pass\n")
-    return out
-
-
-def test_grade_json(tmp_path, capsys):
-    out = graded_project(tmp_path)
-    report = grade(out, tmp_path / "grade.json")
-    table = capsys.readouterr().out
-    assert "task0_1" in table and "3/3" in table and "total" in table and "3/7" in table
-    data = json.loads((tmp_path / "grade.json").read_text())
-    assert data["version"] == 1 and data["status"] == "fail" and data["max_score"] == 7
-    tests = {t["name"].split(":")[0]: t for t in data["tests"]}
-    assert [(n, t["status"], t["score"], t["max_score"]) for n, t in tests.items()] == [
-        ("task0_1", "pass", 3, 3), ("task0_2", "fail", 0, 2), ("task0_3", "fail", 0, 1),
-        ("task0_4", "fail", 0, 1)]
-    assert tests["task0_1"]["message"].startswith("1 passed, 0 failed")
-    assert "NotImplementedError: tinymoe task 0_2: double it" in tests["task0_2"]["message"]
-    assert "no tests carry @pytest.mark.task0_3" in tests["task0_3"]["message"]
-    assert "could not be collected" in tests["task0_4"]["message"]
-    assert all(set(t) >= {"name", "status", "score", "max_score", "message", "test_code"}
-               for t in data["tests"])
-    assert len(report.runs) == 1 and report.score == 3
-
-
-def test_grade_separate_runs_agree_and_cli_exit_code(tmp_path, capsys):
-    out = graded_project(tmp_path)
-    two = {name: TASKS[name] for name in ("task0_1", "task0_2")}
-    one = grade(out, tasks=two, quiet=True)
-    many = grade(out, tasks=two, separate=True, quiet=True)
-    assert [(t.name, t.earned, t.passed, t.failed) for t in one.tasks] == \
-        [(t.name, t.earned, t.passed, t.failed) for t in many.tasks] == \
-        [("task0_1", 3, 1, 0), ("task0_2", 0, 0, 1)]
-    assert len(many.runs) == 2
-    os.remove(out / "tests" / "test_broken.py")
-    assert main_classroom(["grade", str(out), "--json", str(tmp_path / "g.json")]) == 1
-    assert json.loads((tmp_path / "g.json").read_text())["tests"][3]["message"].endswith(
-        "no tests carry @pytest.mark.task0_4")
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys):

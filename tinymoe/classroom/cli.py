@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true",
                        help="replace the copy's entries in a non-empty OUT; other files stay")
         s.add_argument("--src", default=".", help="source tree (default: .)")
+        if name == "student":
+            s.add_argument("--no-answers", action="store_true",
+                           help="do not ship the probes' answers for the public seed")
     g = sub.add_parser("grade", help="grade a submission task by task (the trusted grader)",
                        description="Grade a submission: each task's probes run in a sandboxed "
                        "child on the instructor's tree with only that task's regions taken "
@@ -98,6 +101,12 @@ def main_classroom(argv: list[str] | None = None) -> int:
             n = sum(r.kind == "solution" for r in tree.regions)
             print(f"wrote the {args.command} copy to {args.out}: {len(tree.files)} files, "
                   f"{n} solution regions" + (" stubbed" if args.command == "student" else ""))
+            if args.command == "student" and not args.no_answers and \
+                    (Path(args.src) / "tinymoe" / "classroom" / "probes.py").is_file():
+                from .grading import write_answers
+                written = write_answers(args.src, args.out)
+                print(f"wrote the answers of {len(written)} tasks for the public seed (what "
+                      f"'tinymoe classroom test' compares with; grading draws another seed)")
             return 0
         if args.command == "site":
             from .site import site
