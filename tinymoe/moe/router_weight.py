@@ -17,7 +17,7 @@ import numpy as np
 
 from tinymoe import ops, validate
 from tinymoe.moe.precision import RoundBFloat16, to_router_precision
-from tinymoe.nn.init import INIT_SCALE, switch_init, truncated_normal  # noqa: F401
+from tinymoe.nn.init import INIT_SCALE, switch_init
 from tinymoe.nn.module import Parameter
 from tinymoe.tensor import Tensor, as_tensor
 
