@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,8 +255,15 @@ class ProbeRun:
     seconds: float
 
 
+def _task_number(task: str) -> int:
+    """``task4_1`` -> 41, the second half of the probe's seed; ids with letters
+    (``task2b_1``) map to a stable number of their own (a CRC of the id)."""
+    digits = task.removeprefix("task").replace("_", "")
+    return int(digits) if digits.isdigit() else zlib.crc32(task.encode()) + 1000
+
+
 def _inputs(task: str, seed: int) -> list[dict[str, np.ndarray]]:
-    return PROBES[task].cases(np.random.default_rng([seed, int(task[4:].replace("_", ""))]))
+    return PROBES[task].cases(np.random.default_rng([seed, _task_number(task)]))
 
 
 def _child_env(work: Path) -> dict[str, str]:
