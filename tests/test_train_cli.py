@@ -103,7 +103,8 @@ def test_an_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, data, mon
     monkeypatch.setattr(serialization, "_write_npz", write)
     _, meta = tm.nn.load(path)  # still the step-2 checkpoint, complete
     assert meta["step"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == [  # no temporary file or lock left
+        "checkpoint-00000002.npz", "checkpoint-best.npz", "checkpoint.npz"]
     model, tok, _ = load_model(tmp_path)
     assert model.cfg == MODEL.replace(vocab_size=tok.vocab_size)
     res = train(out=tmp_path, resume=True, progress=False, data=data)

@@ -398,8 +398,10 @@ def combine_sorted_backward(grad_y: np.ndarray, rows_out: np.ndarray, order: np.
     out = _c(check_rows(rows_out, order.size, "rows_out", "combine_sorted_backward",
                         rows="N"))                                         # (N, d)
     g = _c(check_rows(grad_y, T, "grad_y", "combine_sorted_backward"))     # (T, d)
-    grad_out = np.empty(out.shape, dtype=out.dtype)                        # (N, d)
+    grad_out = np.zeros(out.shape, dtype=out.dtype)                        # (N, d)
     dots = np.empty((T, k), dtype=np.result_type(out, g))                  # (T, k)
-    with _threads_for(out.size):  # every row is some pair's: no empty rows to zero
+    # check_order makes every row some pair's, so each is written; zeros all the same, so a
+    # row nobody owns can never return leftover memory
+    with _threads_for(out.size):
         _scatter_and_dot(out, _rows_of_order(order, T, k), g, w, _zero(out, g), grad_out, dots)
     return grad_out, dots.astype(w.dtype, copy=False)
