@@ -182,7 +182,8 @@ class HME(Module):
     def log_likelihood(self, X: Any, Y: Any, reduction: str = "mean") -> Tensor:
         """``log P(y|x) = log sum_ij g_i g_{j|i} P_ij(y)`` (2.8), via logsumexp."""
         a = self.joint_log(X, Y)  # (n, I, J)
-        per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], -1)), axis=-1)  # (n,)
+        per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], a.shape[1] * a.shape[2])),
+                                 axis=-1)  # (n,)
         return apply_reduction("HME.log_likelihood", per_case, reduction)
 
     def route(self, X: Any) -> Routing:
@@ -192,7 +193,7 @@ class HME(Module):
         """
         log_g, log_g_low = self.gates(X)
         w = ops.exp(ops.unsqueeze(log_g, -1) + log_g_low)  # (n, I, J) g_i g_{j|i}
-        w = ops.reshape(w, (w.shape[0], -1))  # (n, I*J) leaf i*J + j
+        w = ops.reshape(w, (w.shape[0], w.shape[1] * w.shape[2]))  # (n, I*J) leaf i*J + j
         return dense_routing(w, stats={"log_g": log_g, "log_g_low": log_g_low})
 
     def forward(self, X: Any) -> Tensor:

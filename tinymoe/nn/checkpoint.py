@@ -227,8 +227,8 @@ class CheckpointWriter:
         """
         meta = dict(metadata or {})
         meta["step"] = int(step)
-        if val_loss is not None:
-            meta["val_loss"] = float(val_loss)
+        if val_loss is not None:  # JSON has no NaN: a non-finite loss is recorded as null
+            meta["val_loss"] = float(val_loss) if np.isfinite(val_loss) else None
         better = val_loss is not None and np.isfinite(val_loss) and \
             float(val_loss) < self.best_val_loss
         with defer_sigint():
