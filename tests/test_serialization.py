@@ -86,14 +86,15 @@ def write_format1(path, state, metadata):
                 np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
 
 
-def test_format1_checkpoint_is_refused_with_how_to_convert_then_converts(tmp_path):
+def test_format1_checkpoint_loads_with_a_warning_and_converts(tmp_path):
     path = tmp_path / "old.npz"
     sd = Linear(2, 3, rng=0).state_dict()
     write_format1(path, sd, {"step": 5})
-    with pytest.raises(ValueError, match=r"format 1.*tm.nn.load\(path, verify=False\)"):
-        tm.nn.load(path)
-    state, meta = tm.nn.load(path, verify=False)
+    with pytest.warns(UserWarning, match=r"format 1.*Re-save it once"):
+        state, meta = tm.nn.load(path)
     assert meta == {"step": 5}
+    for k in sd:
+        np.testing.assert_array_equal(state[k], sd[k])
     tm.nn.save(state, path, metadata=meta)  # the conversion the message names
     state2, meta2 = tm.nn.load(path)
     assert meta2 == {"step": 5} and list(state2) == list(sd)

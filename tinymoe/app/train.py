@@ -390,17 +390,20 @@ def _train(model_cfg: TransformerConfig | None, train_cfg: TrainConfig | None,
         start_step = int(meta["step"])
     writer = None if path is None else CheckpointWriter(
         path.parent, stem=path.stem, keep_last=train_cfg.keep_last, lock=lock or False)
+    if writer is not None and meta is None:
+        writer.clear()  # a new run: the old run's files would pass for this one's
     sched = tm.optim.LinearWarmupCosine(train_cfg.steps, min(train_cfg.warmup, train_cfg.steps),
                                         train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio)
     held_out = val_batches(val_ids, train_cfg, model_cfg.block_size)
     model.train()
     K = train_cfg.divergence_factor
     first_loss = history.train_loss[0] if history.train_loss else None
+    best_val = min(history.val_loss, default=math.inf)
 
     def reference() -> tuple[float | None, str]:
         """What a loss is compared with: the best validation loss, else the first loss."""
-        if history.val_loss:
-            return min(history.val_loss), "the best validation loss"
+        if best_val < math.inf:
+            return best_val, "the best validation loss"
         return first_loss, "the first training loss"
 
     def diverged(step: int, what: str, value: float | None = None, cause: str = "") -> None:
@@ -425,6 +428,7 @@ def _train(model_cfg: TransformerConfig | None, train_cfg: TrainConfig | None,
 
     def validate_now(step: int) -> float:
         """The validation loss of the current weights; a diverged model stops the run."""
+        nonlocal best_val
         states = generator_states(model)
         try:
             v = evaluate(model, held_out)
@@ -433,6 +437,7 @@ def _train(model_cfg: TransformerConfig | None, train_cfg: TrainConfig | None,
         finally:
             set_generator_states(model, states)  # evaluation draws nothing; be sure
         check_loss(step, "the validation loss", v)
+        best_val = min(best_val, v)
         return v
 
     def save(step: int, val_loss: float | None) -> None:
@@ -578,8 +583,15 @@ def _number(typ: type, name: str, allow_inf: bool = False) -> Callable[[str], An
     return parse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line, ``prog: error: ... (see prog --help)``, exit status 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_train_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="tinymoe train",
         description="Train the tiny Switch Transformer (or its dense baseline, or a GShard "
                     "top-2 model) on the shipped Shakespeare characters, with checkpoints.")
@@ -590,6 +602,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fast", action="store_true",
                     help="a tiny model and 60 steps (a smoke test; also TINYMOE_FAST=1)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an --out that holds another run's checkpoints "
+                         "(deletes them)")
     ap.add_argument("--force-unlock", action="store_true",
                     help="take over --out from a run that is gone (its .lock stayed behind)")
     m = ap.add_argument_group("model")
@@ -665,9 +680,16 @@ def main_train(argv: Sequence[str] | None = None) -> int:
             except ValueError as e:
                 raise ValueError(f"{e}{_earlier(path)}") from None
             check_training_meta(meta, path)
+            config_from_meta(TransformerConfig, meta["model_config"], path)
             print(f"resuming from {path} at step {meta['step']}")
-        elif path.is_file():
-            print(f"note: {path} exists and will be overwritten (use --resume to continue)")
+        elif old := sorted(p.name for p in path.parent.glob(f"{path.stem}*.npz")
+                           if p.name == path.name or p.name.startswith(path.stem + "-")):
+            if not args.overwrite:
+                raise ValueError(f"{path.parent} holds the checkpoints of another run "
+                                 f"({', '.join(old)}); continue it with --resume, start "
+                                 f"over with --overwrite (deletes them), or choose another "
+                                 f"--out")
+            print(f"note: --overwrite: deleting {', '.join(old)} in {path.parent}")
         model_cfg, train_cfg = configs_from_args(args, meta)
         res = train(model_cfg, train_cfg, out=args.out, resume=args.resume,
                     progress=not args.no_progress, force_unlock=args.force_unlock)
@@ -698,7 +720,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
 
 def main_sample(argv: Sequence[str] | None = None) -> int:
     """``tinymoe sample --checkpoint PATH [--prompt TEXT] [--length N] [--temperature T]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe sample",
+    ap = OneLineParser(prog="tinymoe sample",
                                  description="Print text sampled from a trained checkpoint.")
     ap.add_argument("--checkpoint", default="runs/switch",
                     help="checkpoint file or the --out folder of tinymoe train")

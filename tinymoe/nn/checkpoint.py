@@ -193,6 +193,21 @@ class CheckpointWriter:
         return [p for _, p in sorted(found)]
 
     # -- start up ---------------------------------------------------------------------------
+    def files(self) -> list[Path]:
+        """Every checkpoint of this stem in the directory: latest, step files, best."""
+        named = [self.latest, self.best]
+        return [p for p in named if p.is_file()] + self.step_files()
+
+    def clear(self) -> list[str]:
+        """Delete every checkpoint of this stem (a new run replacing an old one)."""
+        removed = []
+        for p in self.files():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p.name)
+        self.best_val_loss = float("inf")
+        return sorted(removed)
+
     def _remove_stale_temp_files(self) -> list[str]:
         """Temporary files of an interrupted save (``.<name>.npz.<random>.tmp``)."""
         removed = []

@@ -12,9 +12,12 @@ is pickled.
 compressed) and no larger than the file, the metadata's digest matches, every array listed
 is present with its digest, and no array is there that the metadata does not list. A
 truncated, bit-flipped, spliced or crafted file is refused with a ValueError naming the
-file and the member. Files written by tinymoe before checksums (format 1) and plain
-``np.savez`` files carry nothing to verify: they are refused unless you pass
-``verify=False``; re-save them to add checksums::
+file and the member.
+
+Older files: a checkpoint tinymoe wrote before checksums (format 1) still loads, with a
+warning (only the zip's CRC-32 guards it); a plain ``np.savez`` file has no tinymoe
+metadata at all and is refused unless you pass ``verify=False`` (a damaged checkpoint whose
+directory lost its last entries looks just like one). Re-save either to add checksums::
 
     state, meta = tm.nn.load("old.npz", verify=False)   # only for a file you trust
     tm.nn.save(state, "old.npz", metadata=meta)          # now format 2, verified on load
@@ -32,6 +35,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import IO, Any
@@ -244,13 +248,15 @@ def _envelope(members: dict[str, bytes], hint: str, verify: bool) -> dict[str, A
         if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
             raise CheckpointError(f"{hint}: member {META_KEY!r} has no valid 'sha256' table; "
                                   f"the file was altered")
-    elif verify:
-        raise CheckpointError(f"{hint}: it was written before checkpoints had checksums "
-                              f"(format {version}), so it cannot be verified; if you trust "
-                              f"it, convert it once: state, meta = tm.nn.load(path, "
-                              f"verify=False); tm.nn.save(state, path, metadata=meta)")
-    elif digest is not None:
-        members[META_SHA_KEY] = digest  # an ordinary array in a format-1 file
+    else:
+        if verify:
+            warnings.warn(f"{hint.replace('cannot read', 'reading')}: it was written before "
+                          f"checkpoints had checksums (format {version}); only the zip's "
+                          f"CRC-32 checks it. Re-save it once to add checksums: state, meta "
+                          f"= tm.nn.load(path); tm.nn.save(state, path, metadata=meta)",
+                          UserWarning, stacklevel=4)
+        if digest is not None:
+            members[META_SHA_KEY] = digest  # an ordinary array in a format-1 file
     if not isinstance(env.get("metadata", {}), dict):
         raise CheckpointError(f"{hint}: the 'metadata' in {META_KEY!r} is a "
                               f"{type(env['metadata']).__name__}, not an object; the file "
@@ -265,9 +271,10 @@ def load(path: str | os.PathLike, *, verify: bool = True
 
     Raises FileNotFoundError when nothing is at ``path`` and :class:`CheckpointError` (a
     ValueError) naming the file and the member when it is not a checkpoint this tinymoe can
-    trust: truncated, corrupt, altered, compressed, newer, or without checksums.
-    ``verify=False`` also reads format-1 and plain ``np.savez`` files (no checksums: only
-    the zip's CRC-32 guards them); re-save such a file to add checksums.
+    trust: truncated, corrupt, altered, compressed, newer, or without tinymoe metadata.
+    A format-1 file (before checksums) loads with a UserWarning. ``verify=False`` also reads
+    plain ``np.savez`` files (no checksums: only the zip's CRC-32 guards them) and skips
+    the warning; re-save such a file to add checksums.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
