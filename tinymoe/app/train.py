@@ -504,7 +504,7 @@ def _train(model_cfg: TransformerConfig | None, train_cfg: TrainConfig | None,
             if snapshot is not None:  # the interrupted step drew noise and a batch: undo
                 batch_rng.bit_generator.state = snapshot[0]
                 set_generator_states(model, snapshot[1])
-            if first_nonfinite_tensor(model) is None:
+            if completed > start_step and first_nonfinite_tensor(model) is None:
                 save(completed, None)  # atomic, so the previous file stays valid even now
         raise
     finally:
@@ -694,8 +694,11 @@ def main_train(argv: Sequence[str] | None = None) -> int:
         res = train(model_cfg, train_cfg, out=args.out, resume=args.resume,
                     progress=not args.no_progress, force_unlock=args.force_unlock)
     except KeyboardInterrupt:
-        print(f"interrupted; the last completed step is saved in {path} (continue with "
-              f"--resume)")
+        if path.is_file():
+            print(f"interrupted; the last completed step is saved in {path} (continue with "
+                  f"--resume)")
+        else:
+            print("interrupted before the first step; nothing was saved")
         return 130
     except (TrainingDiverged, LockError) as e:
         print(f"tinymoe train: error: {e}")
