@@ -379,3 +379,15 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, data):
     (out / ".checkpoint.npz.k1ll3d.tmp").write_bytes(b"PK half a save")
     train(out=out, resume=True, progress=False, data=data)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_sample_refuses_crafted_metadata_in_one_line(tmp_path, data, capsys):
+    out, _ = good_run(tmp_path, data)
+    path = checkpoint_path(out)
+    state, meta = tm.nn.load(path)
+    for bad in ({"model_config": [1, 2]}, {"model_config": {"n_heads": "two"}},
+                {"chars": 5}):
+        tm.nn.save(state, path, metadata={**meta, **bad})
+        assert main_sample(["--checkpoint", str(out), "-n", "5"]) == 2
+        text = capsys.readouterr().out.strip()
+        assert len(text.splitlines()) == 1 and str(path) in text, text

@@ -227,16 +227,6 @@ def checkpoint_state(model: Transformer, opt: tm.optim.Optimizer, step: int,
     return arrays, meta
 
 
-def save_checkpoint(path: Path, model: Transformer, opt: tm.optim.Optimizer, step: int,
-                    train_cfg: TrainConfig, tok: CharTokenizer, batch_rng: np.random.Generator,
-                    history: History) -> None:
-    """One atomic, checksummed ``.npz`` at ``path`` (no rotation, no lock: see
-    :class:`~tinymoe.nn.checkpoint.CheckpointWriter` for those)."""
-    arrays, meta = checkpoint_state(model, opt, step, train_cfg, tok, batch_rng, history)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tm.nn.save(arrays, path, metadata=meta, require_finite=True)
-
-
 _META_TYPES = {"step": int, "model_config": dict, "train_config": dict, "chars": (str, list),
                "rng": dict, "history": dict}
 
@@ -310,10 +300,20 @@ def load_model(path: str | os.PathLike, **config_changes: Any
     if "model_config" not in meta:
         raise ValueError(f"load_model: {checkpoint_path(path)} is not a tinymoe training "
                          f"checkpoint (no model_config in its metadata)")
-    cfg = TransformerConfig.from_dict(meta["model_config"]).replace(**config_changes)
-    model = Transformer(cfg, rng=0)
-    model.load_state_dict(split_state(state, cfg.kind)[0])
-    return model, CharTokenizer(meta["chars"]), meta
+    where = checkpoint_path(path)
+    if not isinstance(meta["model_config"], dict) or not isinstance(meta.get("chars"),
+                                                                   (str, list)):
+        raise ValueError(f"load_model: {where}: the checkpoint's model_config or chars "
+                         f"metadata is invalid; it was altered")
+    cfg = config_from_meta(TransformerConfig, meta["model_config"], where)
+    try:
+        cfg = cfg.replace(**config_changes)
+        model = Transformer(cfg, rng=0)
+        model.load_state_dict(split_state(state, cfg.kind)[0])
+        tok = CharTokenizer(meta["chars"])
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"load_model: {where}: {type(e).__name__}: {e}") from None
+    return model, tok, meta
 
 
 # --- the loop ------------------------------------------------------------------------------
