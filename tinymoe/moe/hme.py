@@ -20,7 +20,9 @@ a Bernoulli with mean ``mu_ij`` for each output (classification, targets in {0, 
 **M-step** (Algorithm 1): decoupled weighted fits, one GLIM each.
 
 - expert ij: maximise ``sum_t h_ij log P_ij(y)`` -- weighted least squares (Gaussian; exact in
-  one solve, then ``sigma^2`` = the weighted mean squared residual) or IRLS (logistic);
+  one solve, then ``sigma^2 = sum_t h_ij ||y - mu_ij||^2 / (D sum_t h_ij)``, the weighted mean
+  squared residual per output dimension, since the covariance is ``sigma^2 I``) or IRLS
+  (logistic);
 - top gate: maximise ``sum_t sum_i h_i log g_i`` -- a multinomial logit with soft targets,
   fitted by IRLS (Newton's method; Fisher scoring is the same for the canonical link);
 - lower gate i: maximise ``sum_t h_i sum_j h_{j|i} log g_{j|i}`` -- the same with
