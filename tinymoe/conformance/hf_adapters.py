@@ -57,6 +57,13 @@ class HFSwitch:
         from transformers import SwitchTransformersConfig
 
         self.m, self.Config = m, SwitchTransformersConfig
+        self._made = {}  # modules by shape: making one is slow, their weights are reset
+
+    def _module(self, cls, d, E, capacity, **kw):
+        key = (cls.__name__, d, E, capacity, tuple(sorted(kw.items())))
+        if key not in self._made:
+            self._made[key] = cls(self._config(d, E, capacity, **kw)).eval()
+        return self._made[key]
 
     def _config(self, d, E, capacity, **kw):
         return self.Config(d_model=d, num_experts=E, expert_capacity=capacity, router_bias=False,
@@ -67,7 +74,7 @@ class HFSwitch:
         """(mask (T, E) after capacity, top probability (T,)) from HF's router."""
         torch = _torch()
         T, E = logits.shape
-        router = self.m.SwitchTransformersTop1Router(self._config(E, E, capacity)).eval()
+        router = self._module(self.m.SwitchTransformersTop1Router, E, E, capacity)
         _eye_linear(router.classifier, E)
         x = _tensor(logits)
         with torch.no_grad():
@@ -104,8 +111,8 @@ class HFSwitch:
         torch = _torch()
         T, d = x.shape
         E, _, f = w_in.shape
-        mlp = self.m.SwitchTransformersSparseMLP(self._config(
-            d, E, capacity, d_ff=f, dense_act_fn="relu")).eval()
+        mlp = self._module(self.m.SwitchTransformersSparseMLP, d, E, capacity, d_ff=f,
+                           dense_act_fn="relu")
         with torch.no_grad():
             mlp.router.classifier.weight.copy_(_tensor(router_weight.T.astype(np.float32)))
             for e in range(E):
