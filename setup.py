@@ -45,9 +45,7 @@ setup(
             "sphinx-mathjax-offline>=0.0.2",
         ],
     },
-    entry_points={"console_scripts": ["tinymoe=tinymoe.app.cli:main"],
-                  # pytest --pyargs tinymoe.conformance --moe-impl mypkg.adapter
-                  "pytest11": ["tinymoe.conformance.plugin = tinymoe.conformance.plugin"]},
+    entry_points={"console_scripts": ["tinymoe=tinymoe.app.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Intended Audience :: Education",

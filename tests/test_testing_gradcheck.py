@@ -144,3 +144,10 @@ def test_from_torch_function_module_and_parameters():
     report = gradcheck(f, vjp, [rand(2, 3), *ps], names=["x", "weight", "bias"])
     assert [r.name for r in report.inputs] == ["x", "weight", "bias"]
     assert layer[0].weight.dtype == torch.float32  # the user's module is untouched
+
+
+def test_reachable_from_the_package():
+    import tinymoe.testing
+
+    assert tm.testing.gradcheck is gradcheck is tinymoe.testing.gradcheck
+    assert tm.conformance.check is not None

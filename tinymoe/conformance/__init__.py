@@ -3,7 +3,8 @@
 Write an adapter (a module or object with any of the methods below; arrays in, arrays out)
 and run the suite with pytest::
 
-    python -m pytest --pyargs tinymoe.conformance --moe-impl mypkg.adapter
+    python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance \
+        --moe-impl mypkg.adapter
 
 (``--moe-impl module`` or ``module:attribute``; a class is instantiated). Methods the adapter
 lacks are skipped. Its ``conventions`` dict chooses among the documented conventions

@@ -1,9 +1,9 @@
 """Adapters for Hugging Face transformers' Switch and Mixtral MoE code (needs torch and
 transformers; both are imported when an adapter is made, not when this module is).
 
-    python -m pytest --pyargs tinymoe.conformance \\
+    python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance \\
         --moe-impl tinymoe.conformance.hf_adapters:HFSwitch
-    python -m pytest --pyargs tinymoe.conformance \\
+    python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance \\
         --moe-impl tinymoe.conformance.hf_adapters:HFMixtral
 
 They feed the suite's arrays through the real classes (``SwitchTransformersTop1Router``,

@@ -1,13 +1,17 @@
 """The pytest plugin of the conformance suite: ``--moe-impl`` and ``--moe-convention``.
 
-Installed with tinymoe (the ``pytest11`` entry point ``tinymoe.conformance.plugin``), so
+Load it with ``-p``:
 
-    python -m pytest --pyargs tinymoe.conformance --moe-impl mypkg.adapter
+    python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance \
+        --moe-impl mypkg.adapter
 
-works from anywhere; from a source checkout that is not installed, add
-``-p tinymoe.conformance.plugin``. Without ``--moe-impl`` the suite tests tinymoe's own
-adapter. ``--moe-convention name=value`` (repeatable) overrides the adapter's declared
-conventions, e.g. ``--moe-convention priority=token_major``.
+(or once in your project: ``addopts = "-p tinymoe.conformance.plugin"`` in its pytest
+configuration). It is deliberately not registered as an entry point: a plugin loaded into
+every pytest run would import tinymoe before pytest's ``pythonpath`` setting applies, and a
+course copy of the repository would then test the installed tinymoe instead of its own.
+Without ``--moe-impl`` the suite tests tinymoe's own adapter. ``--moe-convention
+name=value`` (repeatable) overrides the adapter's declared conventions, e.g.
+``--moe-convention priority=token_major``.
 """
 from __future__ import annotations
 

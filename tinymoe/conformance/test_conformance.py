@@ -1,6 +1,7 @@
 """The conformance suite: every component the adapter implements, on every case.
 
-Run with ``python -m pytest --pyargs tinymoe.conformance --moe-impl mypkg.adapter``; the
+Run with ``python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance
+--moe-impl mypkg.adapter``; the
 ``moe_adapter`` and ``moe_conventions`` fixtures come from :mod:`tinymoe.conformance.plugin`.
 """
 import pytest

@@ -3,7 +3,8 @@
 Also the worked example of an adapter: a module (or any object) whose functions take and
 return NumPy arrays, and a ``conventions`` dict. Run the suite on it with
 
-    python -m pytest --pyargs tinymoe.conformance --moe-impl tinymoe.conformance.tinymoe_adapter
+    python -m pytest -p tinymoe.conformance.plugin --pyargs tinymoe.conformance \
+        --moe-impl tinymoe.conformance.tinymoe_adapter
 """
 from __future__ import annotations
 
