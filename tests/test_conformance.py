@@ -108,8 +108,8 @@ def failure(adapter, component, case):
 
 
 def test_load_estimator_with_the_wrong_threshold():
-    """davidmrau/mixture-of-experts-style bug: the k-th largest H as the threshold for every
-    expert (the top-k experts must be compared with the (k+1)-th)."""
+    """The k-th largest H as the threshold for every expert: the experts inside the top k
+    must be compared with the (k+1)-th (their own logit excluded, eq. 9)."""
     def noisy(clean, sigma, noise, k):
         H = clean + noise * sigma
         gates, _ = ref.noisy_topk_router(clean, sigma, noise, k)
@@ -217,6 +217,14 @@ def test_loss_and_layer_bugs():
     msg = failure(Broken(switch_layer=passthrough), "switch_layer", "capacity_1")
     assert "output 'y' differs" in msg
     assert "matches the convention dropped_tokens='passthrough'" in msg
+
+    def scaled(x, W, w_in, w_out, C):  # HF transformers' Switch before PR #37123: p·x
+        y = passthrough(x, W, w_in, w_out, C)
+        p = ref.softmax(x @ W, TINYMOE).max(axis=1, keepdims=True)
+        return np.where(y == x, p * x, y)
+
+    msg = failure(Broken(switch_layer=scaled), "switch_layer", "capacity_1")
+    assert "matches the convention dropped_tokens='scaled_passthrough'" in msg
 
 
 def test_wrong_shapes_and_missing_outputs_are_reported():
