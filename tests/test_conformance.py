@@ -295,3 +295,13 @@ def test_pytest_plugin_runs_the_suite_on_a_users_adapter(tmp_path):
     assert "expert_capacity [case random]: output 'capacity' differs at the value: expected " \
            "10, got 11 (1 of 1 elements differ)" in out
     assert "conventions: capacity_rounding='ceil'" in out
+
+
+def test_the_docs_show_the_message_the_suite_prints():
+    """docs/testing_your_moe.md quotes a failure message: it is the one the suite prints."""
+    import re
+
+    page = (ROOT / "docs" / "testing_your_moe.md").read_text(encoding="utf-8")
+    quoted = re.search(r"```text\n(.*?)```", page, re.DOTALL).group(1).strip()
+    floor = Broken(expert_capacity=lambda T, E, cf, k: max(min(int(k * T * cf / E), T), 1))
+    assert failure(floor, "expert_capacity", "not_divisible") == quoted
