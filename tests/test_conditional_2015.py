@@ -95,6 +95,7 @@ def test_expected_over_gates_is_exact():
     tm.gradcheck(lambda q: expected_over_gates(q, lambda b: loss(tm.tensor(b))), [leaf(p)])
 
 
+@pytest.mark.task2b_1
 def test_estimator_study_reinforce_is_unbiased_and_the_others_are_not():
     rng = np.random.default_rng(5)
     study = estimator_study(rng.standard_normal(3), quadratic(rng))
@@ -107,6 +108,7 @@ def test_estimator_study_reinforce_is_unbiased_and_the_others_are_not():
     assert not np.allclose(study["reinforce"].exact, study["stochastic-times-smooth"].exact)
 
 
+@pytest.mark.task2b_1
 def test_estimator_study_matches_monte_carlo_for_reinforce():
     rng = np.random.default_rng(6)
     a, loss = rng.standard_normal(3), quadratic(rng)
@@ -119,6 +121,7 @@ def test_estimator_study_matches_monte_carlo_for_reinforce():
     assert np.allclose(g.mean(0), exact.mean, atol=4 * g.std(0).max() / 200)
 
 
+@pytest.mark.task2b_3
 def test_sparsity_regularisers_match_the_formulas_and_gradcheck():
     rng = np.random.default_rng(8)
     sigma = rng.uniform(0.05, 0.95, (6, 4))
@@ -149,6 +152,7 @@ def test_block_gated_layer_masks_whole_blocks_and_gradchecks():
         layer(x, mode="sometimes")
 
 
+@pytest.mark.task2b_2
 def test_block_gated_net_trains_its_policy_by_reinforce():
     rng = np.random.default_rng(10)
     net = BlockGatedNet(6, 3, n_blocks=4, block=3, rng=rng)

@@ -266,9 +266,11 @@ def sparsity_regularisers(sigma: Any, tau: float) -> dict[str, Tensor]:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"sparsity_regularisers: tau={tau!r} is a target fraction of "
                          f"blocks; use 0 < tau <= 1")
-    L_b = ops.abs(sigma.mean(axis=0) - tau).sum()
-    L_e = ops.abs(sigma.mean(axis=1) - tau).mean()
+    ### BEGIN SOLUTION task2b_3
+    L_b = ops.abs(sigma.mean(axis=0) - tau).sum()  # over the k blocks
+    L_e = ops.abs(sigma.mean(axis=1) - tau).mean()  # over the n examples
     L_v = -ops.var(sigma, axis=0).sum()
+    ### END SOLUTION
     return {"L_b": L_b, "L_e": L_e, "L_v": L_v}
 
 
