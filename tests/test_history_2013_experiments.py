@@ -8,7 +8,7 @@ from tinymoe.app.experiments import conditional_2015, deep_moe_2013
 
 def test_deep_moe_run_reports_every_figure_per_layer():
     result = deep_moe_2013.run(cfg={"epochs": 1, "copies": 1, "seeds": 2}, progress=False,
-                               models=("dmoe", "dense"))
+                               models=("dmoe", "single", "dense"))
     runs = result.runs["dmoe"]
     assert [r.seed for r in runs] == [0, 1]
     for r in runs:
@@ -24,6 +24,10 @@ def test_deep_moe_run_reports_every_figure_per_layer():
     assert rows["dmoe"]["mi_layer2_what"] == [r.mi["layer2_what"] for r in runs]
     table = deep_moe_2013.format_table(result)
     assert "| dmoe |" in table and "| dense |" in table and "±" in table
+    single = result.runs["single"][0]
+    assert set(single.mi) == {"layer1_where", "layer1_what"}
+    assert abs(single.params - runs[0].params) / runs[0].params < 0.02
+    assert "| single |" in table
 
 
 def test_translation_cells_cover_the_canvas():

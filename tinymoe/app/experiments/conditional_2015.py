@@ -22,6 +22,7 @@ same rate. Several seeds; mean and 95 % t-interval.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -343,6 +344,9 @@ def main_conditional(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "conditional_2015.md").write_text(format_table(result) + "\n", encoding="utf-8")
+        (out / "conditional_2015.json").write_text(
+            json.dumps({"settings": result.settings, "results": result.results()}, indent=1),
+            encoding="utf-8")
         figure_estimators(result).savefig(out / "conditional_2015_estimators.png", dpi=120)
         figure_tradeoff(result).savefig(out / "conditional_2015_tradeoff.png", dpi=120)
     if args.record:

@@ -23,6 +23,7 @@ the effective number of experts ``exp(H(mean gate))`` of each layer (4 = all use
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -229,12 +230,8 @@ def format_table(result: DeepMoEResult) -> str:
     for name, runs in result.runs.items():
         if not runs:
             continue
-        mi = [fmt([r.mi[k] for r in runs]) if runs[0].mi else "-"
-              for k in ("layer1_where", "layer1_what", "layer2_where", "layer2_what")] \
-            if runs[0].mi else ["-"] * 4
-        if runs[0].mi and "layer2_where" not in runs[0].mi:
-            mi = [fmt([r.mi["layer1_where"] for r in runs]),
-                  fmt([r.mi["layer1_what"] for r in runs]), "-", "-"]
+        mi = [fmt([r.mi[k] for r in runs]) if k in runs[0].mi else "-"
+              for k in ("layer1_where", "layer1_what", "layer2_where", "layer2_what")]
         eff = " / ".join(fmt([r.effective[k] for r in runs], 2) for k in runs[0].effective) \
             or "-"
         lines.append(f"| {name} | {runs[0].params} | {fmt([r.accuracy for r in runs])} | "
@@ -321,6 +318,9 @@ def main_deep_moe(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "deep_moe_2013.md").write_text(format_table(result) + "\n", encoding="utf-8")
+        (out / "deep_moe_2013.json").write_text(
+            json.dumps({"settings": result.settings, "results": result.results()}, indent=1),
+            encoding="utf-8")
         figure_gates(result).savefig(out / "deep_moe_2013_gates.png", dpi=120)
     if args.record:
         _record("deep_moe", argv, result.settings, result.results(), fast)
