@@ -6,7 +6,7 @@ import pytest
 import tinymoe as tm
 from tinymoe import ops
 from tinymoe.moe.conditional import (
-    BlockGatedLayer,
+    GatedBlocks,
     BlockGatedNet,
     bernoulli_log_prob,
     estimator_study,
@@ -137,7 +137,7 @@ def test_sparsity_regularisers_match_the_formulas_and_gradcheck():
 
 def test_block_gated_layer_masks_whole_blocks_and_gradchecks():
     rng = np.random.default_rng(9)
-    layer = BlockGatedLayer(5, 3, 2, rng=rng)
+    layer = GatedBlocks(5, 3, 2, rng=rng)
     x = rng.standard_normal((4, 5))
     u = rng.random((4, 3))
     out = layer(x, mode="sample", u=u)

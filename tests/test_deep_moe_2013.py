@@ -7,9 +7,9 @@ from tinymoe.losses import cross_entropy
 from tinymoe.moe.deep_moe import (
     AssignmentConstraint,
     DeepMoE,
-    MixtureLayer,
     gate_mutual_information,
     gate_table,
+    mixture_layer,
 )
 
 
@@ -19,12 +19,17 @@ def leaf(a):
 
 def test_mixture_layer_is_the_gate_weighted_sum_of_relu_experts():
     rng = np.random.default_rng(0)
-    layer = MixtureLayer(5, 3, 4, 6, rng=rng)
+    layer = mixture_layer(5, 3, 4, 6, rng=rng)
+    assert isinstance(layer, tm.moe.MoELayer)  # the library's one layer, with a dense gate
     x = rng.standard_normal((7, 5))
-    z, g = layer(x)
-    experts = [np.maximum(x @ f.weight.data + f.bias.data, 0) for f in layer.experts]
-    hidden = np.maximum(x @ layer.gate.hidden.weight.data + layer.gate.hidden.bias.data, 0)
-    logits = hidden @ layer.gate.out.weight.data + layer.gate.out.bias.data
+    z, aux = layer(x)
+    assert aux == {}
+    g = layer.last_routing.probs
+    experts = [np.maximum(x @ f.linear.weight.data + f.linear.bias.data, 0)
+               for f in layer.experts]
+    gate = layer.router
+    hidden = np.maximum(x @ gate.hidden.weight.data + gate.hidden.bias.data, 0)
+    logits = hidden @ gate.out.weight.data + gate.out.bias.data
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     assert np.allclose(g.data, p)
@@ -42,9 +47,12 @@ def test_deep_moe_gradcheck_with_and_without_the_constraint():
     allowed = np.ones((6, 3), dtype=bool)
     allowed[[0, 2, 5], 1] = False
     layer = model.layers[0]
-    tm.gradcheck(lambda x: layer(x, allowed)[0], [leaf(x)])
-    g = layer(x, allowed)[1].data
+    tm.gradcheck(lambda x: layer(x, allowed=allowed)[0], [leaf(x)])
+    layer(x, allowed=allowed)
+    g = layer.last_routing.probs.data
     assert np.allclose(g[[0, 2, 5], 1], 0) and np.allclose(g.sum(1), 1)
+    with pytest.raises(ValueError, match="at least one True"):
+        layer(x, allowed=np.zeros((6, 3), dtype=bool))
 
 
 def test_assignment_constraint_keeps_totals_within_the_margin():

@@ -241,13 +241,13 @@ def _deep_moe(rng):
     return (lambda x, *ps: tm.losses.cross_entropy(model(x).logits, y)), inputs, options
 
 
-@register("2013 MixtureLayer with the assignment constraint's mask")
+@register("2013 mixture_layer (MoELayer, dense gate) with the constraint's mask")
 def _mixture_layer_masked(rng):
-    layer = moe.MixtureLayer(4, 3, 3, 5, rng=rng)
+    layer = moe.mixture_layer(4, 3, 3, 5, rng=rng)
     allowed = np.ones((6, 3), dtype=bool)
     allowed[[0, 3], 2] = False
     inputs, options = module_inputs(layer, x=leaf(rng.standard_normal((6, 4))))
-    return (lambda x, *ps: layer(x, allowed)[0]), inputs, options
+    return (lambda x, *ps: layer(x, allowed=allowed)[0]), inputs, options
 
 
 @register("2013 stochastic-times-smooth unit (fixed uniforms)")
@@ -288,9 +288,9 @@ for _reg in ("L_b", "L_e", "L_v"):
     _sparsity(_reg)
 
 
-@register("2015 BlockGatedLayer (fixed mask)")
+@register("2015 GatedBlocks (fixed mask)")
 def _block_gated(rng):
-    layer = moe.BlockGatedLayer(5, 3, 2, rng=rng)
+    layer = moe.GatedBlocks(5, 3, 2, rng=rng)
     x, u = rng.standard_normal((4, 5)), rng.random((4, 3))
     inputs, options = module_inputs(layer.linear, x=leaf(x))
     return (lambda x, *ps: layer(x, mode="sample", u=u).h), inputs, options

@@ -43,8 +43,8 @@ from tinymoe.moe.balance import (  # noqa: F401
 from tinymoe.moe.capacity import capacity_positions, expert_capacity  # noqa: F401
 from tinymoe.moe.conditional import (  # noqa: F401
     ESTIMATORS,
-    BlockGatedLayer,
     BlockGatedNet,
+    GatedBlocks,
     EstimatorMoments,
     bernoulli_log_prob,
     block_fraction,
@@ -61,9 +61,10 @@ from tinymoe.moe.deep_moe import (  # noqa: F401
     DeepMoE,
     DeepMoEOutput,
     GatingNetwork,
-    MixtureLayer,
+    ReLUExpert,
     gate_mutual_information,
     gate_table,
+    mixture_layer,
 )
 from tinymoe.moe.expert_choice import (  # noqa: F401
     ExpertChoiceRouter,

@@ -31,7 +31,7 @@ a minibatch (their §3.2), with a target rate ``tau``::
 
 (norms of scalars, i.e. absolute values). The total is
 ``L = L_NLL + lambda_s (L_b + L_e) + lambda_v L_v`` (+ weight decay).
-:class:`BlockGatedLayer`, :class:`BlockGatedNet`, :func:`sparsity_regularisers`.
+:class:`GatedBlocks`, :class:`BlockGatedNet`, :func:`sparsity_regularisers`.
 """
 from __future__ import annotations
 
@@ -275,14 +275,14 @@ def sparsity_regularisers(sigma: Any, tau: float) -> dict[str, Tensor]:
 
 
 class BlockGatedOutput(NamedTuple):
-    """What a :class:`BlockGatedLayer` computes for a batch."""
+    """What a :class:`GatedBlocks` computes for a batch."""
 
     h: Tensor  # (n, k * block) the layer's output, switched-off blocks zero
     logits: Tensor  # (n, k) the policy's scores, sigma = sigm(logits)
     mask: np.ndarray  # (n, k) the blocks used (0/1)
 
 
-class BlockGatedLayer(Module):
+class GatedBlocks(Module):
     """``h = max(0, W x + c)`` in ``k`` blocks of ``block`` units, each block kept for an
     input with probability ``sigma_j = sigm(Z x + d)_j`` (Bengio et al. 2015, §3).
 
@@ -300,7 +300,7 @@ class BlockGatedLayer(Module):
     def __init__(self, in_features: int, n_blocks: int, block: int, *,
                  rng: np.random.Generator | None = None, dtype: Any = np.float64) -> None:
         super().__init__()
-        where = "BlockGatedLayer"
+        where = "GatedBlocks"
         self.in_features = validate.positive_int(in_features, "in_features", where)
         self.n_blocks = validate.positive_int(n_blocks, "n_blocks", where)
         self.block = validate.positive_int(block, "block", where)
@@ -312,9 +312,9 @@ class BlockGatedLayer(Module):
     def forward(self, x: Any, mode: str = "sample", u: Any = None,
                 rng: np.random.Generator | None = None) -> BlockGatedOutput:
         x = as_tensor(x)
-        validate.tokens(x, self.in_features, "BlockGatedLayer")
+        validate.tokens(x, self.in_features, "GatedBlocks")
         if mode not in self.MODES:
-            raise ValueError(f"BlockGatedLayer: mode={mode!r}; choose one of {self.MODES}")
+            raise ValueError(f"GatedBlocks: mode={mode!r}; choose one of {self.MODES}")
         n, k = x.shape[0], self.n_blocks
         logits = self.policy(x.detach())  # (n, k) the policy learns only by REINFORCE
         sigma = 1.0 / (1.0 + np.exp(-logits.data))  # (n, k)
@@ -325,7 +325,7 @@ class BlockGatedLayer(Module):
         else:
             if u is None:
                 u = as_rng(rng).random((n, k))
-            mask = (_check_uniforms("BlockGatedLayer", u, (n, k)) < sigma).astype(np.float64)
+            mask = (_check_uniforms("GatedBlocks", u, (n, k)) < sigma).astype(np.float64)
         h = ops.relu(self.linear(x)).reshape((n, k, self.block))  # (n, k, block)
         h = (h * mask[:, :, None]).reshape((n, k * self.block))  # (n, k * block)
         return BlockGatedOutput(h, logits, mask)
@@ -346,7 +346,7 @@ class BlockGatedNet(Module):
         width = validate.positive_int(n_blocks, "n_blocks", "BlockGatedNet") * \
             validate.positive_int(block, "block", "BlockGatedNet")
         sizes = [in_features] + [width] * n_layers
-        self.layers = ModuleList([BlockGatedLayer(sizes[i], n_blocks, block, rng=rng,
+        self.layers = ModuleList([GatedBlocks(sizes[i], n_blocks, block, rng=rng,
                                                   dtype=dtype) for i in range(n_layers)])
         self.classifier = Linear(width, n_classes, dtype=dtype, rng=rng)
 

@@ -10,7 +10,10 @@ all of its experts, gives the two-layer DMoE of the paper (§3, Fig. 1b)::
     F(x) = softmax(W z^2 + b)                the classifier on top
 
 Experts are one rectified-linear layer, ``f_i(x) = max(0, W_i x + b_i)``; a gating network
-is a small network with a softmax output, ``g(x) = softmax(B max(0, A x))``. Each input
+is a small network with a softmax output, ``g(x) = softmax(B max(0, A x))``. Each layer is
+the library's one :class:`~tinymoe.moe.layer.MoELayer` with a *dense* router: every input
+goes to every expert, weighted by ``g`` -- the 1991 blend, dispatched and combined the way
+every later layer is. Each input
 takes a *combination* of one (soft) expert per layer, so two layers of N experts give N^2
 paths for the size of 2N experts. The whole model is trained end to end by backprop on the
 classifier's cross-entropy.
@@ -22,7 +25,7 @@ first epochs: it keeps a running total ``S_i`` of the gate outputs each expert h
 received, and an expert whose total exceeds that of the least-used expert by more than a
 margin ``m`` gets gate output 0 for the next inputs (the remaining outputs are
 renormalised), until the others catch up. After that phase the constraint is dropped.
-:class:`AssignmentConstraint` is that rule; pass one per layer to :meth:`DeepMoE.forward`.
+:class:`AssignmentConstraint` is that rule; pass one per layer to ``DeepMoE.forward``.
 We apply it example by example within each minibatch, in the batch's order.
 
 **The paper's analysis** (§4.1, Fig. 2): the mean gate output of each expert for each
@@ -39,7 +42,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tinymoe import ops, validate
-from tinymoe.moe.mixture import blend, dense_routing
+from tinymoe.autograd import no_grad
+from tinymoe.dispatch.routing import Routing
+from tinymoe.moe.layer import MoELayer
+from tinymoe.moe.mixture import dense_routing
 from tinymoe.nn import Linear, Module, ModuleList, as_rng
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -88,69 +94,72 @@ class DeepMoEOutput(NamedTuple):
 
 
 class GatingNetwork(Module):
-    """``g(x) = softmax(B max(0, A x + a) + b)``: a one-hidden-layer gating network.
+    """``g(x) = softmax(B max(0, A x + a) + b)``: the one-hidden-layer gating network of a
+    DMoE layer, as a router: ``forward(x, allowed=None)`` returns the dense
+    :class:`~tinymoe.dispatch.routing.Routing` that sends every input to all E experts with
+    weights ``g`` (:func:`~tinymoe.moe.mixture.dense_routing`), so that
+    :class:`~tinymoe.moe.layer.MoELayer` computes ``sum_i g_i(x) f_i(x)``.
 
-    ``logits(x)`` returns the scores before the softmax, (n, E).
+    ``allowed`` (n, E) booleans, from an :class:`AssignmentConstraint`, zero the disallowed
+    experts' gate outputs and renormalise over the rest (a softmax over the allowed logits).
     """
 
     def __init__(self, in_features: int, n_experts: int, hidden: int, *,
                  rng: np.random.Generator | None = None, dtype: Any = np.float64) -> None:
         super().__init__()
+        where = "GatingNetwork"
+        self.d_model = validate.positive_int(in_features, "in_features", where)
+        self.num_experts = validate.positive_int(n_experts, "n_experts", where)
         rng = as_rng(rng)
-        self.hidden = Linear(in_features, hidden, dtype=dtype, rng=rng)
+        self.hidden = Linear(in_features, validate.positive_int(hidden, "hidden", where),
+                             dtype=dtype, rng=rng)
         self.out = Linear(hidden, n_experts, dtype=dtype, rng=rng)
 
-    def forward(self, x: Any) -> Tensor:
-        return self.out(ops.relu(self.hidden(x)))  # (n, E) logits
-
-
-class MixtureLayer(Module):
-    """One DMoE layer: ``z = sum_i g_i(x) f_i(x)`` with ``f_i(x) = max(0, W_i x + b_i)``.
-
-    ``forward(x, allowed=None)`` returns ``(z, g)``: the layer output (n, out_features) and
-    the gate outputs (n, E). ``allowed`` (n, E) booleans, from an
-    :class:`AssignmentConstraint`, zero the disallowed experts' gate outputs and
-    renormalise over the rest (a softmax over the allowed logits).
-    """
-
-    def __init__(self, in_features: int, out_features: int, n_experts: int,
-                 gate_hidden: int, *, rng: np.random.Generator | None = None,
-                 dtype: Any = np.float64) -> None:
-        super().__init__()
-        where = "MixtureLayer"
-        self.in_features = validate.positive_int(in_features, "in_features", where)
-        self.out_features = validate.positive_int(out_features, "out_features", where)
-        self.n_experts = validate.positive_int(n_experts, "n_experts", where)
-        gate_hidden = validate.positive_int(gate_hidden, "gate_hidden", where)
-        rng = as_rng(rng)
-        self.experts = ModuleList([Linear(in_features, out_features, dtype=dtype, rng=rng)
-                                   for _ in range(n_experts)])
-        self.gate = GatingNetwork(in_features, n_experts, gate_hidden, rng=rng, dtype=dtype)
-
-    def gate_probs(self, x: Any, allowed: np.ndarray | None = None) -> Tensor:
+    def probs(self, x: Any, allowed: np.ndarray | None = None) -> Tensor:
         """``g(x)`` (n, E); with ``allowed``, renormalised over the allowed experts."""
-        logits = self.gate(x)  # (n, E)
+        logits = self.out(ops.relu(self.hidden(x)))  # (n, E)
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=bool)
             if allowed.shape != logits.shape or not allowed.any(axis=1).all():
-                raise ValueError(f"MixtureLayer: allowed must be (n, E) = {logits.shape} "
+                raise ValueError(f"GatingNetwork: allowed must be (n, E) = {logits.shape} "
                                  f"booleans with at least one True per row, got "
                                  f"{allowed.shape}")
             # -inf logits get probability exactly 0 and gradient exactly 0
             logits = logits + np.where(allowed, 0.0, -np.inf)
         return ops.softmax(logits, axis=-1)  # (n, E)
 
-    def forward(self, x: Any, allowed: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
-        x = as_tensor(x)
-        validate.tokens(x, self.in_features, "MixtureLayer")
-        g = self.gate_probs(x, allowed)  # (n, E)
-        outs = ops.stack([ops.relu(f(x)) for f in self.experts], axis=1)  # (n, E, D)
-        return blend(outs, dense_routing(g)), g  # (n, D) sum_i g_i f_i(x)
+    def forward(self, x: Any, allowed: np.ndarray | None = None) -> Routing:
+        return dense_routing(self.probs(x, allowed))
+
+
+class ReLUExpert(Module):
+    """``f(x) = max(0, W x + b)``: one expert of a DMoE layer."""
+
+    def __init__(self, in_features: int, out_features: int, *,
+                 rng: np.random.Generator | None = None, dtype: Any = np.float64) -> None:
+        super().__init__()
+        self.linear = Linear(in_features, out_features, dtype=dtype, rng=rng)
+
+    def forward(self, x: Any) -> Tensor:
+        return ops.relu(self.linear(x))
+
+
+def mixture_layer(in_features: int, out_features: int, n_experts: int, gate_hidden: int, *,
+                  rng: np.random.Generator | None = None, dtype: Any = np.float64) -> MoELayer:
+    """One DMoE layer, ``z = sum_i g_i(x) f_i(x)``: a :class:`GatingNetwork` over
+    ``n_experts`` :class:`ReLUExpert` s, run by the one :class:`~tinymoe.moe.layer.MoELayer`.
+    ``layer(x, allowed=mask)`` passes a constraint's mask to the gate; after a call,
+    ``layer.last_routing.probs`` (n, E) are the gate outputs."""
+    rng = as_rng(rng)
+    experts = [ReLUExpert(in_features, out_features, rng=rng, dtype=dtype)
+               for _ in range(validate.positive_int(n_experts, "n_experts", "mixture_layer"))]
+    gate = GatingNetwork(in_features, n_experts, gate_hidden, rng=rng, dtype=dtype)
+    return MoELayer(gate, experts)
 
 
 class DeepMoE(Module):
-    """The stacked mixture of experts: ``len(n_experts)`` :class:`MixtureLayer` s, then a
-    linear classifier.
+    """The stacked mixture of experts: ``len(n_experts)`` layers from :func:`mixture_layer`,
+    then a linear classifier.
 
     ``n_experts=(4, 4)``, ``hidden=(h1, h2)`` is the paper's two-layer DMoE; a single entry
     gives a one-layer mixture (the 1991 model with ReLU experts and a classifier on top).
@@ -168,8 +177,8 @@ class DeepMoE(Module):
                              f"non-empty and of the same length (one entry per layer)")
         rng = as_rng(rng)
         sizes = (validate.positive_int(in_features, "in_features", "DeepMoE"),) + hidden
-        self.layers = ModuleList([MixtureLayer(sizes[i], sizes[i + 1], n_experts[i],
-                                               gate_hidden, rng=rng, dtype=dtype)
+        self.layers = ModuleList([mixture_layer(sizes[i], sizes[i + 1], n_experts[i],
+                                                gate_hidden, rng=rng, dtype=dtype)
                                   for i in range(len(hidden))])
         self.classifier = Linear(hidden[-1], validate.positive_int(n_classes, "n_classes",
                                                                    "DeepMoE"),
@@ -182,12 +191,14 @@ class DeepMoE(Module):
             raise ValueError(f"DeepMoE: {len(constraints)} constraints for "
                              f"{len(self.layers)} layers; pass one (or None) per layer")
         z, gates = as_tensor(x), []
+        validate.tokens(z, self.layers[0].d_model, "DeepMoE")
         for layer, rule in zip(self.layers, constraints):
             allowed = None
             if rule is not None:
-                allowed = rule.mask(layer.gate_probs(z).data)  # (n, E)
-            z, g = layer(z, allowed)
-            gates.append(g)
+                with no_grad():
+                    allowed = rule.mask(layer.router.probs(z).data)  # (n, E)
+            z, _ = layer(z, allowed=allowed)  # (n, hidden)
+            gates.append(layer.last_routing.probs)  # (n, E)
         return DeepMoEOutput(self.classifier(z), gates)
 
 
