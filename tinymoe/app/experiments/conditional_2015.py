@@ -54,7 +54,7 @@ TAUS = (0.5, 0.25, 0.125)
 EVAL_DRAWS = 5
 FULL = {"problems": 200, "epochs": 30, "seeds": 5}
 FAST = {"problems": 60, "epochs": 15, "seeds": 2}
-TOUR = {"problems": 40, "epochs": 15, "seeds": 1}
+TOUR = {"problems": 60, "epochs": 20, "seeds": 1}
 SAMPLES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 
 
@@ -304,7 +304,7 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
         "params": f"{total} / ~{fmt([r.fraction for r in learned], 2)} of the hidden blocks",
         "metric": "rel. bias REINFORCE {:.3f}, ST {:.2f}, STS {:.2f}; rel. variance "
                   "REINFORCE {:.1f}, +baseline {:.1f}, ST {:.2f}; acc. learned {} with {} of "
-                  "blocks, random {} , dense {}".format(
+                  "blocks, random {}, dense {}".format(
                       np.median(est["reinforce"]["bias"]),
                       np.median(est["straight-through"]["bias"]),
                       np.median(est["stochastic-times-smooth"]["bias"]),

@@ -45,7 +45,7 @@ MARGIN = 10.0  # the constraint's margin, in whole assignments
 LR, BATCH = 3e-3, 64
 FULL = {"epochs": 20, "copies": 3, "seeds": 3}
 FAST = {"epochs": 8, "copies": 2, "seeds": 2}
-TOUR = {"epochs": 12, "copies": 2, "seeds": 1}
+TOUR = {"epochs": 16, "copies": 2, "seeds": 1}
 MODELS = ("dmoe", "dmoe_no_remedy", "single", "dense")
 T_95 = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365,
         10: 2.262}
