@@ -213,7 +213,8 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
 # --- the whole package ---------------------------------------------------------------------
 # Each paper's file in tinymoe/moe, with its year: no file may import a later paper's file.
 PAPER_YEARS = {
-    "tinymoe.moe.mixture": 1991, "tinymoe.moe.hme": 1994, "tinymoe.moe.noisy_topk": 2017,
+    "tinymoe.moe.mixture": 1991, "tinymoe.moe.hme": 1994, "tinymoe.moe.deep_moe": 2013,
+    "tinymoe.moe.conditional": 2015, "tinymoe.moe.noisy_topk": 2017,
     "tinymoe.moe.balance": 2017, "tinymoe.moe.hierarchical": 2017, "tinymoe.moe.gshard": 2020,
     "tinymoe.moe.switch": 2021, "tinymoe.moe.expert_choice": 2022,
     "tinymoe.moe.topk_router": 2024, "tinymoe.moe.aux_free": 2024,

@@ -20,6 +20,8 @@ STAGES: list[str] = [
     "tinymoe.app.experiments.autograd_00",
     "tinymoe.app.experiments.vowels_1991",
     "tinymoe.app.experiments.hme_1994",
+    "tinymoe.app.experiments.deep_moe_2013",
+    "tinymoe.app.experiments.conditional_2015",
     "tinymoe.app.experiments.table6_2017",
     "tinymoe.app.experiments.gshard_2020",
     "tinymoe.app.experiments.switch_2021",

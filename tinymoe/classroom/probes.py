@@ -455,6 +455,58 @@ def _run_7_1(inp, ns):
     return res
 
 
+# --- lesson 02b -----------------------------------------------------------------------------------
+def _cases_2b_1(rng):
+    out = []
+    for shape in [(4, 5), (7,), (2, 3)]:
+        a = rng.standard_normal(shape) * 2
+        out.append({"logits": a, "u": rng.random(shape), "cot": rng.standard_normal(shape)})
+    # saturated gates: always on (u = 0) and far off (a = -30)
+    out.append({"logits": np.array([30.0, -30.0, 0.0]), "u": np.array([0.0, 0.5, 0.9]),
+                "cot": np.ones(3)})
+    return out
+
+
+def _run_2b_1(inp, ns):
+    from tinymoe.moe.conditional import stochastic_times_smooth
+    a = _t(inp["logits"])
+    return _backward(stochastic_times_smooth(a, inp["u"]), inp["cot"], logits=a)
+
+
+def _cases_2b_2(rng):
+    out = []
+    for n, K in [(5, 3), (1, 4), (8, 1)]:
+        out.append({"logits": rng.standard_normal((n, K)) * 2,
+                    "b": (rng.random((n, K)) < 0.5).astype(float),
+                    "cost": rng.random(n) * 3, "baseline": np.array(rng.random())})
+    out.append({"logits": np.array([[40.0, -40.0]]), "b": np.array([[0.0, 1.0]]),
+                "cost": np.array([2.0]), "baseline": np.array([0.5])})
+    return out
+
+
+def _run_2b_2(inp, ns):
+    from tinymoe.moe.conditional import reinforce_surrogate
+    a = _t(inp["logits"])
+    return _backward(reinforce_surrogate(a, inp["b"], inp["cost"], inp["baseline"]), None,
+                     logits=a)
+
+
+def _cases_2b_3(rng):
+    return [{"sigma": rng.uniform(0.02, 0.98, (6, 4)), "tau": np.array(0.3)},
+            {"sigma": rng.uniform(0.02, 0.98, (1, 5)), "tau": np.array(1.0)},
+            {"sigma": rng.uniform(0.02, 0.98, (9, 1)), "tau": np.array(0.125)}]
+
+
+def _run_2b_3(inp, ns):
+    from tinymoe.moe.conditional import sparsity_regularisers
+    res = {}
+    for name in ("L_b", "L_e", "L_v"):
+        s = _t(inp["sigma"])
+        out = sparsity_regularisers(s, float(inp["tau"]))[name]
+        res.update({f"{name}_{k}": v for k, v in _backward(out, None, sigma=s).items()})
+    return res
+
+
 NB00, NB01 = "lessons/00_autograd.ipynb", "lessons/01_adaptive_mixtures_1991.ipynb"
 PROBES: dict[str, Probe] = {
     "task0_1": Probe(_cases_0_1, _run_0_1, rtol=1e-9, notebook=NB00, mode="cell",
@@ -469,6 +521,9 @@ PROBES: dict[str, Probe] = {
     "task2_3": Probe(_cases_2_3, _run_2_3),
     "task2_4": Probe(_hme_cases, _run_2_4, rtol=1e-5, atol=1e-7,
                      notebook="lessons/02_hierarchical_mixtures_1994.ipynb", mode="defs"),
+    "task2b_1": Probe(_cases_2b_1, _run_2b_1),
+    "task2b_2": Probe(_cases_2b_2, _run_2b_2),
+    "task2b_3": Probe(_cases_2b_3, _run_2b_3),
     "task3_1": Probe(_cases_3_1, _run_3_1),
     "task3_2": Probe(_threshold_cases, _run_3_2),
     "task3_3": Probe(_threshold_cases, _run_3_3, preload=("numba",)),

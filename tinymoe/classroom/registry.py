@@ -45,6 +45,13 @@ TASKS: dict[str, Task] = {
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 3),
     "task2_4": Task("Algorithm 1: the EM loop from its pieces",
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 2),
+    # --- lesson 02b: deep mixtures and conditional computation (2013-2015) ----------------
+    "task2b_1": Task("the stochastic-times-smooth unit h = b·sqrt(sigm(a)) (Bengio et al. 2013)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 2),
+    "task2b_2": Task("the REINFORCE surrogate (cost - baseline)·log P(b)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 3),
+    "task2b_3": Task("the sparsity regularisers L_b, L_e, L_v (Bengio et al. 2015)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 2),
     # --- lesson 03: the sparsely-gated MoE (Shazeer et al. 2017) -------------------------
     "task3_1": Task("noisy top-k gating: H(x) and the softmax over the k kept logits",
                     "lessons/03_sparsely_gated_moe_2017.ipynb", 3),

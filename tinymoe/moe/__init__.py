@@ -8,6 +8,10 @@ The papers:
 
 - 1991 adaptive mixture of local experts (Jacobs, Jordan, Nowlan & Hinton): ``mixture``
 - 1994 hierarchical mixture of experts, gradient and EM (Jordan & Jacobs): ``hme``
+- 2013 deep mixture of experts, one gate per layer (Eigen, Ranzato & Sutskever): ``deep_moe``
+- 2013-2015 conditional computation, stochastic binary gates and their gradient estimators
+  (Bengio, Léonard & Courville 2013), block-gated layers with sparsity regularisers
+  (Bengio, Bacon, Pineau & Precup 2015): ``conditional``
 - 2017 sparsely-gated MoE (Shazeer et al.): noisy top-k gate ``noisy_topk``, balancing
   losses ``balance``, experts that are MoEs ``hierarchical``
 - 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``
@@ -37,6 +41,31 @@ from tinymoe.moe.balance import (  # noqa: F401
     load,
 )
 from tinymoe.moe.capacity import capacity_positions, expert_capacity  # noqa: F401
+from tinymoe.moe.conditional import (  # noqa: F401
+    ESTIMATORS,
+    BlockGatedNet,
+    GatedBlocks,
+    EstimatorMoments,
+    bernoulli_log_prob,
+    block_fraction,
+    estimator_study,
+    expected_over_gates,
+    gate_configurations,
+    reinforce_surrogate,
+    sparsity_regularisers,
+    stochastic_times_smooth,
+    straight_through,
+)
+from tinymoe.moe.deep_moe import (  # noqa: F401
+    AssignmentConstraint,
+    DeepMoE,
+    DeepMoEOutput,
+    GatingNetwork,
+    ReLUExpert,
+    gate_mutual_information,
+    gate_table,
+    mixture_layer,
+)
 from tinymoe.moe.expert_choice import (  # noqa: F401
     ExpertChoiceRouter,
     expert_choice_positions,
