@@ -455,6 +455,39 @@ def _run_7_1(inp, ns):
     return res
 
 
+# --- lesson 08 ------------------------------------------------------------------------------------
+def _cases_8_1(rng):
+    return [{"x": rng.standard_normal((4, 6)) * 3, "w": 1 + 0.3 * rng.standard_normal(6),
+             "eps": np.array(1e-6), "cot": rng.standard_normal((4, 6))},
+            {"x": rng.standard_normal((2, 3, 5)), "w": rng.standard_normal(5),
+             "eps": np.array(1e-2), "cot": rng.standard_normal((2, 3, 5))},
+            {"x": np.zeros((2, 4)), "w": np.ones(4), "eps": np.array(1e-5),
+             "cot": rng.standard_normal((2, 4))}]
+
+
+def _run_8_1(inp, ns):
+    from tinymoe.nn.rmsnorm import rms_norm
+    x, w = _t(inp["x"]), _t(inp["w"])
+    return _backward(rms_norm(x, w, float(inp["eps"])), inp["cot"], x=x, w=w)
+
+
+def _cases_8_2(rng):
+    out = []
+    for lead, d, f in [((5,), 3, 4), ((3, 2), 4, 6), ((1,), 2, 1)]:
+        E = lead[:-1]  # a leading expert axis in the second case
+        out.append({"x": rng.standard_normal((*lead, d)) * 2,
+                    "Wg": rng.standard_normal((*E, d, f)), "Wu": rng.standard_normal((*E, d, f)),
+                    "Wd": rng.standard_normal((*E, f, d)),
+                    "cot": rng.standard_normal((*lead, d))})
+    return out
+
+
+def _run_8_2(inp, ns):
+    from tinymoe.nn.swiglu import swiglu
+    x, Wg, Wu, Wd = (_t(inp[n]) for n in ("x", "Wg", "Wu", "Wd"))
+    return _backward(swiglu(x, Wg, Wu, Wd), inp["cot"], x=x, Wg=Wg, Wu=Wu, Wd=Wd)
+
+
 NB00, NB01 = "lessons/00_autograd.ipynb", "lessons/01_adaptive_mixtures_1991.ipynb"
 PROBES: dict[str, Probe] = {
     "task0_1": Probe(_cases_0_1, _run_0_1, rtol=1e-9, notebook=NB00, mode="cell",
@@ -482,4 +515,6 @@ PROBES: dict[str, Probe] = {
     "task6_2": Probe(_cases_6_2, _run_6_2, rtol=0, atol=0),
     "task6_3": Probe(_cases_6_3, _run_6_3),
     "task7_1": Probe(_cases_7_1, _run_7_1),
+    "task8_1": Probe(_cases_8_1, _run_8_1),
+    "task8_2": Probe(_cases_8_2, _run_8_2),
 }

@@ -74,4 +74,9 @@ TASKS: dict[str, Task] = {
     # --- lesson 07: experts across machines ----------------------------------------------
     "task7_1": Task("expert parallelism: the all-to-all that carries tokens to their experts",
                     "lessons/07_expert_parallelism.ipynb", 3),
+    # --- lesson 08: MoEs in practice (Mixtral's block, inference) ------------------------
+    "task8_1": Task("RMSNorm: x / sqrt(mean(x²) + eps) · weight",
+                    "lessons/08_moes_in_practice.ipynb", 1),
+    "task8_2": Task("a SwiGLU expert: (SiLU(x W_gate) ⊙ x W_up) W_down",
+                    "lessons/08_moes_in_practice.ipynb", 2),
 }
