@@ -13,7 +13,6 @@ from tinymoe.nn.swiglu import SwiGLU, silu, swiglu
 F64 = np.float64
 task8_1 = pytest.mark.task8_1  # runs rms_norm
 task8_2 = pytest.mark.task8_2  # runs swiglu
-mixtral = [pytest.mark.task8_1, pytest.mark.task8_2, pytest.mark.task6_1]  # the whole block
 
 
 def rand(*shape, seed=0):

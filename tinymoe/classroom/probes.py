@@ -488,6 +488,30 @@ def _run_8_2(inp, ns):
     return _backward(swiglu(x, Wg, Wu, Wd), inp["cot"], x=x, Wg=Wg, Wu=Wu, Wd=Wd)
 
 
+def _cases_8_3(rng):
+    out = []
+    for B, S, splits in [(2, 6, (0, 4, 5)), (1, 5, (0, 1, 2, 3)), (3, 4, (0,))]:
+        out.append({"x": rng.standard_normal((B, S, 8)), "W": rng.standard_normal((8, 24)),
+                    "b": rng.standard_normal(24), "P": rng.standard_normal((8, 8)),
+                    "splits": np.array(splits)})
+    return out
+
+
+def _run_8_3(inp, ns):
+    from tinymoe.models.generate import cached_attention
+    from tinymoe.nn.attention import CausalSelfAttention
+    attn = CausalSelfAttention(8, 2, dtype=np.float64, rng=0)
+    attn.qkv.weight.data, attn.qkv.bias.data = inp["W"], inp["b"]
+    attn.proj.weight.data = inp["P"]
+    x = inp["x"]
+    B, S, _ = x.shape
+    keys, values = np.zeros((B, 2, S, 4)), np.zeros((B, 2, S, 4))
+    bounds = [*inp["splits"].tolist(), S]
+    ys = [_np(cached_attention(attn, x[:, a:b], keys, values, a))
+          for a, b in zip(bounds[:-1], bounds[1:])]
+    return {"y": np.concatenate(ys, axis=1), "keys": keys, "values": values}
+
+
 NB00, NB01 = "lessons/00_autograd.ipynb", "lessons/01_adaptive_mixtures_1991.ipynb"
 PROBES: dict[str, Probe] = {
     "task0_1": Probe(_cases_0_1, _run_0_1, rtol=1e-9, notebook=NB00, mode="cell",
@@ -517,4 +541,5 @@ PROBES: dict[str, Probe] = {
     "task7_1": Probe(_cases_7_1, _run_7_1),
     "task8_1": Probe(_cases_8_1, _run_8_1),
     "task8_2": Probe(_cases_8_2, _run_8_2),
+    "task8_3": Probe(_cases_8_3, _run_8_3),
 }

@@ -79,4 +79,6 @@ TASKS: dict[str, Task] = {
                     "lessons/08_moes_in_practice.ipynb", 1),
     "task8_2": Task("a SwiGLU expert: (SiLU(x W_gate) ⊙ x W_up) W_down",
                     "lessons/08_moes_in_practice.ipynb", 2),
+    "task8_3": Task("a KV-cache attention step: append k, v, attend over the cached prefix",
+                    "lessons/08_moes_in_practice.ipynb", 3),
 }
