@@ -78,6 +78,8 @@ REPRO = {
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
     "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
+    "inference": ("tinymoe.app.experiments.inference", "main_inference",
+                  "MoE vs dense (same active, same total) at inference: speed and memory"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)

@@ -252,11 +252,12 @@ def moe_ffn(cfg: TransformerConfig, rng: np.random.Generator,
 
 def mixtral_config(**changes: Any) -> TransformerConfig:
     """A tiny Mixtral (Jiang et al. 2024, Table 1, scaled down): RMSNorm, SwiGLU experts in
-    every block, top-2 renormalised dropless routing, an untied head, HF's balance
-    coefficient (1e-3 on its scale = 2e-3 on ours), no z-loss, no jitter; ``d_ff`` 3.5·d.
+    every block, top-2 (``k`` unset: 2) renormalised dropless routing, an untied head,
+    HF's balance coefficient (1e-3 on its scale = 2e-3 on ours), no z-loss, no jitter;
+    ``d_ff`` 448 = 3.5·d (Mixtral's 14336 / 4096).
     Mixtral uses rotary positions and grouped-query attention; this model keeps learned
     positions and multi-head attention."""
-    base = dict(kind="mixtral", activation="swiglu", norm="rmsnorm", moe_every=1, k=2,
+    base = dict(kind="mixtral", activation="swiglu", norm="rmsnorm", moe_every=1,
                 d_ff=448, tie_embeddings=False, aux_loss_coef=2e-3, z_loss_coef=0.0,
                 jitter=0.0, init="lecun")
     return TransformerConfig(**{**base, **changes})
