@@ -28,7 +28,7 @@ def test_checksums_in_provenance_match_files():
     text = (DATA_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
     pairs = re.findall(r"^([0-9a-f]{64})  (\S+)$", text, flags=re.MULTILINE)
     sums = {name: digest for digest, name in pairs}
-    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt"}
+    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt", "devils_dictionary.txt"}
     for name, digest in sums.items():
         assert hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest() == digest, name
 
@@ -247,3 +247,9 @@ def test_get_batch_errors():
         get_batch(np.arange(20), 0, 4, rng=0)
     with pytest.raises(ValueError, match=r"1-D"):
         get_batch(np.zeros((4, 5), dtype=np.int64), 2, 2, rng=0)
+
+
+def test_devils_dictionary_is_small_and_in_shakespeares_characters():
+    text = data.devils_dictionary()
+    assert 90_000 < len(text) < 110_000 and text.startswith("ABASEMENT, n.")
+    assert set(text) <= set(data.shakespeare())  # one tokenizer reads both

@@ -3,12 +3,13 @@
 - ``vowels`` / ``load_peterson_barney``: Peterson & Barney (1952) vowel
   formants, the data of Jacobs et al. (1991).
 - ``shakespeare`` / ``CharTokenizer`` / ``train_val_split`` / ``get_batch``:
-  about 1 MB of Shakespeare for character-level language models.
+  about 1 MB of Shakespeare for character-level language models;
+  ``devils_dictionary``: 100 KB of Bierce (1911) to fine-tune them on.
 
 Where each file came from: ``PROVENANCE.md`` in this folder.
 """
 from .synthetic import two_moons
-from .text import CharTokenizer, get_batch, shakespeare, train_val_split
+from .text import CharTokenizer, devils_dictionary, get_batch, shakespeare, train_val_split
 from .vowels import (
     PAPER_VOWELS,
     TEST_SPEAKERS,
@@ -25,6 +26,7 @@ __all__ = [
     "TEST_SPEAKERS",
     "TRAIN_SPEAKERS",
     "CharTokenizer",
+    "devils_dictionary",
     "VowelData",
     "get_batch",
     "load_peterson_barney",
