@@ -61,8 +61,9 @@ class InferenceConfig:
     seed: int = 0
 
 
-FAST = InferenceConfig(d_model=128, n_layers=2, d_ff=256, new_tokens=16, batches=(1, 8),
+FAST = InferenceConfig(d_model=192, n_layers=2, d_ff=384, new_tokens=16, batches=(1, 8),
                        contexts=(32,), repeats=1)
+MIN_MB = 1e-3  # a denominator floor: a tiny model's pages may all come from freed memory
 
 
 def model_config(name: str, cfg: InferenceConfig) -> Any:
@@ -208,6 +209,9 @@ def format_table(result: InferenceResult) -> str:
 
 def ratios(result: InferenceResult) -> list[dict[str, Any]]:
     """Per (batch, context): the MoE's speed and memory over each dense model's."""
+    def over(a: float, b: float) -> float:
+        return a / max(b, MIN_MB)
+
     out = []
     by = {(r["model"], r["batch"], r["context"]): r for r in result.rows}
     for (name, b, ctx), moe in by.items():
@@ -215,12 +219,12 @@ def ratios(result: InferenceResult) -> list[dict[str, Any]]:
             continue
         act, tot = by[("dense-active", b, ctx)], by[("dense-total", b, ctx)]
         out.append({"batch": b, "context": ctx,
-                    "speed_vs_active": moe["decode_tokens_per_s"] / act["decode_tokens_per_s"],
-                    "speed_vs_total": moe["decode_tokens_per_s"] / tot["decode_tokens_per_s"],
-                    "memory_vs_active": moe["rss_model_mb"] / act["rss_model_mb"],
-                    "memory_vs_total": moe["rss_model_mb"] / tot["rss_model_mb"],
-                    "peak_vs_active": moe["rss_peak_extra_mb"] / act["rss_peak_extra_mb"],
-                    "peak_vs_total": moe["rss_peak_extra_mb"] / tot["rss_peak_extra_mb"]})
+                    "speed_vs_active": over(moe["decode_tokens_per_s"], act["decode_tokens_per_s"]),
+                    "speed_vs_total": over(moe["decode_tokens_per_s"], tot["decode_tokens_per_s"]),
+                    "memory_vs_active": over(moe["rss_model_mb"], act["rss_model_mb"]),
+                    "memory_vs_total": over(moe["rss_model_mb"], tot["rss_model_mb"]),
+                    "peak_vs_active": over(moe["rss_peak_extra_mb"], act["rss_peak_extra_mb"]),
+                    "peak_vs_total": over(moe["rss_peak_extra_mb"], tot["rss_peak_extra_mb"])})
     return out
 
 
