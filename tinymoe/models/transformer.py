@@ -20,9 +20,9 @@ paper's FLOP-matched comparison (Switch-Base vs T5-Base).
 - ``"switch"``: the Switch Transformer's top-1 router with capacity, the balancing loss
   α·N·Σ f_i P_i and the z-loss (Fedus et al. 2021; Zoph et al. 2022);
 - ``"mixtral"``: Mixtral's block (Jiang et al. 2024): top-k (default 2) softmax router
-  with renormalised gates, dropless, SwiGLU experts (:func:`~tinymoe.moe.topk_router.
-  mixtral_layer`); it needs ``activation="swiglu"``, and :func:`mixtral_config` also sets
-  RMSNorm, an untied head and an MoE layer in every block;
+  with renormalised gates, dropless, SwiGLU experts
+  (:func:`~tinymoe.moe.topk_router.mixtral_layer`); it needs ``activation="swiglu"``, and
+  :func:`mixtral_config` also sets RMSNorm, an untied head and an MoE layer in every block;
 - ``"custom"``: whatever ``make_moe(cfg, rng)`` builds (e.g. a modern router);
 - ``"dense"``: no MoE layer at all, the baseline.
 
