@@ -77,7 +77,7 @@ TASKS: dict[str, Task] = {
     # --- lesson 08: MoEs in practice (Mixtral's block, inference) ------------------------
     "task8_1": Task("RMSNorm: x / sqrt(mean(x²) + eps) · weight",
                     "lessons/08_moes_in_practice.ipynb", 1),
-    "task8_2": Task("a SwiGLU expert: (SiLU(x W_gate) ⊙ x W_up) W_down",
+    "task8_2": Task("the SwiGLU gate: SiLU(x W_gate) ⊙ x W_up, in every SwiGLU expert",
                     "lessons/08_moes_in_practice.ipynb", 2),
     "task8_3": Task("a KV-cache attention step: append k, v, attend over the cached prefix",
                     "lessons/08_moes_in_practice.ipynb", 3),

@@ -25,7 +25,7 @@ from tinymoe.moe.experts import grouped_linear
 from tinymoe.nn.dropout import Dropout
 from tinymoe.nn.init import RNGLike, as_rng, lecun_normal
 from tinymoe.nn.module import Module, Parameter
-from tinymoe.nn.swiglu import silu, swiglu
+from tinymoe.nn.swiglu import swiglu, swiglu_gate
 from tinymoe.tensor import Tensor, as_tensor
 
 
@@ -75,12 +75,12 @@ class SwiGLUExperts(Module):
         if offsets is None:  # capacity buffers (E, C, d): batched over the experts
             if self.dropout.p == 0.0 or not self.training:
                 return swiglu(x, self.W_gate, self.W_up, self.W_down)  # (E, C, d)
-            h = silu(x @ self.W_gate) * (x @ self.W_up)  # (E, C, f)
+            h = swiglu_gate(x @ self.W_gate, x @ self.W_up)  # (E, C, f)
             return self.dropout(h) @ self.W_down  # (E, C, d)
         zf = np.zeros((self.num_experts, self.d_ff), self.W_gate.dtype)  # no biases
         zd = np.zeros((self.num_experts, self.d_model), self.W_gate.dtype)
-        h = silu(grouped_linear(x, self.W_gate, zf, offsets)) * \
-            grouped_linear(x, self.W_up, zf, offsets)  # (N, f) sorted rows
+        h = swiglu_gate(grouped_linear(x, self.W_gate, zf, offsets),
+                        grouped_linear(x, self.W_up, zf, offsets))  # (N, f) sorted rows
         return grouped_linear(self.dropout(h), self.W_down, zd, offsets)  # (N, d)
 
     def expert(self, e: int, x: Any) -> Tensor:

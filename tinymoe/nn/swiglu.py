@@ -23,20 +23,21 @@ from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
 
 
-def silu(z: Any) -> Tensor:
-    """``z · σ(z)`` (Swish with β = 1; Hendrycks & Gimpel's SiLU)."""
-    z = as_tensor(z)
-    return z * ops.sigmoid(z)
+def swiglu_gate(a_gate: Any, a_up: Any) -> Tensor:
+    """``SiLU(a_gate) ⊙ a_up`` with ``SiLU(z) = z · σ(z)`` (Swish with β = 1): the gated
+    hidden units of a SwiGLU FFN, given the two projections ``a_gate = x W_gate`` and
+    ``a_up = x W_up`` (any matching shapes)."""
+    a_gate, a_up = as_tensor(a_gate), as_tensor(a_up)
+    ### BEGIN SOLUTION task8_2
+    return a_gate * ops.sigmoid(a_gate) * a_up  # (..., d_ff)
+    ### END SOLUTION
 
 
 def swiglu(x: Any, W_gate: Any, W_up: Any, W_down: Any) -> Tensor:
     """``(SiLU(x W_gate) ⊙ x W_up) W_down`` for ``x`` (..., d_model); the weights may carry
     a leading expert axis (E, ...) with ``x`` (E, n, d_model)."""
     x = as_tensor(x)
-    ### BEGIN SOLUTION task8_2
-    h = silu(x @ W_gate) * (x @ W_up)  # (..., d_ff) gated hidden units
-    return h @ W_down                  # (..., d_model)
-    ### END SOLUTION
+    return swiglu_gate(x @ W_gate, x @ W_up) @ W_down  # (..., d_model)
 
 
 class SwiGLU(Module):
@@ -55,5 +56,5 @@ class SwiGLU(Module):
         self.drop = Dropout(dropout, rng=gen)
 
     def forward(self, x: Any) -> Tensor:
-        h = silu(self.gate(x)) * self.up(x)  # (..., d_ff)
+        h = swiglu_gate(self.gate(x), self.up(x))  # (..., d_ff)
         return self.down(self.drop(h))  # (..., d_model)
