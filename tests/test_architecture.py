@@ -221,7 +221,8 @@ PAPER_YEARS = {
 }
 # The shared pieces, named for what they are (no paper's year).
 SHARED = {"tinymoe.moe.layer", "tinymoe.moe.experts", "tinymoe.moe.capacity",
-          "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses"}
+          "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses",
+          "tinymoe.moe.swiglu"}
 
 
 def package_graph():

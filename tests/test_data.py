@@ -31,7 +31,8 @@ def test_checksums_in_provenance_match_files():
     text = (DATA_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
     pairs = re.findall(r"^([0-9a-f]{64})  (\S+)$", text, flags=re.MULTILINE)
     sums = {name: digest for digest, name in pairs}
-    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt", "optdigits_8x8.csv.gz"}
+    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt", "optdigits_8x8.csv.gz",
+                         "devils_dictionary.txt"}
     for name, digest in sums.items():
         assert hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest() == digest, name
 
@@ -290,3 +291,7 @@ def test_jittered_digits_place_each_digit_at_its_offset():
     assert not np.array_equal(jittered_digits("test", seed=4).offset, jit.offset[:450])
     with pytest.raises(ValueError, match="canvas=6"):
         jittered_digits(canvas=6)
+def test_devils_dictionary_is_small_and_in_shakespeares_characters():
+    text = data.devils_dictionary()
+    assert 90_000 < len(text) < 110_000 and text.startswith("ABASEMENT, n.")
+    assert set(text) <= set(data.shakespeare())  # one tokenizer reads both

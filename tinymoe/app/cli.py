@@ -82,6 +82,12 @@ REPRO = {
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
     "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
+    "inference": ("tinymoe.app.experiments.inference", "main_inference",
+                  "MoE vs dense (same active, same total) at inference: speed and memory"),
+    "finetune": ("tinymoe.app.experiments.finetune", "main_finetune",
+                 "Fedus et al. 2021 §2.4, Zoph et al. 2022 §4: sparse models fine-tuned"),
+    "experts": ("tinymoe.app.experiments.experts_learn", "main_experts",
+                "what each expert of a char LM receives, with and without balancing"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
@@ -90,7 +96,7 @@ FORWARDED = {
               ("tinymoe.app.train", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
     "repro": ("reproduce a paper's table (vowels, hme, deep_moe, conditional, table6, switch, "
-              "modern)",
+              "modern, inference, finetune, experts)",
               ("tinymoe.app.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.app.cli", "main_bench")),

@@ -121,6 +121,19 @@ def _attn(rng):
     return _module_check(m, rng.standard_normal((2, 5, 8)))
 
 
+@register("nn RMSNorm")
+def _rmsnorm(rng):
+    m = tm.nn.RMSNorm(6, dtype=np.float64)
+    m.weight.data = 1.0 + 0.3 * rng.standard_normal(6)
+    return _module_check(m, rng.standard_normal((3, 6)))
+
+
+@register("nn SwiGLU")
+def _swiglu(rng):
+    m = tm.nn.SwiGLU(4, 6, dtype=np.float64, rng=rng)
+    return _module_check(m, rng.standard_normal((3, 4)))
+
+
 # --- helpers for the MoE stages ----------------------------------------------------------------
 F64 = np.float64
 MARGIN = 0.01  # smallest gap between logits that decide a choice (eps is 1e-6: no flips)
@@ -661,6 +674,31 @@ def _router_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Gener
 def _routed_topk(rng):
     router = moe.TopKRouter(4, 3, 2, normalize=False, router_dtype="float64", rng=rng)
     return _router_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
+
+
+@register("2024 SwiGLUExperts (grouped matmul)")
+def _swiglu_experts(rng):
+    experts = moe.SwiGLUExperts(4, 3, 5, dtype=F64, rng=rng)
+    offsets = np.array([0, 3, 3, 7, 9])  # expert 1 gets no rows
+    inputs, options = module_inputs(experts, rows=leaf(rng.standard_normal((9, 3))))
+    return (lambda rows, *ps: experts(rows, offsets)), inputs, options
+
+
+@register("2024 mixtral_layer: TopKRouter + SwiGLU experts")
+def _mixtral_layer(rng):
+    def draw():
+        layer = moe.mixtral_layer(4, 4, 6, 2, aux_loss_coef=0.1, router_dtype="float64",
+                                  dtype=F64, rng=rng)
+        layer.router.W_g.data = rng.standard_normal((4, 4))
+        return layer, rng.standard_normal((8, 4))
+
+    layer, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].router.W_g.data, 2))
+    inputs, options = module_inputs(layer, x=leaf(x))
+
+    def fn(x, *ps):
+        y, aux = layer(x)
+        return y, total(aux)
+    return fn, inputs, {**options, "max_elements": 100}
 
 
 @register("2022 ExpertChoiceRouter + MoELayer")

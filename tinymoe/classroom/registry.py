@@ -81,4 +81,11 @@ TASKS: dict[str, Task] = {
     # --- lesson 07: experts across machines ----------------------------------------------
     "task7_1": Task("expert parallelism: the all-to-all that carries tokens to their experts",
                     "lessons/07_expert_parallelism.ipynb", 3),
+    # --- lesson 08: MoEs in practice (Mixtral's block, inference) ------------------------
+    "task8_1": Task("RMSNorm: x / sqrt(mean(x²) + eps) · weight",
+                    "lessons/08_moes_in_practice.ipynb", 1),
+    "task8_2": Task("the SwiGLU gate: SiLU(x W_gate) ⊙ x W_up, in every SwiGLU expert",
+                    "lessons/08_moes_in_practice.ipynb", 2),
+    "task8_3": Task("a KV-cache attention step: append k, v, attend over the cached prefix",
+                    "lessons/08_moes_in_practice.ipynb", 3),
 }

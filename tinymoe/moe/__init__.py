@@ -21,9 +21,10 @@ The papers:
   auxiliary-loss-free balancing ``aux_free``
 
 The shared pieces, named for what they are: ``layer`` (the one MoE layer), ``experts``
-(stacked FFN experts, a list of any Modules), ``capacity`` (slots per expert, positions),
-``router_weight`` (a router's weight, logits, initialisation), ``precision`` (selective
-precision, emulated bfloat16), ``aux_losses`` (load balancing and z-loss).
+(stacked FFN experts, a list of any Modules), ``swiglu`` (Mixtral's gated experts),
+``capacity`` (slots per expert, positions), ``router_weight`` (a router's weight, logits,
+initialisation), ``precision`` (selective precision, emulated bfloat16), ``aux_losses``
+(load balancing and z-loss).
 """
 from tinymoe.dispatch.routing import Routing, route, sum_losses  # noqa: F401
 from tinymoe.moe.aux_free import AuxFreeRouter, bias_update, sequence_balance_loss  # noqa: F401
@@ -101,4 +102,10 @@ from tinymoe.moe.noisy_topk import (  # noqa: F401
     sparse_moe_layer,
 )
 from tinymoe.moe.switch import SwitchRouter, switch_layer  # noqa: F401
-from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates  # noqa: F401
+from tinymoe.moe.swiglu import SwiGLUExperts  # noqa: F401
+from tinymoe.moe.topk_router import (  # noqa: F401
+    TopKRouter,
+    mixtral_layer,
+    topk_balance_loss,
+    topk_gates,
+)
