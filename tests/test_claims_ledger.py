@@ -84,7 +84,8 @@ STRIP = [re.compile(p, re.S) for p in (
     r"`[^`\n]*`",                                  # inline code (and the body of MyST roles)
     r"<!--.*?-->",                                 # comments
     r"\]\([^)]*\)",                                # link targets
-    r"https?://\S+", r"arXiv:?\s?\d{4}\.\d{4,5}(?:v\d+)?", r"#\d+",        # addresses, arXiv ids, issue/PR numbers
+    r"https?://\S+", r"#\d+",                     # addresses, issue/PR numbers
+    r"arXiv:?\s?\d{4}\.\d{4,5}(?:v\d+)?",         # arXiv ids (1312.4314)
     LOCATOR + r"\s*[A-Z]?[\d.]+(?:\s*[–\-]\s*[\d.]+)?",   # "§2.2", "eqs. 2.14–2.16", "Table 6"
     r"\((?:\d+\.)+\d+\)",                          # an equation number "(2.8)"
     r"\b(?:19[5-9]\d|20[0-2]\d)[a-z]?\b",           # years
