@@ -221,7 +221,7 @@ def _run_2_4(inp, ns):
     tree = _tree(inp)
     res = {}
     for it in range(2):
-        em_step(tree, inp["X"], inp["Y"])
+        res[f"iter{it}_newton_steps"] = np.array(em_step(tree, inp["X"], inp["Y"]))
         for name, p in tree.named_parameters():
             res[f"iter{it}_{name}"] = _np(p).copy()
     return res
