@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tinymoe.classroom.cli import main_classroom
 from tinymoe.classroom.copies import check, graded_by

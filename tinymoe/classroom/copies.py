@@ -190,8 +190,9 @@ def graded_by(task: str) -> str | None:
             attrs = set(re.findall(rf"\b{f}\.(\w+)\(", source))  # a module: what it calls
             calls |= {f"{m}.{f}.{a}" for a in attrs} if attrs else {f"{m}.{f}"}
     calls = sorted(calls)
-    what = (f"{probe.notebook} ({'the exercise cell' if probe.mode == 'cell' else 'its definitions'})"
-            if probe.notebook else ", ".join(calls) or "(see the probe)")
+    part = "the exercise cell" if probe.mode == "cell" else "its definitions"
+    what = (f"{probe.notebook} ({part})" if probe.notebook
+            else ", ".join(calls) or "(see the probe)")
     return (f"probe {probe.run.__name__} (tinymoe/classroom/probes.py): {n} cases, runs {what}; "
             f"outputs compared with rtol={probe.rtol:g}, atol={probe.atol:g}")
 
