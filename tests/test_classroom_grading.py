@@ -134,7 +134,7 @@ def test_pytest_from_the_copy_root_imports_the_copy(tmp_path):
     (["grade", "/no/such/dir"], "error: /no/such/dir: no such directory"),
     (["grade", "tests", "--task", "task9_9"], "error: task9_9: unknown task; known: task0_1"),
     (["grade", "."], "this is the solutions tree itself; pass --solutions DIR"),
-    (["grade", "--timeout", "soon"], "invalid float value: 'soon'"),
+    (["grade", "--timeout", "soon"], "--timeout: 'soon' is not a number of seconds > 0"),
     (["grade", "--solutions", "/no/such/dir"], "error: /no/such/dir: no such directory"),
     (["test", "task4_3", "--dir", "/"], "not the root of a tinymoe copy"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
