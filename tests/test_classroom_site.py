@@ -33,7 +33,7 @@ def test_student_site_shows_no_solution_line(built):
     secrets = solution_lines(REPO)
     assert len(secrets) > 50  # the check has something to look for
     assert site_leaks(built, secrets) == []
-    lesson = (built / "lessons" / "05_numba_dispatch.html").read_text(encoding="utf-8")
+    lesson = (built / "lessons" / "01_adaptive_mixtures_1991.html").read_text(encoding="utf-8")
     assert "NotImplementedError" in lesson and "YOUR CODE HERE" in lesson
 
 
