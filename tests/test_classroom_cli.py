@@ -39,8 +39,8 @@ def test_check_lists_the_tests_pytest_marks_for_each_task():
     names = {t: {n.split("::")[1].split("[")[0] for n in ids} for t, ids in report.tests.items()}
     assert "test_em_step_is_in_place_and_counts_newton_steps" in names["task2_4"]
     assert "test_tour_fast_end_to_end" in names["task2_4"]  # marked by a helper
-    assert "test_block_counts_hand_example" in names["task5_1"]
-    assert "test_block_counts_hand_example" not in names["task5_2"]
+    assert "test_block_counts_by_hand" in names["task5_1"]
+    assert "test_block_counts_by_hand" not in names["task5_2"]
     assert "test_block_starts_is_the_exclusive_prefix_sum" in names["task5_2"]
     assert "test_parallel_positions_equal_the_serial_pass" in names["task5_1"] & names["task5_2"]
     assert "test_weighted_least_squares_is_the_weighted_optimum" not in names["task2_4"]

@@ -9,6 +9,7 @@ order is pinned down exactly by ``test_weight_grad_dot_sums_in_its_documented_or
 ``NUMBA_DISABLE_JIT=1``, so the kernels' pure-Python form is tested by ``python -m pytest``.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,7 @@ E_BLOCKS = np.array([[0, 1], [1, 2], [0, 2], [0, 1], [2, 0]])  # (T, k) = (5, 2)
 
 @pytest.mark.task5_1
 @pytest.mark.parametrize("backend", [R, K], ids=["numpy", "numba"])
-def test_block_counts_hand_example(backend):
+def test_block_counts_by_hand(backend):
     counts = backend.block_counts(E_BLOCKS, 3, 3)
     assert counts.dtype == np.int64
     assert counts.tolist() == [[3, 1, 0], [0, 1, 3], [1, 1, 0]]
@@ -351,3 +352,31 @@ def test_kernels_run_as_python_under_disable_jit():
         check=False, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
+
+
+BLOCKS_AS_PYTHON = """
+import numpy as np
+from tinymoe.dispatch import kernels as K, reference as R
+e = np.random.default_rng(1).integers(0, 5, (40, 2))
+for B in (1, 3, 9, 100):
+    for C in (None, 7):
+        p, c = K.assign_positions_parallel(e, 5, C, B)
+        q, d = R.assign_positions(e, 5, C)
+        assert (p == q).all() and (c == d).all(), (B, C)
+    assert (K.block_counts(e, 5, B) == R.block_counts(e, 5, B)).all()
+print("block kernels ok")
+"""
+
+
+@pytest.mark.task5_1
+@pytest.mark.task5_2
+@pytest.mark.skipif(JIT_DISABLED, reason="this is the test that starts the subprocess")
+def test_block_kernels_run_as_python_under_disable_jit():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", BLOCKS_AS_PYTHON], check=False, cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    stub = re.search(r"NotImplementedError: (tinymoe task .*)", result.stderr)
+    if stub:  # a student copy's stub, raised here as it would be in-process
+        raise NotImplementedError(stub.group(1))
+    assert result.returncode == 0 and "block kernels ok" in result.stdout, result.stderr[-2000:]
