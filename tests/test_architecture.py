@@ -213,14 +213,16 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
 # --- the whole package ---------------------------------------------------------------------
 # Each paper's file in tinymoe/moe, with its year: no file may import a later paper's file.
 PAPER_YEARS = {
-    "tinymoe.moe.mixture": 1991, "tinymoe.moe.hme": 1994, "tinymoe.moe.noisy_topk": 2017,
+    "tinymoe.moe.mixture": 1991, "tinymoe.moe.hme": 1994, "tinymoe.moe.deep_moe": 2013,
+    "tinymoe.moe.conditional": 2015, "tinymoe.moe.noisy_topk": 2017,
     "tinymoe.moe.balance": 2017, "tinymoe.moe.hierarchical": 2017, "tinymoe.moe.gshard": 2020,
     "tinymoe.moe.switch": 2021, "tinymoe.moe.expert_choice": 2022,
     "tinymoe.moe.topk_router": 2024, "tinymoe.moe.aux_free": 2024,
 }
 # The shared pieces, named for what they are (no paper's year).
 SHARED = {"tinymoe.moe.layer", "tinymoe.moe.experts", "tinymoe.moe.capacity",
-          "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses"}
+          "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses",
+          "tinymoe.moe.swiglu"}
 
 
 def package_graph():

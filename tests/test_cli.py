@@ -26,15 +26,18 @@ from tinymoe.app.tour import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["tour", "train", "sample", "gradcheck", "bench", "params", "classroom", "repro"]
 
-# the regions a full `tinymoe gradcheck` runs (mixture NLL and posteriors, the noisy top-k
-# gate and load estimator, capacity, the balancing and z-losses)
-GRADCHECK_TASKS = ["task1_1", "task1_2", "task3_1", "task3_2", "task3_3", "task4_1",
-                   "task4_2", "task4_3", "task6_1", "task6_2", "task7_1"]
+# the regions a full `tinymoe gradcheck` runs (mixture NLL and posteriors, the 2013-15
+# estimators and regularisers, the noisy top-k gate and load estimator, capacity, the
+# balancing and z-losses)
+GRADCHECK_TASKS = ["task1_1", "task1_2", "task2b_1", "task2b_2", "task2b_3", "task3_1",
+                   "task3_2", "task3_3", "task4_1", "task4_2", "task4_3", "task6_1", "task6_2",
+                   "task7_1", "task8_1", "task8_2"]
 # the regions `tinymoe tour --fast` runs: the 1991 NLL, the EM of 1994 (E-step, least
-# squares, IRLS, the EM step), noisy top-k, GShard and Switch (capacity, balancing loss, z-loss)
-TOUR_TASKS = ["task1_1", "task2_1", "task2_2", "task2_3", "task2_4", "task3_1", "task3_2",
-              "task3_3",
-              "task4_1", "task4_2", "task4_3", "task6_1", "task6_2", "task6_3"]
+# squares, IRLS, the EM step), the 2013-15 estimators and regularisers, noisy top-k, GShard
+# and Switch (capacity, balancing loss, z-loss)
+TOUR_TASKS = ["task1_1", "task2_1", "task2_2", "task2_3", "task2_4", "task2b_1", "task2b_2",
+              "task2b_3", "task3_1", "task3_2", "task3_3", "task4_1", "task4_2", "task4_3",
+              "task6_1", "task6_2", "task6_3", "task8_1", "task8_3"]
 
 
 def tagged(tasks):
@@ -168,11 +171,12 @@ def test_tour_fast_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     titles = []
-    for i in range(len(STAGES)):  # stage i's block: a title, then four labelled lines
-        at = [n for n, line in enumerate(lines)
-              if re.fullmatch(rf"{i} · .+  —  .+  \(\d+\.\d s\)", line)]
-        assert len(at) == 1, f"no summary of stage {i} ({STAGES[i]}):\n{out}"
-        n = at[0]
+    # each stage's block: a title numbered by its lesson ("2", "2b", ...), then four labelled
+    # lines; the blocks come in the order of STAGES
+    blocks = [n for n, line in enumerate(lines)
+              if re.fullmatch(r"\d+[a-z]? · .+  —  .+  \(\d+\.\d s\)", line)]
+    assert len(blocks) == len(STAGES), f"{len(blocks)} summaries for {len(STAGES)} stages:\n{out}"
+    for n in blocks:
         for label, line in zip(["trained :", "params  :", "measured:", "paper   :"],
                                lines[n + 1:n + 5]):
             assert line.startswith(f"    {label} ") and line.strip() != label, line

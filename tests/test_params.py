@@ -251,3 +251,39 @@ def test_formula_matches_enumeration(d, heads, kv_div, layers, every, E, data):
     everything, used = _state_dict_shapes(cfg)
     c = count_params(cfg)
     assert (c.total, c.active) == (_size(everything), _size(used))
+
+
+# --- memory ------------------------------------------------------------------------------
+
+def test_mixtral_weight_memory_at_every_dtype():
+    from tinymoe.params import weight_bytes
+    total = 46_702_792_704
+    assert weight_bytes(MIXTRAL, "bf16") == 2 * total  # 93.4 GB: a 47B model's memory
+    assert round(weight_bytes(MIXTRAL, "bf16") / 1e9, 1) == 93.4
+    assert weight_bytes(MIXTRAL, "fp32") == 4 * total
+    assert weight_bytes(MIXTRAL, "int8") == total
+    assert weight_bytes(MIXTRAL, "int4") == total // 2
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        weight_bytes(MIXTRAL, "fp8")
+
+
+def test_kv_cache_bytes_counts_kv_heads_layers_batch_and_context():
+    from tinymoe.params import kv_cache_bytes
+    # Mixtral: 32 layers x 8 KV heads x 128 = 32,768 numbers for K, as many for V, per token
+    assert kv_cache_bytes(MIXTRAL, 1, 1, "bf16") == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert kv_cache_bytes(MIXTRAL, 4096, 8, "bf16") == 131_072 * 4096 * 8
+    mha = replace(MIXTRAL, n_kv_heads=None)  # 32 KV heads: 4x the cache
+    assert kv_cache_bytes(mha, 10, 1) == 4 * kv_cache_bytes(MIXTRAL, 10, 1)
+    dense = replace(MIXTRAL, n_experts=1, top_k=1)  # attention is not replicated
+    assert kv_cache_bytes(dense, 10, 3) == kv_cache_bytes(MIXTRAL, 10, 3)
+    with pytest.raises(ValueError, match="batch=0"):
+        kv_cache_bytes(MIXTRAL, 10, 0)
+
+
+def test_main_params_prints_the_memory_table(capsys):
+    assert main_params(["--preset", "mixtral-8x7b", "--seq-len", "32768", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"bf16\s+2\s+93\.4 GB\s+25\.8 GB", out)
+    assert re.search(r"int4\s+0\.5\s+23\.4 GB", out)
+    assert "KV cache bf16, batch 2 x 32,768 positions: 8.59 GB (131 KB per token)" in out
+    assert main_params(["--preset", "mixtral-8x7b", "--batch", "0"]) == 2

@@ -54,7 +54,8 @@ def test_state_dict_round_trip_keeps_dtypes_and_is_plain_npz(tmp_path):
     with np.load(path, allow_pickle=False) as z:  # any NumPy reads it
         np.testing.assert_array_equal(z["w"], sd["w"])
         meta_entry = json.loads(str(z[serialization.META_KEY]))
-    assert meta_entry["format"] == "tinymoe" and meta_entry["format_version"] == 1
+    assert meta_entry["format"] == "tinymoe" and meta_entry["format_version"] == 2
+    assert set(meta_entry["sha256"]) == set(sd)
 
 
 def test_save_overwrites_and_accepts_tensors(tmp_path):
@@ -65,12 +66,40 @@ def test_save_overwrites_and_accepts_tensors(tmp_path):
     assert leftovers(tmp_path, ["x.npz"]) == []
 
 
-def test_plain_np_savez_file_loads_with_empty_metadata(tmp_path):
+def test_plain_np_savez_file_is_refused_unless_verify_false(tmp_path):
     path = tmp_path / "plain.npz"
     np.savez(path, **Linear(2, 3, rng=0).state_dict())
     lin = Linear(2, 3, rng=1)
-    assert tm.nn.load_into(lin, path) == {}
+    with pytest.raises(ValueError, match=r"no tinymoe metadata.*verify=False"):
+        tm.nn.load_into(lin, path)
+    assert_params_equal(lin, Linear(2, 3, rng=1).state_dict())
+    assert tm.nn.load_into(lin, path, verify=False) == {}
     assert_params_equal(lin, Linear(2, 3, rng=0).state_dict())
+
+
+def write_format1(path, state, metadata):
+    """A checkpoint as tinymoe wrote it before checksums (format 1)."""
+    meta = json.dumps({"format": "tinymoe", "format_version": 1, "metadata": metadata})
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, arr in {**state, serialization.META_KEY: np.array(meta)}.items():
+            with zf.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
+
+
+def test_format1_checkpoint_loads_with_a_warning_and_converts(tmp_path):
+    path = tmp_path / "old.npz"
+    sd = Linear(2, 3, rng=0).state_dict()
+    write_format1(path, sd, {"step": 5})
+    with pytest.warns(UserWarning, match=r"format 1.*Re-save it once"):
+        state, meta = tm.nn.load(path)
+    assert meta == {"step": 5}
+    for k in sd:
+        np.testing.assert_array_equal(state[k], sd[k])
+    tm.nn.save(state, path, metadata=meta)  # the conversion the message names
+    state2, meta2 = tm.nn.load(path)
+    assert meta2 == {"step": 5} and list(state2) == list(sd)
+    for k in sd:
+        np.testing.assert_array_equal(state2[k], sd[k])
 
 
 # ------------------------------------------------------------------------ refusals

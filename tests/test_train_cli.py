@@ -103,7 +103,8 @@ def test_an_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, data, mon
     monkeypatch.setattr(serialization, "_write_npz", write)
     _, meta = tm.nn.load(path)  # still the step-2 checkpoint, complete
     assert meta["step"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == [  # no temporary file or lock left
+        "checkpoint-00000002.npz", "checkpoint-best.npz", "checkpoint.npz"]
     model, tok, _ = load_model(tmp_path)
     assert model.cfg == MODEL.replace(vocab_size=tok.vocab_size)
     res = train(out=tmp_path, resume=True, progress=False, data=data)
@@ -192,3 +193,201 @@ def test_cli_errors(tmp_path, capsys):
     assert "not in the vocabulary" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main_train(["--kind", "soft"])
+
+
+# ------------------------------------------------------------------ reliability (issue 18)
+
+SMALL = ["--block-size", "16", "--d-model", "16", "--n-layers", "2", "--n-heads", "2",
+         "--d-ff", "32", "--num-experts", "4", "--batch-size", "4", "--eval-every", "2",
+         "--eval-batches", "1", "--log-every", "1", "--no-progress"]
+
+BAD_ARGS = [
+    (["--steps", "0"], "steps=0 must be a positive integer"),
+    (["--steps", "x"], "argument --steps: 'x' is not an integer"),
+    (["--steps", "1.5"], "argument --steps: '1.5' is not an integer"),
+    (["--batch-size", "-3"], "batch_size=-3"),
+    (["--lr", "0"], "lr=0.0 must be a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: 'nan': give a finite number"),
+    (["--lr", "inf"], "argument --lr: 'inf': give a finite number"),
+    (["--warmup", "-1"], "warmup=-1 must be an integer >= 0"),
+    (["--weight-decay", "-1"], "weight_decay=-1.0"),
+    (["--clip", "nan"], "argument --clip: 'nan': give a finite number"),
+    (["--clip", "-1"], "clip=-1.0 must be a finite number >= 0"),
+    (["--clip", "inf"], "argument --clip: 'inf': give a finite number"),
+    (["--eval-every", "0"], "eval_every=0"),
+    (["--ckpt-every", "0"], "ckpt_every=0"),
+    (["--seed", "-1"], "seed=-1 must be an integer >= 0"),
+    (["--keep-last", "0"], "keep_last=0 must be a positive integer"),
+    (["--divergence-factor", "1"], "divergence_factor=1.0 must be > 1"),
+    (["--divergence-factor", "nan"], "'nan': give a finite number"),
+    (["--d-model", "0"], "d_model must be a positive integer"),
+    (["--n-heads", "3"], "not divisible by n_heads=3"),
+    (["--block-size", "0"], "block_size must be a positive integer"),
+    (["--capacity-factor", "nan"], "'nan': give a finite number"),
+    (["--capacity-factor", "0"], "capacity_factor=0.0 must be a finite number > 0"),
+    (["--group-size", "0"], "group_size"),
+    (["--expert-dropout", "1.5"], "expert_dropout=1.5 must be in [0, 1)"),
+    (["--kind", "soft"], "argument --kind: invalid choice: 'soft'"),
+    (["--router-dtype", "int8"], "argument --router-dtype: invalid choice: 'int8'"),
+    (["--resume"], "--resume: no checkpoint at"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+def run_cli(argv, capsys):
+    """(exit status, everything printed) of ``tinymoe train argv``."""
+    try:
+        rc = main_train(argv)
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, (out.out + out.err).strip()
+
+
+@pytest.mark.parametrize("argv,match", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_every_bad_argument_is_one_line_and_trains_nothing(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    rc, text = run_cli(["--out", str(out), "--fast", "--no-progress"] + argv, capsys)
+    assert rc == 2 and len(text.splitlines()) == 1, text
+    assert "tinymoe train: error:" in text and match in text, text
+    assert not out.exists() or not list(out.glob("*.npz"))
+
+
+def test_bad_out_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc, text = run_cli(["--out", str(blocker / "run"), "--fast", "--no-progress"], capsys)
+    assert rc == 2 and len(text.splitlines()) == 1 and "--out" in text, text
+
+
+def test_the_real_command_prints_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "tinymoe", "train", "--out", str(tmp_path),
+                        "--clip", "nan"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
+    assert p.stderr.strip().splitlines() == [
+        "tinymoe train: error: argument --clip: 'nan': give a finite number (see tinymoe "
+        "train --help)"]
+
+
+def test_train_config_refuses_non_finite_clip():
+    for clip in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="clip"):
+            TrainConfig(clip=clip)
+
+
+def good_run(tmp_path, data, steps=4):
+    out = tmp_path / "run"
+    train(MODEL, TRAIN.__class__(**{**TRAIN.__dict__, "steps": steps, "ckpt_every": 1,
+                                    "keep_last": 2}), out=out, progress=False, data=data)
+    snap = {p.name: p.read_bytes() for p in out.glob("*.npz")}
+    return out, snap
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("lr,clip", [(1e3, 1.0), (1e12, 0.0)])
+def test_a_diverging_run_stops_and_never_replaces_a_good_checkpoint(tmp_path, data, lr, clip):
+    out, snap = good_run(tmp_path, data)
+    cfg = TrainConfig.from_dict({**TRAIN.__dict__, "steps": 40, "lr": lr, "clip": clip,
+                                 "ckpt_every": 1, "warmup": 0, "keep_last": 2})
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 5: ") as e:
+        train(train_cfg=cfg, out=out, resume=True, progress=False, data=data)
+    assert "--lr" in str(e.value) and str(out) in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.glob("*.npz")} == snap  # nothing replaced
+    state, meta = tm.nn.load(checkpoint_path(out))
+    assert meta["step"] == 4 and all(np.isfinite(v).all() for v in state.values()
+                                     if v.dtype.kind == "f")
+    res = train(train_cfg=TrainConfig.from_dict({**cfg.__dict__, "lr": 3e-3, "steps": 6}),
+                out=out, resume=True, progress=False, data=data)  # the good state resumes
+    assert res.history.steps[-1] == 6 and np.isfinite(res.final_val_loss)
+
+
+def test_divergence_names_the_step_and_the_first_non_finite_tensor(tmp_path, data):
+    def poison(step, model):
+        if step == 3:
+            model.blocks[1].ffn.router.W_r.data[0, 0] = np.nan
+
+    cfg = TrainConfig.from_dict({**TRAIN.__dict__, "ckpt_every": 1})
+    with pytest.raises(FloatingPointError,
+                       match=r"step 4: .*first non-finite tensor is "
+                             r"model\.blocks\.1\.ffn\.router\.W_r"):
+        train(MODEL, cfg, out=tmp_path, progress=False, data=data, on_step=poison)
+    assert tm.nn.load(checkpoint_path(tmp_path))[1]["step"] == 3
+
+
+def test_the_cli_exits_non_zero_on_divergence(tmp_path, data, capsys):
+    out, snap = good_run(tmp_path, data)
+    with np.errstate(all="ignore"):
+        rc, text = run_cli(["--out", str(out), "--resume", "--steps", "20", "--lr", "1e3",
+                            "--warmup", "0", "--no-progress"], capsys)
+    assert rc == 1 and "training diverged at step" in text, text
+    assert {p.name: p.read_bytes() for p in out.glob("*.npz")} == snap
+
+
+def test_keep_last_and_best(tmp_path, data):
+    out, _ = good_run(tmp_path, data, steps=6)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint-00000005.npz", "checkpoint-00000006.npz",
+                     "checkpoint-best.npz", "checkpoint.npz"]
+    best = tm.nn.load(out / "checkpoint-best.npz")[1]
+    vals = [tm.nn.load(out / n)[1]["val_loss"] for n in names if n[-5].isdigit()]
+    assert best["val_loss"] <= min(vals)
+
+
+def test_a_second_training_in_one_folder_is_refused(tmp_path, capsys):
+    from tinymoe.nn.checkpoint import RunLock
+    out = tmp_path / "run"
+    lock = RunLock(out)  # a run (this process) is writing there
+    rc, text = run_cli(["--out", str(out), "--fast", "--steps", "1"] + SMALL, capsys)
+    assert rc == 1 and "is in use by process" in text and "--force-unlock" in text
+    assert not list(out.glob("*.npz"))
+    rc, text = run_cli(["--out", str(out), "--fast", "--steps", "1", "--force-unlock"] + SMALL,
+                       capsys)
+    assert rc == 0, text
+    lock.release()
+    assert not (out / ".lock").exists()  # the run released the lock it took over
+
+
+def test_a_new_run_never_silently_replaces_an_old_one(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_cli(["--out", out, "--steps", "2"] + SMALL, capsys)[0] == 0
+    rc, text = run_cli(["--out", out, "--steps", "2"] + SMALL, capsys)
+    assert rc == 2 and "--resume" in text and "--overwrite" in text, text
+    rc, text = run_cli(["--out", out, "--steps", "2", "--overwrite"] + SMALL, capsys)
+    assert rc == 0 and "deleting" in text
+
+
+def test_resume_refuses_corrupt_and_crafted_checkpoints_clearly(tmp_path, data, capsys):
+    out, _ = good_run(tmp_path, data)
+    path = checkpoint_path(out)
+    state, meta = tm.nn.load(path)
+    tm.nn.save(state, path, metadata={**meta, "step": "four"})  # valid checksums, bad field
+    rc, text = run_cli(["--out", str(out), "--resume", "--no-progress"], capsys)
+    assert rc == 2 and "no valid 'step'" in text and len(text.splitlines()) == 1, text
+    tm.nn.save(state, path, metadata={**meta, "model_config": {"d_model": "x"}})
+    rc, text = run_cli(["--out", str(out), "--resume", "--no-progress"], capsys)
+    assert rc == 2 and "TransformerConfig" in text and len(text.splitlines()) == 1, text
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: the message names the others
+    rc, text = run_cli(["--out", str(out), "--resume", "--no-progress"], capsys)
+    assert rc == 2 and "checkpoint-00000004.npz" in text and "copy one over" in text, text
+
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, data):
+    out, _ = good_run(tmp_path, data)
+    (out / ".checkpoint.npz.k1ll3d.tmp").write_bytes(b"PK half a save")
+    train(out=out, resume=True, progress=False, data=data)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sample_refuses_crafted_metadata_in_one_line(tmp_path, data, capsys):
+    out, _ = good_run(tmp_path, data)
+    path = checkpoint_path(out)
+    state, meta = tm.nn.load(path)
+    for bad in ({"model_config": [1, 2]}, {"model_config": {"n_heads": "two"}},
+                {"chars": 5}):
+        tm.nn.save(state, path, metadata={**meta, **bad})
+        assert main_sample(["--checkpoint", str(out), "-n", "5"]) == 2
+        text = capsys.readouterr().out.strip()
+        assert len(text.splitlines()) == 1 and str(path) in text, text

@@ -6,7 +6,8 @@
     y.backward()          # x.grad == [[3., 4.]]
 
 Sub-packages load when first used, so ``import tinymoe`` stays fast: ``tm.nn``, ``tm.optim``,
-``tm.moe``, ``tm.data``, ``tm.viz``, ``tm.dispatch``, ``tm.parallel``.
+``tm.moe``, ``tm.data``, ``tm.viz``, ``tm.dispatch``, ``tm.parallel``, and the tools that test
+your own code, ``tm.testing`` and ``tm.conformance``.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled",
            "unbroadcast", "gradcheck", "GradcheckError", "GradcheckReport", "functional",
            "nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params",
-           "parallel"]
+           "parallel", "testing", "conformance"]
 
 _LAZY = {"nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params",
-         "parallel"}
+         "parallel", "testing", "conformance"}
 
 
 def __getattr__(name: str) -> Any:

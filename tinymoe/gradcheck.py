@@ -105,6 +105,47 @@ def central_difference(L: Callable[[], float], x: np.ndarray, index: tuple[int, 
     return (up - down) / (2 * eps)
 
 
+def compare_gradients(L: Callable[[], float],
+                      checked: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                      rng: np.random.Generator, *, eps: float, atol: float, rtol: float,
+                      max_elements: int, n_directions: int) -> GradcheckReport:
+    """The method shared by :func:`gradcheck` and :func:`tinymoe.testing.gradcheck`.
+
+    ``L()`` evaluates the scalar ``sum(f(x) * R)`` at the current values of the arrays;
+    ``checked`` lists ``(name, x, analytic)``: an array ``x`` that ``L`` reads (perturbed in
+    place here and restored exactly) and the exact gradient of ``L`` with respect to it.
+    Every element when ``x.size <= max_elements``, else ``n_directions`` random unit
+    directions drawn from ``rng``. Returns the report (mismatches included; never raises).
+    """
+    report = GradcheckReport()
+    for name, x, a in checked:
+        errors = []
+        if x.size <= max_elements:
+            for idx in np.ndindex(x.shape):
+                num = central_difference(L, x, idx, eps)
+                errors.append((str(idx), float(a[idx]), num))
+            mode = "every element"
+        else:
+            orig = x.copy()
+            for j in range(n_directions):
+                v = rng.standard_normal(x.shape)
+                v /= np.linalg.norm(v)
+                x[...] = orig + eps * v
+                up = L()
+                x[...] = orig - eps * v
+                down = L()
+                x[...] = orig
+                errors.append((f"direction {j}", float(np.sum(a * v)), (up - down) / (2 * eps)))
+            mode = f"{n_directions} random directions"
+        worst = 0.0
+        for where, an, num in errors:
+            worst = max(worst, abs(an - num))
+            if not abs(an - num) <= atol + rtol * abs(num):  # also catches NaN
+                report.mismatches.append(Mismatch(name, where, an, num))
+        report.inputs.append(InputReport(name, tuple(x.shape), mode, len(errors), worst))
+    return report
+
+
 def gradcheck(fn: Callable[..., Any], inputs: Sequence[Any], *, eps: float = 1e-6,
               atol: float = 1e-5, rtol: float = 1e-3, max_elements: int = 400,
               n_directions: int = 12, seed: int = 0, names: Sequence[str] | None = None,
@@ -148,34 +189,10 @@ def gradcheck(fn: Callable[..., Any], inputs: Sequence[Any], *, eps: float = 1e-
     for i in checked:
         inputs[i].grad = before[i]
 
-    report = GradcheckReport()
     L = lambda: _scalar(fn, inputs, cot)  # noqa: E731
-    for i in checked:
-        x, a = inputs[i].data, analytic[i]
-        errors = []
-        if x.size <= max_elements:
-            for idx in np.ndindex(x.shape):
-                num = central_difference(L, x, idx, eps)
-                errors.append((str(idx), float(a[idx]), num))
-            mode = "every element"
-        else:
-            orig = x.copy()
-            for j in range(n_directions):
-                v = rng.standard_normal(x.shape)
-                v /= np.linalg.norm(v)
-                x[...] = orig + eps * v
-                up = L()
-                x[...] = orig - eps * v
-                down = L()
-                x[...] = orig
-                errors.append((f"direction {j}", float(np.sum(a * v)), (up - down) / (2 * eps)))
-            mode = f"{n_directions} random directions"
-        worst = 0.0
-        for where, an, num in errors:
-            worst = max(worst, abs(an - num))
-            if not abs(an - num) <= atol + rtol * abs(num):  # also catches NaN
-                report.mismatches.append(Mismatch(names[i], where, an, num))
-        report.inputs.append(InputReport(names[i], x.shape, mode, len(errors), worst))
+    report = compare_gradients(L, [(names[i], inputs[i].data, analytic[i]) for i in checked],
+                               rng, eps=eps, atol=atol, rtol=rtol, max_elements=max_elements,
+                               n_directions=n_directions)
     if not report.ok and raise_exception:
         raise GradcheckError(report)
     return report

@@ -25,10 +25,14 @@ it did not pick, ``active = total - n_moe_layers·(E - k)·expert``. The embeddi
 lookup is counted as active (this is how Mistral's "12.9B per token" is computed);
 ``active_excluding_embedding`` removes the embedding tables.
 
+Memory: :func:`weight_bytes` (all the weights at fp32/bf16/int8/int4) and
+:func:`kv_cache_bytes` (keys and values of a context, per batch).
+
 The arithmetic only; :mod:`tinymoe.app.params_cli` prints it (``tinymoe params``).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass
 
@@ -223,6 +227,39 @@ def flops_per_token(cfg: MoEConfig, seq_len: int) -> int:
     """
     matmul, attention = flop_terms(cfg, seq_len)
     return 2 * matmul + attention
+
+
+# --- memory ---------------------------------------------------------------------------
+
+BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def _bytes_per(dtype: str, where: str) -> float:
+    if dtype not in BYTES_PER_PARAM:
+        raise ValueError(f"{where}: dtype={dtype!r}; choose one of {list(BYTES_PER_PARAM)}")
+    return BYTES_PER_PARAM[dtype]
+
+
+def weight_bytes(cfg: MoEConfig, dtype: str = "bf16") -> int:
+    """Bytes to hold **all** the weights (``count_params(cfg).total``) at ``dtype``:
+    fp32 4, bf16 2, int8 1, int4 0.5 bytes per parameter (rounded up; quantisation scales
+    not counted). Every expert must be resident although a token uses k of them: Mixtral
+    8x7B in bf16 is 46.7B × 2 ≈ 93.4 GB, the memory of a 47B dense model."""
+    return math.ceil(count_params(cfg).total * _bytes_per(dtype, "weight_bytes"))
+
+
+def kv_cache_bytes(cfg: MoEConfig, seq_len: int, batch: int = 1, dtype: str = "bf16") -> int:
+    """Bytes of the KV cache for ``batch`` sequences of ``seq_len`` positions:
+
+        2 (K and V) · n_layers · batch · seq_len · H_kv · h · bytes
+
+    The same for an MoE and its dense twin: attention is not replicated. Grouped-query
+    attention (H_kv < H) shrinks it by H / H_kv."""
+    for name, v in (("seq_len", seq_len), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"kv_cache_bytes: {name}={v!r} must be an int >= 1")
+    per_token = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_size
+    return math.ceil(per_token * batch * seq_len * _bytes_per(dtype, "kv_cache_bytes"))
 
 
 # --- presets ------------------------------------------------------------------------

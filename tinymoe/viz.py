@@ -1,4 +1,5 @@
-"""Plots for Mixture-of-Experts: routing heatmaps, expert load, drops, gate regions, losses.
+"""Plots for Mixture-of-Experts: routing heatmaps, expert load, drops, gate regions, losses,
+text coloured by expert.
 
 Every function draws on ``ax`` when given (and returns ``ax.figure``), otherwise on a new
 Figure that it returns. New figures are created through pyplot and then closed in
@@ -339,6 +340,51 @@ def _steps(steps: Any, n: int, fn: str) -> np.ndarray:
     if x.shape != (n,):
         raise ValueError(f"{fn}: steps shape {x.shape} != ({n},), one per row")
     return x
+
+
+def text_by_expert(text: str, experts: Any, n_experts: int | None = None, *,
+                   width: int = 64, ax: Any = None, title: str = "expert per character",
+                   legend: bool = True) -> Any:
+    """``text`` drawn in a monospace grid, each character on the colour of its expert.
+
+    ``experts`` (len(text),): the expert each character was routed to (top-1), -1 for a
+    dropped token (drawn without colour). Lines wrap at ``width`` characters and at
+    newlines (a newline is drawn as a coloured ``⏎``)."""
+    fn = "text_by_expert"
+    e = _array(experts, fn, "experts").astype(int)
+    if e.shape != (len(text),):
+        raise ValueError(f"{fn}: experts shape {e.shape} != ({len(text)},), one per character")
+    E = int(e.max()) + 1 if n_experts is None else int(n_experts)
+    if e.size and (e.max() >= E or e.min() < -1):
+        raise ValueError(f"{fn}: expert ids must lie in [-1, {E}), got {e.min()}..{e.max()}")
+    cells, row, col = [], 0, 0  # (row, col, char, expert)
+    for ch, ex in zip(text, e):
+        if col >= width:
+            row, col = row + 1, 0
+        cells.append((row, col, "⏎" if ch == "\n" else ch, ex))
+        col += 1
+        if ch == "\n":
+            row, col = row + 1, 0
+    rows = row + 1
+    fig, ax = _figure_and_axes(ax, (width * 0.13 + 1, rows * 0.26 + 1))
+    colours = _palette(E)
+    from matplotlib.patches import Patch, Rectangle
+
+    for r, c, ch, ex in cells:
+        if ex >= 0:
+            ax.add_patch(Rectangle((c, -r - 1), 1, 1, color=colours[ex], alpha=0.45, lw=0))
+        ax.text(c + 0.5, -r - 0.5, ch, ha="center", va="center", family="monospace",
+                fontsize=8)
+    ax.set_xlim(0, width)
+    ax.set_ylim(-rows, 0)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    ax.set_title(title)
+    if legend:
+        ax.legend(handles=[Patch(color=colours[i], alpha=0.45, label=f"expert {i}")
+                           for i in range(E)], loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                  fontsize=7)
+    return fig
 
 
 def _names(names: Sequence[str] | None, n: int, prefix: str, fn: str) -> list[str]:

@@ -72,12 +72,22 @@ REPRO = {
                "Jacobs et al. 1991, Table 1: mixtures vs backprop on the vowel task"),
     "hme": ("tinymoe.app.experiments.hme_1994", "main_hme",
             "Jordan & Jacobs 1994: HME trained by EM vs by gradient"),
+    "deep_moe": ("tinymoe.app.experiments.deep_moe_2013", "main_deep_moe",
+                 "Eigen, Ranzato & Sutskever 2013: a two-layer deep MoE learns where, then what"),
+    "conditional": ("tinymoe.app.experiments.conditional_2015", "main_conditional",
+                    "Bengio et al. 2013-15: binary-gate gradient estimators, block-gated nets"),
     "table6": ("tinymoe.app.experiments.table6_2017", "main_table6",
                "Shazeer et al. 2017, Table 6: the balancing losses"),
     "switch": ("tinymoe.app.experiments.switch_2021", "main_switch",
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
     "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
+    "inference": ("tinymoe.app.experiments.inference", "main_inference",
+                  "MoE vs dense (same active, same total) at inference: speed and memory"),
+    "finetune": ("tinymoe.app.experiments.finetune", "main_finetune",
+                 "Fedus et al. 2021 §2.4, Zoph et al. 2022 §4: sparse models fine-tuned"),
+    "experts": ("tinymoe.app.experiments.experts_learn", "main_experts",
+                "what each expert of a char LM receives, with and without balancing"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
@@ -85,7 +95,8 @@ FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
               ("tinymoe.app.train", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
-    "repro": ("reproduce a paper's table (vowels, hme, table6, switch, modern)",
+    "repro": ("reproduce a paper's table (vowels, hme, deep_moe, conditional, table6, switch, "
+              "modern, inference, finetune, experts)",
               ("tinymoe.app.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.app.cli", "main_bench")),

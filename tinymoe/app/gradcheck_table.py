@@ -5,7 +5,7 @@ options going to ``tm.gradcheck`` (``names``, ``max_elements``, ...) -- in float
 seeded generator; the command runs ``tm.gradcheck`` on each and reports the largest error.
 Entries register themselves with :func:`register` under a name that starts with their
 stage, so the table reads in the order of the course: "op", "loss", "nn", "1991", "1994",
-"2017", "dispatch" (lesson 05, the layers' token shuffling), "2020", "2021".
+"2013", "2015", "2017", "dispatch" (lesson 05, the layers' token shuffling), "2020", "2021".
 
 Routing is piecewise constant: a top-k choice or an argmax flips when a perturbation of
 ``eps`` crosses a tie, and the gradient there is not defined. The MoE entries therefore fix
@@ -121,6 +121,19 @@ def _attn(rng):
     return _module_check(m, rng.standard_normal((2, 5, 8)))
 
 
+@register("nn RMSNorm")
+def _rmsnorm(rng):
+    m = tm.nn.RMSNorm(6, dtype=np.float64)
+    m.weight.data = 1.0 + 0.3 * rng.standard_normal(6)
+    return _module_check(m, rng.standard_normal((3, 6)))
+
+
+@register("nn SwiGLU")
+def _swiglu(rng):
+    m = tm.nn.SwiGLU(4, 6, dtype=np.float64, rng=rng)
+    return _module_check(m, rng.standard_normal((3, 4)))
+
+
 # --- helpers for the MoE stages ----------------------------------------------------------------
 F64 = np.float64
 MARGIN = 0.01  # smallest gap between logits that decide a choice (eps is 1e-6: no flips)
@@ -230,6 +243,70 @@ def _hme(expert: str) -> None:
 
 for _expert in ("gaussian", "logistic"):
     _hme(_expert)
+
+
+# --- 2013-2015: deep mixtures and conditional computation --------------------------------------
+@register("2013 DeepMoE (two mixture layers) + cross_entropy")
+def _deep_moe(rng):
+    model = moe.DeepMoE(4, 3, (3, 2), (5, 4), 3, rng=rng)  # float64
+    x, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    inputs, options = module_inputs(model, x=leaf(x))
+    return (lambda x, *ps: tm.losses.cross_entropy(model(x).logits, y)), inputs, options
+
+
+@register("2013 mixture_layer (MoELayer, dense gate) with the constraint's mask")
+def _mixture_layer_masked(rng):
+    layer = moe.mixture_layer(4, 3, 3, 5, rng=rng)
+    allowed = np.ones((6, 3), dtype=bool)
+    allowed[[0, 3], 2] = False
+    inputs, options = module_inputs(layer, x=leaf(rng.standard_normal((6, 4))))
+    return (lambda x, *ps: layer(x, allowed=allowed)[0]), inputs, options
+
+
+@register("2013 stochastic-times-smooth unit (fixed uniforms)")
+def _stochastic_times_smooth(rng):
+    a = rng.standard_normal((4, 5))
+    u = rng.random((4, 5))
+    s = np.sqrt(1 / (1 + np.exp(-a)))
+    while np.abs(u - s).min() < MARGIN:  # keep every sample away from its threshold
+        u = rng.random((4, 5))
+    return (lambda a: moe.stochastic_times_smooth(a, u)), [leaf(a)]
+
+
+@register("2013 REINFORCE surrogate (cost - baseline) log P(b)")
+def _reinforce(rng):
+    a, b = rng.standard_normal((5, 3)), (rng.random((5, 3)) < 0.5).astype(float)
+    cost = rng.random(5)
+    return (lambda a: moe.reinforce_surrogate(a, b, cost, 0.4)), [leaf(a)]
+
+
+@register("2013 exact expected loss over all 2^K gate configurations")
+def _expected_over_gates(rng):
+    W, t = rng.standard_normal((3, 2)), rng.standard_normal(2)
+
+    def loss(b):
+        d = tm.tensor(b) @ W - t
+        return (d * d).sum()
+    return (lambda p: moe.expected_over_gates(p, loss)), [leaf(rng.uniform(0.1, 0.9, 3))]
+
+
+def _sparsity(name: str) -> None:
+    def build(rng):
+        sigma = rng.uniform(0.05, 0.95, (6, 4))
+        return (lambda s: moe.sparsity_regularisers(s, 0.3)[name]), [leaf(sigma)]
+    CHECKS[f"2015 sparsity regulariser {name}"] = build
+
+
+for _reg in ("L_b", "L_e", "L_v"):
+    _sparsity(_reg)
+
+
+@register("2015 GatedBlocks (fixed mask)")
+def _block_gated(rng):
+    layer = moe.GatedBlocks(5, 3, 2, rng=rng)
+    x, u = rng.standard_normal((4, 5)), rng.random((4, 3))
+    inputs, options = module_inputs(layer.linear, x=leaf(x))
+    return (lambda x, *ps: layer(x, mode="sample", u=u).h), inputs, options
 
 
 # --- 2017: the sparsely-gated MoE ---------------------------------------------------------------
@@ -597,6 +674,31 @@ def _router_layer(router: Any, gap: Callable[[Any], float], rng: np.random.Gener
 def _routed_topk(rng):
     router = moe.TopKRouter(4, 3, 2, normalize=False, router_dtype="float64", rng=rng)
     return _router_layer(router, lambda z: top_gap(z, 2), rng, num_shared=1)
+
+
+@register("2024 SwiGLUExperts (grouped matmul)")
+def _swiglu_experts(rng):
+    experts = moe.SwiGLUExperts(4, 3, 5, dtype=F64, rng=rng)
+    offsets = np.array([0, 3, 3, 7, 9])  # expert 1 gets no rows
+    inputs, options = module_inputs(experts, rows=leaf(rng.standard_normal((9, 3))))
+    return (lambda rows, *ps: experts(rows, offsets)), inputs, options
+
+
+@register("2024 mixtral_layer: TopKRouter + SwiGLU experts")
+def _mixtral_layer(rng):
+    def draw():
+        layer = moe.mixtral_layer(4, 4, 6, 2, aux_loss_coef=0.1, router_dtype="float64",
+                                  dtype=F64, rng=rng)
+        layer.router.W_g.data = rng.standard_normal((4, 4))
+        return layer, rng.standard_normal((8, 4))
+
+    layer, x = with_margin(draw, lambda v: top_gap(v[1] @ v[0].router.W_g.data, 2))
+    inputs, options = module_inputs(layer, x=leaf(x))
+
+    def fn(x, *ps):
+        y, aux = layer(x)
+        return y, total(aux)
+    return fn, inputs, {**options, "max_elements": 100}
 
 
 @register("2022 ExpertChoiceRouter + MoELayer")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields, replace
 
 from tinymoe.params import (
+    BYTES_PER_PARAM,
     PRESET_NOTES,
     PRESETS,
     MoEConfig,
@@ -20,6 +21,8 @@ from tinymoe.params import (
     count_params,
     flop_terms,
     get_preset,
+    kv_cache_bytes,
+    weight_bytes,
 )
 
 
@@ -54,13 +57,14 @@ def _row(name: str, per_layer: int | None, layers: int | None, total: int,
     return f"{name:<26}{per:>16}{lay:>7}{total:>18,}{active:>18,}"
 
 
-def explain(cfg: MoEConfig, name: str | None = None, seq_len: int | None = None) -> str:
+def explain(cfg: MoEConfig, name: str | None = None, seq_len: int | None = None,
+            batch: int | None = None) -> str:
     """A readable breakdown of ``count_params(cfg)`` and why total and active differ.
 
     For an MoE (n_experts > 1) it explains why the total is not E × (dense model):
     only the FFNs are replicated; and why k experts per token cost less than k dense
     models: attention, embeddings and norms run once per token. With ``seq_len`` it
-    adds ``flops_per_token``.
+    adds ``flops_per_token``; with ``batch`` the memory (:func:`memory_lines`).
     """
     c = count_params(cfg)
     L, E, k, S = cfg.n_layers, cfg.n_experts, cfg.top_k, cfg.n_shared_experts
@@ -112,7 +116,33 @@ def explain(cfg: MoEConfig, name: str | None = None, seq_len: int | None = None)
                      f" + {_human(attn)} attention)")
     if E > 1:
         lines += [""] + _why_not_product(cfg, c)
+    if batch is not None:
+        lines += [""] + memory_lines(cfg, seq_len or cfg.n_positions or 4096, batch)
     return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    """93405585408 -> '93.4 GB' (decimal units, as GPU memory is quoted)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def memory_lines(cfg: MoEConfig, seq_len: int, batch: int) -> list[str]:
+    """Weights at every dtype (all resident, not only the active ones) and the KV cache."""
+    c = count_params(cfg)
+    lines = [f"memory: weights (all {_human(c.total)} parameters must be resident; a token "
+             f"reads {_human(c.active)})",
+             f"{'dtype':<8}{'bytes/param':>12}{'weights':>14}{'active weights':>16}"]
+    for dt, b in BYTES_PER_PARAM.items():
+        lines.append(f"{dt:<8}{b:>12g}{_bytes(weight_bytes(cfg, dt)):>14}"
+                     f"{_bytes(c.active * b):>16}")
+    for dt in ("fp32", "bf16"):
+        kv = kv_cache_bytes(cfg, seq_len, batch, dt)
+        lines.append(f"KV cache {dt}, batch {batch} x {seq_len:,} positions: {_bytes(kv)} "
+                     f"({_bytes(kv / (batch * seq_len))} per token)")
+    return lines
 
 
 def _why_not_product(cfg: MoEConfig, c: ParamCount) -> list[str]:
@@ -179,6 +209,8 @@ def _field_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--seq-len", type=int, default=None,
                    help="context length for FLOPs (default: n_positions, else 4096)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences in the KV cache of the memory table (default 1)")
     for f in fields(MoEConfig):
         flag = "--" + f.name.replace("_", "-")
         if "bool" in str(f.type):
@@ -214,7 +246,9 @@ def main_params(argv: Sequence[str] | None = None) -> int:
                                  + ", ".join("--" + r.replace("_", "-") for r in required))
             cfg = MoEConfig(**overrides)
         seq_len = args.seq_len or cfg.n_positions or 4096
-        print(explain(cfg, name=args.preset, seq_len=seq_len))
+        if args.batch < 1:
+            raise ValueError(f"--batch {args.batch}: give at least 1 sequence")
+        print(explain(cfg, name=args.preset, seq_len=seq_len, batch=args.batch))
     except ValueError as err:
         print(f"tinymoe params: error: {err}", file=sys.stderr)
         return 2

@@ -20,10 +20,13 @@ STAGES: list[str] = [
     "tinymoe.app.experiments.autograd_00",
     "tinymoe.app.experiments.vowels_1991",
     "tinymoe.app.experiments.hme_1994",
+    "tinymoe.app.experiments.deep_moe_2013",
+    "tinymoe.app.experiments.conditional_2015",
     "tinymoe.app.experiments.table6_2017",
     "tinymoe.app.experiments.gshard_2020",
     "tinymoe.app.experiments.switch_2021",
     "tinymoe.app.experiments.modern_2024",
+    "tinymoe.app.experiments.inference",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

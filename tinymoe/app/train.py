@@ -12,9 +12,18 @@ generator (the batch sampler and the model's jitter / dropout / routing generato
 resumed run draws exactly the batches and noise an uninterrupted one would have drawn, and
 ends with the same weights, bit for bit.
 
-Saving is atomic (a temporary file, fsync, then ``os.replace``): a crash or Ctrl-C during a
-save leaves the previous checkpoint intact. Ctrl-C during training saves the last completed
+Checkpoints go through :class:`tinymoe.nn.checkpoint.CheckpointWriter`: saving is atomic
+(a temporary file, fsync, then ``os.replace``) and checksummed, a Ctrl-C during a save lets it
+finish, the last ``keep_last`` saves are kept (``checkpoint-00000200.npz``) and the one with
+the lowest validation loss (``checkpoint-best.npz``), and a lock file (``<out>/.lock``) keeps
+a second run from writing the same folder. Ctrl-C during training saves the last completed
 step before stopping.
+
+A run that diverges stops (:class:`TrainingDiverged`, exit status 1) before it can save: a
+non-finite loss, weight or optimizer state, or a loss above ``divergence_factor`` times the
+best validation loss (before the first validation: the first training loss). The message
+names the step and the first non-finite tensor; the checkpoints on disk are the last good
+ones, and a state holding NaN or inf is never written.
 
 Tip: on a small or shared machine, ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS=1``) is
 often several times faster for these small matrices.
@@ -22,6 +31,7 @@ often several times faster for these small matrices.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +45,9 @@ import tinymoe as tm
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, get_batch, shakespeare, train_val_split
 from tinymoe.models.transformer import Transformer, TransformerConfig
+from tinymoe.nn.checkpoint import CheckpointWriter, LockError, RunLock
 from tinymoe.nn.module import Module
+from tinymoe.nn.serialization import first_nonfinite
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CLI_KINDS = ("switch", "top2", "dense")  # the FFN kinds ``tinymoe train --kind`` offers
@@ -58,16 +70,44 @@ class TrainConfig:
     ckpt_every: int = 200
     seed: int = 0
     val_fraction: float = 0.1
+    keep_last: int = 3
+    divergence_factor: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
-                     "ckpt_every"):
+                     "ckpt_every", "keep_last"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"TrainConfig: {name}={v!r} must be a positive integer")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
-            raise ValueError(f"TrainConfig: lr={self.lr} must be > 0, min_lr_ratio="
-                             f"{self.min_lr_ratio} in [0, 1] and warmup={self.warmup} >= 0")
+        for name in ("warmup", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"TrainConfig: {name}={v!r} must be an integer >= 0")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "clip", "val_fraction",
+                     "divergence_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or math.isnan(v):
+                raise ValueError(f"TrainConfig: {name}={v!r} must be a number")
+        if not (0 < self.lr < math.inf):
+            raise ValueError(f"TrainConfig: lr={self.lr} must be a finite number > 0 "
+                             f"(e.g. 3e-3)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig: min_lr_ratio={self.min_lr_ratio} must be in "
+                             f"[0, 1]")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig: weight_decay={self.weight_decay} must be a "
+                             f"finite number >= 0")
+        if not 0 <= self.clip < math.inf:
+            raise ValueError(f"TrainConfig: clip={self.clip} must be a finite number >= 0 "
+                             f"(the largest gradient norm; 0 turns clipping off)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"TrainConfig: val_fraction={self.val_fraction} must be in "
+                             f"(0, 1)")
+        if not self.divergence_factor > 1:
+            raise ValueError(f"TrainConfig: divergence_factor={self.divergence_factor} must "
+                             f"be > 1 (stop when the loss exceeds this many times the best "
+                             f"validation loss; inf never stops)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -172,18 +212,65 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
     return p if p.suffix == ".npz" else p / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, model: Transformer, opt: tm.optim.Optimizer, step: int,
-                    train_cfg: TrainConfig, tok: CharTokenizer, batch_rng: np.random.Generator,
-                    history: History) -> None:
-    """One atomic ``.npz``: weights, optimizer state, configs, vocabulary, RNG states."""
+def checkpoint_state(model: Transformer, opt: tm.optim.Optimizer, step: int,
+                     train_cfg: TrainConfig, tok: CharTokenizer,
+                     batch_rng: np.random.Generator, history: History
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, metadata)`` of one checkpoint: weights, optimizer state, configs,
+    vocabulary, RNG states, history."""
     arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim.{k}": v for k, v in opt.state_dict().items()})
     meta = {"step": int(step), "model_config": model.cfg.to_dict(),
             "train_config": asdict(train_cfg), "chars": tok.chars,
             "rng": {"batch": batch_rng.bit_generator.state, "model": generator_states(model)},
             "history": history.to_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tm.nn.save(arrays, path, metadata=meta)
+    return arrays, meta
+
+
+_META_TYPES = {"step": int, "model_config": dict, "train_config": dict, "chars": (str, list),
+               "rng": dict, "history": dict}
+
+
+def check_training_meta(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a training checkpoint, its fields' types checked (ValueError naming
+    the file and the field, instead of a KeyError deep inside the resume)."""
+    for key, typ in _META_TYPES.items():
+        v = meta.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, typ):
+            raise ValueError(f"{path}: the checkpoint's metadata has no valid {key!r} "
+                             f"(got {type(v).__name__}); it is not a tinymoe training "
+                             f"checkpoint, or it was altered")
+    if meta["step"] < 0 or not isinstance(meta["rng"].get("model"), dict) \
+            or not isinstance(meta["rng"].get("batch"), dict):
+        raise ValueError(f"{path}: the checkpoint's step or rng metadata is invalid; it was "
+                         f"altered")
+    return meta
+
+
+def config_from_meta(cls: Any, d: dict[str, Any], path: str | os.PathLike) -> Any:
+    """``cls.from_dict(d)`` with any error turned into one ValueError naming the file."""
+    try:
+        return cls.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: the checkpoint's {cls.__name__} is invalid: {e}") from None
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the state went non-finite, or the loss far above the best seen."""
+
+
+def first_nonfinite_tensor(model: Module, opt: tm.optim.Optimizer | None = None) -> str | None:
+    """``model.<name>`` / ``grad of model.<name>`` / ``optim.<name>``: the first non-finite."""
+    for name, p in model.named_parameters():
+        if not np.isfinite(p.data).all():
+            return f"model.{name}"
+        if p.grad is not None and not np.isfinite(p.grad).all():
+            return f"gradient of model.{name}"
+    if opt is not None:
+        bad = first_nonfinite(opt.state_dict())
+        if bad is not None:
+            return f"optim.{bad}"
+    return None
 
 
 def legacy_name(name: str, kind: str) -> str:
@@ -213,10 +300,20 @@ def load_model(path: str | os.PathLike, **config_changes: Any
     if "model_config" not in meta:
         raise ValueError(f"load_model: {checkpoint_path(path)} is not a tinymoe training "
                          f"checkpoint (no model_config in its metadata)")
-    cfg = TransformerConfig.from_dict(meta["model_config"]).replace(**config_changes)
-    model = Transformer(cfg, rng=0)
-    model.load_state_dict(split_state(state, cfg.kind)[0])
-    return model, CharTokenizer(meta["chars"]), meta
+    where = checkpoint_path(path)
+    if not isinstance(meta["model_config"], dict) or not isinstance(meta.get("chars"),
+                                                                   (str, list)):
+        raise ValueError(f"load_model: {where}: the checkpoint's model_config or chars "
+                         f"metadata is invalid; it was altered")
+    cfg = config_from_meta(TransformerConfig, meta["model_config"], where)
+    try:
+        cfg = cfg.replace(**config_changes)
+        model = Transformer(cfg, rng=0)
+        model.load_state_dict(split_state(state, cfg.kind)[0])
+        tok = CharTokenizer(meta["chars"])
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"load_model: {where}: {type(e).__name__}: {e}") from None
+    return model, tok, meta
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -228,29 +325,46 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
           out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
           data: tuple[CharTokenizer, np.ndarray, np.ndarray] | None = None,
           desc: str | None = None,
-          on_step: Callable[[int, Transformer], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, Transformer], None] | None = None,
+          force_unlock: bool = False) -> TrainResult:
     """Train a :class:`~tinymoe.models.transformer.Transformer` on Shakespeare characters.
 
-    ``out``: folder (or ``.npz`` path) for the checkpoint, written every ``ckpt_every``
-    steps and at the end; ``None`` writes nothing. ``resume=True`` continues from the
+    ``out``: folder (or ``.npz`` path) for the checkpoints, written every ``ckpt_every``
+    steps and at the end (see :class:`~tinymoe.nn.checkpoint.CheckpointWriter`); ``None``
+    writes nothing. The folder is locked while the run lasts (LockError if another run
+    holds it; ``force_unlock=True`` takes it over). ``resume=True`` continues from the
     checkpoint at ``out``: its model config wins, and without ``train_cfg`` its training
     config too. Resuming with the same ``steps`` reproduces the uninterrupted run exactly;
     a larger ``steps`` continues with the learning-rate schedule of the longer run.
     ``data`` = ``(tokenizer, train_ids, val_ids)`` (default: :func:`load_data`).
     ``on_step(step, model)`` is called after every optimizer step (step counted from 1),
-    after that step's checkpoint (if any) was written.
+    after that step's checkpoint (if any) was written. Raises :class:`TrainingDiverged`
+    (nothing saved) when the run diverges (see the module docstring).
     """
+    path = None if out is None else checkpoint_path(out)
+    lock = None if path is None else RunLock(path.parent, force=force_unlock)
+    try:
+        return _train(model_cfg, train_cfg, path, lock, resume, progress, data, desc, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model_cfg: TransformerConfig | None, train_cfg: TrainConfig | None,
+           path: Path | None, lock: RunLock | None, resume: bool, progress: bool,
+           data: tuple[CharTokenizer, np.ndarray, np.ndarray] | None, desc: str | None,
+           on_step: Callable[[int, Transformer], None] | None) -> TrainResult:
     from tqdm.auto import tqdm
 
-    path = None if out is None else checkpoint_path(out)
     start_step, history, meta = 0, History(), None
     if resume:
         if path is None or not path.is_file():
             raise FileNotFoundError(f"train: resume=True needs a checkpoint, and there is none "
                                     f"at {path}; start without resuming")
         state, meta = tm.nn.load(path)
-        model_cfg = TransformerConfig.from_dict(meta["model_config"])
-        train_cfg = train_cfg or TrainConfig.from_dict(meta["train_config"])
+        check_training_meta(meta, path)
+        model_cfg = config_from_meta(TransformerConfig, meta["model_config"], path)
+        train_cfg = train_cfg or config_from_meta(TrainConfig, meta["train_config"], path)
     train_cfg = train_cfg or TrainConfig()
     tok, train_ids, val_ids = data if data is not None else load_data(train_cfg.val_fraction)
     if meta is not None and meta["chars"] != tok.chars:
@@ -263,21 +377,77 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
     batch_rng = np.random.default_rng(train_cfg.seed + 1)
     if meta is not None:
         model_state, optim_state = split_state(state, model_cfg.kind)
-        model.load_state_dict(model_state)
-        opt.load_state_dict(optim_state)
-        set_generator_states(model, {legacy_name(k, model_cfg.kind): v
-                                     for k, v in meta["rng"]["model"].items()})
-        batch_rng.bit_generator.state = meta["rng"]["batch"]
-        history = History.from_dict(meta["history"])
+        try:
+            model.load_state_dict(model_state)
+            opt.load_state_dict(optim_state)
+            set_generator_states(model, {legacy_name(k, model_cfg.kind): v
+                                         for k, v in meta["rng"]["model"].items()})
+            batch_rng.bit_generator.state = meta["rng"]["batch"]
+            history = History.from_dict(meta["history"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{path}: cannot resume from this checkpoint: "
+                             f"{type(e).__name__}: {e}") from None
         start_step = int(meta["step"])
+    writer = None if path is None else CheckpointWriter(
+        path.parent, stem=path.stem, keep_last=train_cfg.keep_last, lock=lock or False)
+    if writer is not None and meta is None:
+        writer.clear()  # a new run: the old run's files would pass for this one's
     sched = tm.optim.LinearWarmupCosine(train_cfg.steps, min(train_cfg.warmup, train_cfg.steps),
                                         train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio)
     held_out = val_batches(val_ids, train_cfg, model_cfg.block_size)
     model.train()
+    K = train_cfg.divergence_factor
+    first_loss = history.train_loss[0] if history.train_loss else None
+    best_val = min(history.val_loss, default=math.inf)
 
-    def save(step: int) -> None:
-        if path is not None:
-            save_checkpoint(path, model, opt, step, train_cfg, tok, batch_rng, history)
+    def reference() -> tuple[float | None, str]:
+        """What a loss is compared with: the best validation loss, else the first loss."""
+        if best_val < math.inf:
+            return best_val, "the best validation loss"
+        return first_loss, "the first training loss"
+
+    def diverged(step: int, what: str, value: float | None = None, cause: str = "") -> None:
+        bad = first_nonfinite_tensor(model)
+        tensor = (f"the first non-finite tensor is {bad}" if bad else
+                  "every weight is finite")
+        where = ("" if path is None else
+                 f"; the checkpoints in {path.parent} are the last good ones (continue from "
+                 f"one with --resume after lowering --lr)")
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}"
+            + ("" if value is None else f" = {value:.6g}") + (f" ({cause})" if cause else "")
+            + f"; {tensor}; lower --lr, set --clip (e.g. 1.0), or raise "
+              f"--divergence-factor (now {K:g}){where}")
+
+    def check_loss(step: int, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            diverged(step, f"{what} is not finite", value)
+        ref, name = reference()
+        if ref is not None and value > K * ref:
+            diverged(step, f"{what} is more than {K:g} x {name} ({ref:.4g})", value)
+
+    def validate_now(step: int) -> float:
+        """The validation loss of the current weights; a diverged model stops the run."""
+        nonlocal best_val
+        states = generator_states(model)
+        try:
+            v = evaluate(model, held_out)
+        except FloatingPointError as e:
+            diverged(step, "the validation forward pass failed", cause=str(e))
+        finally:
+            set_generator_states(model, states)  # evaluation draws nothing; be sure
+        check_loss(step, "the validation loss", v)
+        best_val = min(best_val, v)
+        return v
+
+    def save(step: int, val_loss: float | None) -> None:
+        if writer is None:
+            return
+        arrays, meta = checkpoint_state(model, opt, step, train_cfg, tok, batch_rng, history)
+        try:
+            writer.save(arrays, meta, step=step, val_loss=val_loss)
+        except FloatingPointError as e:
+            diverged(step, "the state to save is not finite", cause=str(e))
 
     bar = tqdm(range(start_step, train_cfg.steps), initial=start_step, total=train_cfg.steps,
                desc=desc or f"train {model_cfg.kind}", disable=not progress)
@@ -288,7 +458,16 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
         for step in bar:
             snapshot = (batch_rng.bit_generator.state, generator_states(model))
             x, y = get_batch(train_ids, train_cfg.batch_size, model_cfg.block_size, batch_rng)
-            loss, ce = model.loss(x, y)
+            try:
+                loss, ce = model.loss(x, y)
+            except FloatingPointError as e:
+                diverged(step + 1, "the forward pass failed", cause=str(e))
+            if first_loss is None:
+                first_loss = float(ce.item())
+            check_loss(step + 1, "the training loss", float(ce.item()))
+            if not math.isfinite(loss.item()):
+                diverged(step + 1, "the loss with its auxiliary terms is not finite",
+                         float(loss.item()))
             opt.zero_grad()
             loss.backward()
             if train_cfg.clip > 0:
@@ -297,6 +476,8 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
             in_update = True
             opt.step()
             completed, in_update, snapshot = step + 1, False, None
+            if (bad := first_nonfinite_tensor(model)) is not None:
+                diverged(completed, f"the update made {bad} non-finite")
             since += 1
             if completed % train_cfg.log_every == 0 or completed == 1:
                 now = time.perf_counter()
@@ -308,11 +489,14 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
                 if history.val_loss:
                     postfix["val"] = f"{history.val_loss[-1]:.3f}"
                 bar.set_postfix(postfix)
+            val = None
             if completed % train_cfg.eval_every == 0:
+                val = validate_now(completed)
                 history.val_steps.append(completed)
-                history.val_loss.append(evaluate(model, held_out))
-            if completed % train_cfg.ckpt_every == 0 or completed == train_cfg.steps:
-                save(completed)
+                history.val_loss.append(val)
+            if writer is not None and (completed % train_cfg.ckpt_every == 0
+                                       or completed == train_cfg.steps):
+                save(completed, val if val is not None else validate_now(completed))
             if on_step is not None:
                 on_step(completed, model)
     except KeyboardInterrupt:
@@ -320,7 +504,8 @@ def train(model_cfg: TransformerConfig | None = None, train_cfg: TrainConfig | N
             if snapshot is not None:  # the interrupted step drew noise and a batch: undo
                 batch_rng.bit_generator.state = snapshot[0]
                 set_generator_states(model, snapshot[1])
-            save(completed)  # atomic, so the previous file stays valid even now
+            if completed > start_step and first_nonfinite_tensor(model) is None:
+                save(completed, None)  # atomic, so the previous file stays valid even now
         raise
     finally:
         bar.close()
@@ -383,8 +568,30 @@ FAST_TRAIN = {"steps": 60, "batch_size": 8, "warmup": 10, "eval_every": 20, "eva
               "log_every": 5, "ckpt_every": 20}
 
 
+def _number(typ: type, name: str, allow_inf: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``typ(text)``, refusing NaN (and inf unless ``allow_inf``)."""
+    def parse(text: str) -> Any:
+        try:
+            v = typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if typ is int else 'a number'}") from None
+        if typ is float and (math.isnan(v) or (math.isinf(v) and not allow_inf)):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line, ``prog: error: ... (see prog --help)``, exit status 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_train_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="tinymoe train",
         description="Train the tiny Switch Transformer (or its dense baseline, or a GShard "
                     "top-2 model) on the shipped Shakespeare characters, with checkpoints.")
@@ -395,6 +602,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fast", action="store_true",
                     help="a tiny model and 60 steps (a smoke test; also TINYMOE_FAST=1)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an --out that holds another run's checkpoints "
+                         "(deletes them)")
+    ap.add_argument("--force-unlock", action="store_true",
+                    help="take over --out from a run that is gone (its .lock stayed behind)")
     m = ap.add_argument_group("model")
     m.add_argument("--kind", choices=CLI_KINDS, default="switch")
     defaults = TransformerConfig()
@@ -404,7 +616,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                       ("eval_capacity_factor", float), ("group_size", int),
                       ("jitter", float), ("aux_loss_coef", float), ("z_loss_coef", float),
                       ("expert_dropout", float), ("dropout", float), ("init_scale", float)):
-        m.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+        m.add_argument("--" + name.replace("_", "-"), type=_number(typ, name), default=None,
                        help=f"default {getattr(defaults, name)}")
     m.add_argument("--router-dtype", choices=["float16", "bfloat16", "float32", "float64"],
                    default=None, help="precision of the router (default float32)")
@@ -413,9 +625,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("warmup", int),
                       ("weight_decay", float), ("clip", float), ("eval_every", int),
                       ("eval_batches", int), ("log_every", int), ("ckpt_every", int),
-                      ("seed", int)):
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                       help=f"default {getattr(tdefaults, name)}")
+                      ("seed", int), ("keep_last", int), ("divergence_factor", float)):
+        t.add_argument("--" + name.replace("_", "-"),
+                       type=_number(typ, name, allow_inf=name == "divergence_factor"),
+                       default=None, help=f"default {getattr(tdefaults, name)}")
     return ap
 
 
@@ -442,8 +655,18 @@ def configs_from_args(args: argparse.Namespace, resume_meta: dict[str, Any] | No
     return TransformerConfig(**model_kw), TrainConfig.from_dict(train_kw)
 
 
+def _earlier(path: Path) -> str:
+    """A hint naming the other checkpoints beside ``path`` (to copy over a refused one)."""
+    others = sorted(p.name for p in path.parent.glob(f"{path.stem}-*.npz"))
+    if not others:
+        return ""
+    return (f"; other checkpoints in {path.parent}: {', '.join(others)} (copy one over "
+            f"{path.name} to resume from it)")
+
+
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """``tinymoe train ...``: see ``tinymoe train --help``."""
+    """``tinymoe train ...``: see ``tinymoe train --help``. Exit status 0 when done, 2 for a
+    bad argument or checkpoint, 1 when the run diverged or --out is locked, 130 on Ctrl-C."""
     args = build_train_parser().parse_args(argv)
     path = checkpoint_path(args.out)
     try:
@@ -452,19 +675,40 @@ def main_train(argv: Sequence[str] | None = None) -> int:
             if not path.is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without "
                                         f"--resume")
-            _, meta = tm.nn.load(path)
+            try:
+                _, meta = tm.nn.load(path)
+            except ValueError as e:
+                raise ValueError(f"{e}{_earlier(path)}") from None
+            check_training_meta(meta, path)
+            config_from_meta(TransformerConfig, meta["model_config"], path)
             print(f"resuming from {path} at step {meta['step']}")
-        elif path.is_file():
-            print(f"note: {path} exists and will be overwritten (use --resume to continue)")
+        elif old := sorted(p.name for p in path.parent.glob(f"{path.stem}*.npz")
+                           if p.name == path.name or p.name.startswith(path.stem + "-")):
+            if not args.overwrite:
+                raise ValueError(f"{path.parent} holds the checkpoints of another run "
+                                 f"({', '.join(old)}); continue it with --resume, start "
+                                 f"over with --overwrite (deletes them), or choose another "
+                                 f"--out")
+            print(f"note: --overwrite: deleting {', '.join(old)} in {path.parent}")
         model_cfg, train_cfg = configs_from_args(args, meta)
         res = train(model_cfg, train_cfg, out=args.out, resume=args.resume,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, force_unlock=args.force_unlock)
     except KeyboardInterrupt:
-        print(f"interrupted; the last completed step is saved in {path} (continue with "
-              f"--resume)")
+        if path.is_file():
+            print(f"interrupted; the last completed step is saved in {path} (continue with "
+                  f"--resume)")
+        else:
+            print("interrupted before the first step; nothing was saved")
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (TrainingDiverged, LockError) as e:
         print(f"tinymoe train: error: {e}")
+        return 1
+    except (ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        print(f"tinymoe train: error: {e}")
+        return 2
+    except OSError as e:
+        print(f"tinymoe train: error: {e.strerror or e} ({e.filename or args.out}); check "
+              f"that --out names a folder you can write")
         return 2
     m = res.model
     drops = [d for row in res.history.dropped[-10:] for d in row]
@@ -479,7 +723,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
 
 def main_sample(argv: Sequence[str] | None = None) -> int:
     """``tinymoe sample --checkpoint PATH [--prompt TEXT] [--length N] [--temperature T]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe sample",
+    ap = OneLineParser(prog="tinymoe sample",
                                  description="Print text sampled from a trained checkpoint.")
     ap.add_argument("--checkpoint", default="runs/switch",
                     help="checkpoint file or the --out folder of tinymoe train")

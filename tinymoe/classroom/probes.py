@@ -442,6 +442,113 @@ def _run_7_1(inp, ns):
     return res
 
 
+# --- lesson 02b -----------------------------------------------------------------------------------
+def _cases_2b_1(rng):
+    out = []
+    for shape in [(4, 5), (7,), (2, 3)]:
+        a = rng.standard_normal(shape) * 2
+        out.append({"logits": a, "u": rng.random(shape), "cot": rng.standard_normal(shape)})
+    # saturated gates: always on (u = 0) and far off (a = -30)
+    out.append({"logits": np.array([30.0, -30.0, 0.0]), "u": np.array([0.0, 0.5, 0.9]),
+                "cot": np.ones(3)})
+    return out
+
+
+def _run_2b_1(inp, ns):
+    from tinymoe.moe.conditional import stochastic_times_smooth
+    a = _t(inp["logits"])
+    return _backward(stochastic_times_smooth(a, inp["u"]), inp["cot"], logits=a)
+
+
+def _cases_2b_2(rng):
+    out = []
+    for n, K in [(5, 3), (1, 4), (8, 1)]:
+        out.append({"logits": rng.standard_normal((n, K)) * 2,
+                    "b": (rng.random((n, K)) < 0.5).astype(float),
+                    "cost": rng.random(n) * 3, "baseline": np.array(rng.random())})
+    out.append({"logits": np.array([[40.0, -40.0]]), "b": np.array([[0.0, 1.0]]),
+                "cost": np.array([2.0]), "baseline": np.array([0.5])})
+    return out
+
+
+def _run_2b_2(inp, ns):
+    from tinymoe.moe.conditional import reinforce_surrogate
+    a = _t(inp["logits"])
+    return _backward(reinforce_surrogate(a, inp["b"], inp["cost"], inp["baseline"]), None,
+                     logits=a)
+
+
+def _cases_2b_3(rng):
+    return [{"sigma": rng.uniform(0.02, 0.98, (6, 4)), "tau": np.array(0.3)},
+            {"sigma": rng.uniform(0.02, 0.98, (1, 5)), "tau": np.array(1.0)},
+            {"sigma": rng.uniform(0.02, 0.98, (9, 1)), "tau": np.array(0.125)}]
+
+
+def _run_2b_3(inp, ns):
+    from tinymoe.moe.conditional import sparsity_regularisers
+    res = {}
+    for name in ("L_b", "L_e", "L_v"):
+        s = _t(inp["sigma"])
+        out = sparsity_regularisers(s, float(inp["tau"]))[name]
+        res.update({f"{name}_{k}": v for k, v in _backward(out, None, sigma=s).items()})
+    return res
+# --- lesson 08 ------------------------------------------------------------------------------------
+def _cases_8_1(rng):
+    return [{"x": rng.standard_normal((4, 6)) * 3, "w": 1 + 0.3 * rng.standard_normal(6),
+             "eps": np.array(1e-6), "cot": rng.standard_normal((4, 6))},
+            {"x": rng.standard_normal((2, 3, 5)), "w": rng.standard_normal(5),
+             "eps": np.array(1e-2), "cot": rng.standard_normal((2, 3, 5))},
+            {"x": np.zeros((2, 4)), "w": np.ones(4), "eps": np.array(1e-5),
+             "cot": rng.standard_normal((2, 4))}]
+
+
+def _run_8_1(inp, ns):
+    from tinymoe.nn.rmsnorm import rms_norm
+    x, w = _t(inp["x"]), _t(inp["w"])
+    return _backward(rms_norm(x, w, float(inp["eps"])), inp["cot"], x=x, w=w)
+
+
+def _cases_8_2(rng):
+    out = []
+    for lead, d, f in [((5,), 3, 4), ((3, 2), 4, 6), ((1,), 2, 1)]:
+        E = lead[:-1]  # a leading expert axis in the second case
+        out.append({"x": rng.standard_normal((*lead, d)) * 2,
+                    "Wg": rng.standard_normal((*E, d, f)), "Wu": rng.standard_normal((*E, d, f)),
+                    "Wd": rng.standard_normal((*E, f, d)),
+                    "cot": rng.standard_normal((*lead, d))})
+    return out
+
+
+def _run_8_2(inp, ns):
+    from tinymoe.nn.swiglu import swiglu
+    x, Wg, Wu, Wd = (_t(inp[n]) for n in ("x", "Wg", "Wu", "Wd"))
+    return _backward(swiglu(x, Wg, Wu, Wd), inp["cot"], x=x, Wg=Wg, Wu=Wu, Wd=Wd)
+
+
+def _cases_8_3(rng):
+    out = []
+    for B, S, splits in [(2, 6, (0, 4, 5)), (1, 5, (0, 1, 2, 3)), (3, 4, (0,))]:
+        out.append({"x": rng.standard_normal((B, S, 8)), "W": rng.standard_normal((8, 24)),
+                    "b": rng.standard_normal(24), "P": rng.standard_normal((8, 8)),
+                    "splits": np.array(splits)})
+    return out
+
+
+def _run_8_3(inp, ns):
+    from tinymoe.models.generate import cached_attention
+    from tinymoe.nn.attention import CausalSelfAttention
+    attn = CausalSelfAttention(8, 2, dtype=np.float64, rng=0)
+    attn.qkv.weight.data, attn.qkv.bias.data = inp["W"], inp["b"]
+    attn.proj.weight.data = inp["P"]
+    x = inp["x"]
+    B, S, _ = x.shape
+    keys, values = np.zeros((B, 2, S, 4)), np.zeros((B, 2, S, 4))
+    bounds = [*inp["splits"].tolist(), S]
+    ys = [_np(cached_attention(attn, x[:, a:b], keys, values, a))
+          for a, b in zip(bounds[:-1], bounds[1:])]
+    return {"y": np.concatenate(ys, axis=1), "keys": keys, "values": values}
+
+
 NB00, NB01 = "lessons/00_autograd.ipynb", "lessons/01_adaptive_mixtures_1991.ipynb"
 PROBES: dict[str, Probe] = {
     "task0_1": Probe(_cases_0_1, _run_0_1, rtol=1e-9, notebook=NB00, mode="cell",
@@ -455,6 +562,9 @@ PROBES: dict[str, Probe] = {
     "task2_2": Probe(_cases_2_2, _run_2_2),
     "task2_3": Probe(_cases_2_3, _run_2_3),
     "task2_4": Probe(_hme_cases, _run_2_4, rtol=1e-5, atol=1e-7),
+    "task2b_1": Probe(_cases_2b_1, _run_2b_1),
+    "task2b_2": Probe(_cases_2b_2, _run_2b_2),
+    "task2b_3": Probe(_cases_2b_3, _run_2b_3),
     "task3_1": Probe(_cases_3_1, _run_3_1),
     "task3_2": Probe(_threshold_cases, _run_3_2),
     "task3_3": Probe(_threshold_cases, _run_3_3, preload=("numba",)),
@@ -467,4 +577,7 @@ PROBES: dict[str, Probe] = {
     "task6_2": Probe(_cases_6_2, _run_6_2, rtol=0, atol=0),
     "task6_3": Probe(_cases_6_3, _run_6_3),
     "task7_1": Probe(_cases_7_1, _run_7_1),
+    "task8_1": Probe(_cases_8_1, _run_8_1),
+    "task8_2": Probe(_cases_8_2, _run_8_2),
+    "task8_3": Probe(_cases_8_3, _run_8_3),
 }

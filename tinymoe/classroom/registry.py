@@ -45,6 +45,13 @@ TASKS: dict[str, Task] = {
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 3),
     "task2_4": Task("Algorithm 1 from its pieces: one EM iteration, hme.em_step",
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 2),
+    # --- lesson 02b: deep mixtures and conditional computation (2013-2015) ----------------
+    "task2b_1": Task("the stochastic-times-smooth unit h = b·sqrt(sigm(a)) (Bengio et al. 2013)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 2),
+    "task2b_2": Task("the REINFORCE surrogate (cost - baseline)·log P(b)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 3),
+    "task2b_3": Task("the sparsity regularisers L_b, L_e, L_v (Bengio et al. 2015)",
+                     "lessons/02b_deep_and_conditional_2013.ipynb", 2),
     # --- lesson 03: the sparsely-gated MoE (Shazeer et al. 2017) -------------------------
     "task3_1": Task("noisy top-k gating: H(x) and the softmax over the k kept logits",
                     "lessons/03_sparsely_gated_moe_2017.ipynb", 3),
@@ -74,4 +81,11 @@ TASKS: dict[str, Task] = {
     # --- lesson 07: experts across machines ----------------------------------------------
     "task7_1": Task("expert parallelism: the all-to-all that carries tokens to their experts",
                     "lessons/07_expert_parallelism.ipynb", 3),
+    # --- lesson 08: MoEs in practice (Mixtral's block, inference) ------------------------
+    "task8_1": Task("RMSNorm: x / sqrt(mean(x²) + eps) · weight",
+                    "lessons/08_moes_in_practice.ipynb", 1),
+    "task8_2": Task("the SwiGLU gate: SiLU(x W_gate) ⊙ x W_up, in every SwiGLU expert",
+                    "lessons/08_moes_in_practice.ipynb", 2),
+    "task8_3": Task("a KV-cache attention step: append k, v, attend over the cached prefix",
+                    "lessons/08_moes_in_practice.ipynb", 3),
 }

@@ -14,6 +14,13 @@ import numpy as np
 TEXT_NAME = "shakespeare.txt"
 
 
+def devils_dictionary() -> str:
+    """The first ~100 KB of Bierce's *The Devil's Dictionary* (1911, public domain), in
+    Shakespeare's characters: a small, different text for fine-tuning (PROVENANCE.md)."""
+    return resources.files(__package__).joinpath("devils_dictionary.txt").read_text(
+        encoding="ascii")
+
+
 def shakespeare() -> str:
     """The shipped Shakespeare text (about 1 MB) as one string."""
     return resources.files(__package__).joinpath(TEXT_NAME).read_text(encoding="ascii")

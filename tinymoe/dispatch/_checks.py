@@ -1,7 +1,10 @@
 """Argument checks shared by both dispatch backends, so both raise the same errors.
 
 Each check returns the argument in the form the backends compute with (int64 indices,
-NumPy arrays) and raises with the op's name, the shapes involved and the fix.
+NumPy arrays) and raises with the op's name, the shapes involved and the fix. This is
+the one place both backends validate their inputs: index ranges, unique slots (two choices
+never share a buffer row), ``order`` holding each (token, choice) pair at most once, and the
+float dtypes the kernels are compiled for (float32, float64).
 """
 from __future__ import annotations
 
@@ -21,6 +24,21 @@ def _int64(a: np.ndarray, what: str, op: str) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{op}: {what} must hold integers, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
+
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_float_dtype(a: np.ndarray, what: str, op: str) -> np.ndarray:
+    """``a`` must be float32 or float64: the two dtypes both backends compute in."""
+    if a.dtype not in FLOAT_DTYPES:
+        fix = ("float16/bfloat16 activations: cast with .astype(np.float32) before dispatch "
+               "(the router's own precision is set with router_dtype)"
+               if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 4 else
+               "cast with .astype(np.float64) (or np.float32)")
+        raise TypeError(f"{op}: {what} has dtype {a.dtype}; dispatch supports float32 and "
+                        f"float64 only: {fix}")
+    return a
 
 
 def check_capacity(capacity: Any, op: str) -> int | None:
@@ -70,7 +88,21 @@ def check_position(position: Any, expert_index: np.ndarray, capacity: int | None
             raise ValueError(f"{op}: position holds slot {hi}, but capacity is {capacity}; "
                              f"compute positions with the same capacity "
                              f"(assign_positions(..., capacity={capacity}))")
+        check_unique_slots(expert_index, p, op)
     return p
+
+
+def check_unique_slots(expert_index: np.ndarray, position: np.ndarray, op: str) -> None:
+    """No two kept choices may share a slot (e, p): one would silently overwrite the other."""
+    kept = position >= 0                                            # (T, k)
+    e, p = expert_index[kept], position[kept]                       # (n,), (n,)
+    slot = e * (int(p.max()) + 1 if p.size else 1) + p              # (n,) one id per (e, p)
+    uniq, first, counts = np.unique(slot, return_index=True, return_counts=True)
+    if uniq.size != slot.size:
+        i = first[np.argmax(counts > 1)]
+        raise ValueError(f"{op}: slot (expert {int(e[i])}, position {int(p[i])}) is taken by "
+                         f"{int(counts.max())} choices; every kept choice needs its own slot: "
+                         f"compute positions with assign_positions")
 
 
 def check_matrix(x: Any, what: str, op: str) -> np.ndarray:
@@ -81,7 +113,7 @@ def check_matrix(x: Any, what: str, op: str) -> np.ndarray:
                          f"batch and sequence axes first, e.g. x.reshape(-1, d)")
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(f"{op}: {what} must be floating point, got dtype {a.dtype}")
-    return a
+    return check_float_dtype(a, what, op)
 
 
 def check_rows(x: Any, num_rows: int, what: str, op: str, rows: str = "T") -> np.ndarray:
@@ -101,7 +133,7 @@ def check_buffer(buffer: Any, num_experts: int, capacity: int, what: str,
                          f"{capacity}, d), got shape {b.shape}")
     if not np.issubdtype(b.dtype, np.floating):
         raise TypeError(f"{op}: {what} must be floating point, got dtype {b.dtype}")
-    return b
+    return check_float_dtype(b, what, op)
 
 
 def check_weight(combine_weight: Any, shape: tuple[int, int], op: str) -> np.ndarray:
@@ -111,11 +143,12 @@ def check_weight(combine_weight: Any, shape: tuple[int, int], op: str) -> np.nda
                          f"(T, k) = {shape}")
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"{op}: combine_weight must be floating point, got dtype {w.dtype}")
-    return w
+    return check_float_dtype(w, "combine_weight", op)
 
 
 def check_order(order: Any, num_tokens: int, k: int, op: str) -> np.ndarray:
-    """``order`` as (N,) int64 pair indices t*k + j in [0, T*k)."""
+    """``order`` as (N,) int64 pair indices t*k + j in [0, T*k), each at most once: a
+    permutation of ``range(T*k)``, or of the kept pairs when some were dropped."""
     o = np.asarray(order)
     if o.ndim != 1:
         raise ValueError(f"{op}: order must be 1-D (N,), got shape {o.shape}")
@@ -126,6 +159,14 @@ def check_order(order: Any, num_tokens: int, k: int, op: str) -> np.ndarray:
             raise ValueError(f"{op}: order holds {lo if lo < 0 else hi}, outside [0, T*k) = "
                              f"[0, {num_tokens * k}); order indexes (token, choice) pairs "
                              f"as t*k + j")
+        uniq, counts = np.unique(o, return_counts=True)
+        if uniq.size != o.size:
+            q = int(uniq[np.argmax(counts > 1)])
+            raise ValueError(f"{op}: order holds pair {q} (token {q // k}, choice {q % k}) "
+                             f"{int(counts.max())} times; order must list each (token, "
+                             f"choice) pair at most once (a permutation of range(T*k) = "
+                             f"range({num_tokens * k}), minus dropped pairs): take it from "
+                             f"sort_tokens")
     return o
 
 

@@ -455,6 +455,8 @@ def dispatch_sorted(x: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
 def dispatch_sorted_backward(grad_rows: np.ndarray, order: np.ndarray, num_tokens: int,
                              k: int) -> np.ndarray:
     """dL/dx_t = sum_j dL/drows[row_tj], j = 0..k-1.  (T, d)"""
+    order = check_order(order, num_tokens, check_k(k, "dispatch_sorted_backward"),
+                        "dispatch_sorted_backward")                # (N,)
     row = rows_of_order(order, num_tokens, k)                      # (T, k)
     g = _c(check_rows(grad_rows, np.asarray(order).size, "grad_rows",
                       "dispatch_sorted_backward", rows="N"))       # (N, d)
@@ -472,6 +474,7 @@ def combine_sorted(rows_out: np.ndarray, order: np.ndarray,
         raise ValueError(f"combine_sorted: combine_weight must have shape (T, k), got {w.shape}")
     T, k = w.shape
     w = _c(check_weight(w, (T, k), "combine_sorted"))              # (T, k)
+    order = check_order(order, T, k, "combine_sorted")             # (N,)
     row = rows_of_order(order, T, k)                               # (T, k)
     out = _c(check_rows(rows_out, np.asarray(order).size, "rows_out", "combine_sorted",
                         rows="N"))                                 # (N, d)
@@ -494,8 +497,10 @@ def combine_sorted_backward(grad_y: np.ndarray, rows_out: np.ndarray, order: np.
     out = _c(check_rows(rows_out, order.size, "rows_out", "combine_sorted_backward",
                         rows="N"))                                         # (N, d)
     g = _c(check_rows(grad_y, T, "grad_y", "combine_sorted_backward"))     # (T, d)
-    grad_out = np.empty(out.shape, dtype=out.dtype)                        # (N, d)
+    grad_out = np.zeros(out.shape, dtype=out.dtype)                        # (N, d)
     dots = np.empty((T, k), dtype=np.result_type(out, g))                  # (T, k)
-    with _threads_for(out.size):  # every row is some pair's: no empty rows to zero
+    # check_order makes every row some pair's, so each is written; zeros all the same, so a
+    # row nobody owns can never return leftover memory
+    with _threads_for(out.size):
         _scatter_and_dot(out, _rows_of_order(order, T, k), g, w, _zero(out, g), grad_out, dots)
     return grad_out, dots.astype(w.dtype, copy=False)

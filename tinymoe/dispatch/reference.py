@@ -265,6 +265,8 @@ def dispatch_sorted(x: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
 def dispatch_sorted_backward(grad_rows: np.ndarray, order: np.ndarray, num_tokens: int,
                              k: int) -> np.ndarray:
     """dL/dx_t = sum_j dL/drows[row_tj] over the pairs present, j = 0..k-1.  (T, d)"""
+    order = check_order(order, num_tokens, check_k(k, "dispatch_sorted_backward"),
+                        "dispatch_sorted_backward")  # (N,)
     row = rows_of_order(order, num_tokens, k)  # (T, k)
     g = check_rows(grad_rows, np.asarray(order).size, "grad_rows", "dispatch_sorted_backward",
                    rows="N")  # (N, d)
@@ -283,6 +285,7 @@ def combine_sorted(rows_out: np.ndarray, order: np.ndarray,
         raise ValueError(f"combine_sorted: combine_weight must have shape (T, k), got {w.shape}")
     T, k = w.shape
     w = check_weight(w, (T, k), "combine_sorted")        # (T, k)
+    order = check_order(order, T, k, "combine_sorted")   # (N,)
     row = rows_of_order(order, T, k)                     # (T, k)
     out = check_rows(rows_out, np.asarray(order).size, "rows_out", "combine_sorted",
                      rows="N")                           # (N, d)

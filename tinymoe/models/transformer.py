@@ -19,6 +19,10 @@ paper's FLOP-matched comparison (Switch-Base vs T5-Base).
 - ``"top2"``: GShard's top-2 gate with capacity and random routing (Lepikhin et al. 2020);
 - ``"switch"``: the Switch Transformer's top-1 router with capacity, the balancing loss
   α·N·Σ f_i P_i and the z-loss (Fedus et al. 2021; Zoph et al. 2022);
+- ``"mixtral"``: Mixtral's block (Jiang et al. 2024): top-k (default 2) softmax router
+  with renormalised gates, dropless, SwiGLU experts
+  (:func:`~tinymoe.moe.topk_router.mixtral_layer`); it needs ``activation="swiglu"``, and
+  :func:`mixtral_config` also sets RMSNorm, an untied head and an MoE layer in every block;
 - ``"custom"``: whatever ``make_moe(cfg, rng)`` builds (e.g. a modern router);
 - ``"dense"``: no MoE layer at all, the baseline.
 
@@ -51,6 +55,7 @@ from tinymoe.moe.gshard import gshard_layer
 from tinymoe.moe.noisy_topk import sparse_moe_layer
 from tinymoe.moe.precision import router_dtype as check_router_dtype
 from tinymoe.moe.switch import switch_layer
+from tinymoe.moe.topk_router import mixtral_layer
 from tinymoe.nn import (
     CausalSelfAttention,
     Embedding,
@@ -59,16 +64,20 @@ from tinymoe.nn import (
     Linear,
     Module,
     ModuleList,
+    RMSNorm,
+    SwiGLU,
 )
 from tinymoe.nn.init import RNGLike, as_rng, switch_init
 from tinymoe.params import MoEConfig, flops_per_token
 from tinymoe.tensor import Tensor
 
-KINDS = ("switch", "top2", "noisy_topk", "custom", "dense")
+KINDS = ("switch", "top2", "noisy_topk", "mixtral", "custom", "dense")
+NORMS = ("layernorm", "rmsnorm")
+FFN_ACTIVATIONS = (*sorted(ACTIVATIONS), "swiglu")  # swiglu: the dense and mixtral kinds
 INITS = ("switch", "lecun")
 EMBEDDING_SCALE = 0.1  # std of the embeddings under init="lecun"
 FIXED_K = {"switch": 1, "top2": 2, "dense": 1}  # the kinds whose k is not a choice
-DEFAULT_K = 2  # noisy_topk and custom (tensor2tensor's default; the 2017 LM used k = 4)
+DEFAULT_K = 2  # noisy_topk, mixtral and custom (tensor2tensor's default; Mixtral's k)
 
 MakeMoE = Callable[["TransformerConfig", np.random.Generator], Module]
 
@@ -90,6 +99,12 @@ class TransformerConfig:
     - MoE kinds: ``num_experts``, ``moe_every``, ``k`` (experts per token: 1 for
       ``"switch"``, 2 for ``"top2"``, a choice for ``"noisy_topk"``, default 2; for
       ``"custom"`` it only describes the layer, for :meth:`Transformer.params_config`);
+    - ``"mixtral"``: ``k``, ``router_dtype``, ``aux_loss_coef`` (on
+      :func:`~tinymoe.moe.topk_router.topk_balance_loss`), ``z_loss_coef``,
+      ``expert_dropout``, ``init_scale`` (the router's);
+    - ``norm``: ``"layernorm"`` (LayerNorm with bias) or ``"rmsnorm"`` (Mixtral's) for the
+      two norms of each block and the final one;
+    - ``activation="swiglu"``: SwiGLU FFNs (no biases), for ``"dense"`` and ``"mixtral"``;
     - ``"switch"`` and ``"top2"``: ``capacity_factor`` (training), ``eval_capacity_factor``
       (None: the same), ``group_size`` (tokens per capacity group; None: the batch is one
       group), ``router_dtype`` (selective precision), ``jitter`` (multiplicative input
@@ -121,6 +136,7 @@ class TransformerConfig:
     noisy_gating: bool = True
     dropout: float = 0.0
     activation: str = "gelu"
+    norm: str = "layernorm"
     init: str = "switch"
     init_scale: float = 0.1
     tie_embeddings: bool = True
@@ -161,9 +177,16 @@ class TransformerConfig:
                                  f"(0 turns it off)")
         for name in ("aux_loss_coef", "z_loss_coef", "w_importance", "w_load"):
             validate.coef(getattr(self, name), name, where)
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in FFN_ACTIVATIONS:
             raise ValueError(f"{where}: activation={self.activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS)}")
+                             f"{FFN_ACTIVATIONS}")
+        if (self.activation == "swiglu") != (self.kind == "mixtral") and \
+                self.kind not in ("dense", "custom"):
+            raise ValueError(f"{where}: kind={self.kind!r} with activation="
+                             f"{self.activation!r}: the mixtral kind has SwiGLU experts "
+                             f"(activation='swiglu'), the other MoE kinds ReLU/GELU ones")
+        if self.norm not in NORMS:
+            raise ValueError(f"{where}: norm={self.norm!r}; choose one of {NORMS}")
         if self.init not in INITS:
             raise ValueError(f"{where}: init={self.init!r}; choose 'switch' (truncated "
                              f"normal, Fedus et al. 2021) or 'lecun' (tm.nn's defaults)")
@@ -207,6 +230,12 @@ def moe_ffn(cfg: TransformerConfig, rng: np.random.Generator,
     dt = np.dtype(cfg.dtype)
     if cfg.kind == "custom":
         return make_moe(cfg, rng)
+    if cfg.kind == "mixtral":
+        return mixtral_layer(cfg.d_model, cfg.num_experts, cfg.d_ff, cfg.k,
+                             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
+                             router_dtype=cfg.router_dtype,
+                             expert_dropout=cfg.expert_dropout, init_scale=cfg.init_scale,
+                             dtype=dt, rng=rng)
     if cfg.kind == "noisy_topk":
         return sparse_moe_layer(cfg.d_model, cfg.num_experts, cfg.k, d_ff=cfg.d_ff,
                                 activation=cfg.activation, w_importance=cfg.w_importance,
@@ -221,6 +250,34 @@ def moe_ffn(cfg: TransformerConfig, rng: np.random.Generator,
                  aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
 
 
+def mixtral_config(**changes: Any) -> TransformerConfig:
+    """A tiny Mixtral (Jiang et al. 2024, Table 1, scaled down): RMSNorm, SwiGLU experts in
+    every block, top-2 (``k`` unset: 2) renormalised dropless routing, an untied head,
+    HF's balance coefficient (1e-3 on its scale = 2e-3 on ours), no z-loss, no jitter;
+    ``d_ff`` 448 = 3.5·d (Mixtral's 14336 / 4096).
+    Mixtral uses rotary positions and grouped-query attention; this model keeps learned
+    positions and multi-head attention."""
+    base = dict(kind="mixtral", activation="swiglu", norm="rmsnorm", moe_every=1,
+                d_ff=448, tie_embeddings=False, aux_loss_coef=2e-3, z_loss_coef=0.0,
+                jitter=0.0, init="lecun")
+    return TransformerConfig(**{**base, **changes})
+
+
+def make_norm(cfg: TransformerConfig) -> Module:
+    """The ``cfg.norm`` of width ``d_model``: LayerNorm or RMSNorm."""
+    dt = np.dtype(cfg.dtype)
+    return RMSNorm(cfg.d_model, dtype=dt) if cfg.norm == "rmsnorm" else \
+        LayerNorm(cfg.d_model, dtype=dt)
+
+
+def dense_ffn(cfg: TransformerConfig, rng: np.random.Generator) -> Module:
+    """A dense FFN of the size of one expert: SwiGLU or a two-layer FFN."""
+    dt = np.dtype(cfg.dtype)
+    if cfg.activation == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.d_ff, cfg.dropout, dtype=dt, rng=rng)
+    return FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, dtype=dt, rng=rng)
+
+
 class Block(Module):
     """Pre-norm transformer block: ``x + Attn(LN1(x))``, then ``x + FFN(LN2(x))``.
 
@@ -233,16 +290,15 @@ class Block(Module):
                  make_moe: MakeMoE | None = None) -> None:
         super().__init__()
         dt = np.dtype(cfg.dtype)
-        self.ln1 = LayerNorm(cfg.d_model, dtype=dt)
+        self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, dtype=dt,
                                         rng=rng)
-        self.ln2 = LayerNorm(cfg.d_model, dtype=dt)
+        self.ln2 = make_norm(cfg)
         self.is_moe = bool(moe)
         if moe:
             self.ffn = moe_ffn(cfg, rng, make_moe)
         else:
-            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout,
-                                   dtype=dt, rng=rng)
+            self.ffn = dense_ffn(cfg, rng)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x = x + self.attn(self.ln1(x))  # (B, L, d)
@@ -303,7 +359,7 @@ class Transformer(Module):
         moe_ids = set(cfg.moe_layer_ids)
         self.blocks = ModuleList([Block(cfg, i in moe_ids, gen, make_moe)
                                   for i in range(cfg.n_layers)])
-        self.ln_f = LayerNorm(cfg.d_model, dtype=dt)
+        self.ln_f = make_norm(cfg)
         if not cfg.tie_embeddings:
             self.head = Linear(cfg.d_model, cfg.vocab_size, dtype=dt, rng=gen)
         if cfg.init == "switch":
@@ -344,8 +400,11 @@ class Transformer(Module):
 
     # --- sizes ---------------------------------------------------------------------------
     def expert_parameters(self) -> int:
-        """Parameters of one FFN expert (= one dense FFN): d·d_ff + d_ff + d_ff·d + d."""
+        """Parameters of one FFN expert (= one dense FFN): d·d_ff + d_ff + d_ff·d + d, or
+        3·d·d_ff for SwiGLU (no biases)."""
         d, f = self.cfg.d_model, self.cfg.d_ff
+        if self.cfg.activation == "swiglu":
+            return 3 * d * f
         return 2 * d * f + f + d
 
     def active_parameters(self) -> int:
@@ -369,8 +428,8 @@ class Transformer(Module):
                          n_heads=c.n_heads, d_ff=c.d_ff,
                          n_experts=1 if c.kind == "dense" else c.num_experts, top_k=c.k,
                          moe_every=c.moe_every, ffn_kind=c.activation,
-                         tie_embeddings=c.tie_embeddings, norm_kind="layernorm",
-                         ffn_bias=True, n_positions=c.block_size)
+                         tie_embeddings=c.tie_embeddings, norm_kind=c.norm,
+                         ffn_bias=c.activation != "swiglu", n_positions=c.block_size)
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token over a full context (:func:`tinymoe.params.flops_per_token`;

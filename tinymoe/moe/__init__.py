@@ -8,6 +8,10 @@ The papers:
 
 - 1991 adaptive mixture of local experts (Jacobs, Jordan, Nowlan & Hinton): ``mixture``
 - 1994 hierarchical mixture of experts, gradient and EM (Jordan & Jacobs): ``hme``
+- 2013 deep mixture of experts, one gate per layer (Eigen, Ranzato & Sutskever): ``deep_moe``
+- 2013-2015 conditional computation, stochastic binary gates and their gradient estimators
+  (Bengio, Léonard & Courville 2013), block-gated layers with sparsity regularisers
+  (Bengio, Bacon, Pineau & Precup 2015): ``conditional``
 - 2017 sparsely-gated MoE (Shazeer et al.): noisy top-k gate ``noisy_topk``, balancing
   losses ``balance``, experts that are MoEs ``hierarchical``
 - 2020 GShard top-2 with capacity (Lepikhin et al.): ``gshard``
@@ -17,9 +21,10 @@ The papers:
   auxiliary-loss-free balancing ``aux_free``
 
 The shared pieces, named for what they are: ``layer`` (the one MoE layer), ``experts``
-(stacked FFN experts, a list of any Modules), ``capacity`` (slots per expert, positions),
-``router_weight`` (a router's weight, logits, initialisation), ``precision`` (selective
-precision, emulated bfloat16), ``aux_losses`` (load balancing and z-loss).
+(stacked FFN experts, a list of any Modules), ``swiglu`` (Mixtral's gated experts),
+``capacity`` (slots per expert, positions), ``router_weight`` (a router's weight, logits,
+initialisation), ``precision`` (selective precision, emulated bfloat16), ``aux_losses``
+(load balancing and z-loss).
 """
 from tinymoe.dispatch.routing import Routing, route, sum_losses  # noqa: F401
 from tinymoe.moe.aux_free import AuxFreeRouter, bias_update, sequence_balance_loss  # noqa: F401
@@ -37,6 +42,31 @@ from tinymoe.moe.balance import (  # noqa: F401
     load,
 )
 from tinymoe.moe.capacity import capacity_positions, expert_capacity  # noqa: F401
+from tinymoe.moe.conditional import (  # noqa: F401
+    ESTIMATORS,
+    BlockGatedNet,
+    GatedBlocks,
+    EstimatorMoments,
+    bernoulli_log_prob,
+    block_fraction,
+    estimator_study,
+    expected_over_gates,
+    gate_configurations,
+    reinforce_surrogate,
+    sparsity_regularisers,
+    stochastic_times_smooth,
+    straight_through,
+)
+from tinymoe.moe.deep_moe import (  # noqa: F401
+    AssignmentConstraint,
+    DeepMoE,
+    DeepMoEOutput,
+    GatingNetwork,
+    ReLUExpert,
+    gate_mutual_information,
+    gate_table,
+    mixture_layer,
+)
 from tinymoe.moe.expert_choice import (  # noqa: F401
     ExpertChoiceRouter,
     expert_choice_positions,
@@ -72,4 +102,10 @@ from tinymoe.moe.noisy_topk import (  # noqa: F401
     sparse_moe_layer,
 )
 from tinymoe.moe.switch import SwitchRouter, switch_layer  # noqa: F401
-from tinymoe.moe.topk_router import TopKRouter, topk_balance_loss, topk_gates  # noqa: F401
+from tinymoe.moe.swiglu import SwiGLUExperts  # noqa: F401
+from tinymoe.moe.topk_router import (  # noqa: F401
+    TopKRouter,
+    mixtral_layer,
+    topk_balance_loss,
+    topk_gates,
+)

@@ -66,13 +66,16 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float = 
 
 
 def num_groups(num_tokens: int, group_size: int | None, where: str) -> tuple[int, int]:
-    """``(G, S)``: the T tokens as G groups of S (``group_size=None``: one group of T)."""
+    """``(G, S)``: the T tokens as G groups of S (``group_size=None``: one group of T; an
+    empty batch, T = 0, is one empty group)."""
     if group_size is None:
         return 1, int(num_tokens)
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
             or group_size < 1:
         raise ValueError(f"{where}: group_size={group_size!r} must be an integer >= 1, or "
                          f"None for one group of all the tokens")
+    if num_tokens == 0:
+        return 1, 0
     if num_tokens % group_size:
         raise ValueError(f"{where}: {num_tokens} tokens do not split into groups of "
                          f"group_size={group_size}; choose a group_size that divides the "

@@ -175,22 +175,25 @@ class ExpertChoiceRouter(Module):
 
     def forward(self, x: Any) -> Routing:
         x = as_tensor(x)
-        validate.tokens(x, self.d_model, "ExpertChoiceRouter", min_tokens=1)
+        validate.tokens(x, self.d_model, "ExpertChoiceRouter")
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"ExpertChoiceRouter: x has dtype {x.dtype}; the router needs "
                             f"floating inputs (token ids go through an Embedding first)")
         T, E = x.shape[0], self.num_experts
         logits, scores = router_probabilities(x, self.W_g, self.router_dtype)  # (T, E) each
         check_finite_logits(logits, "ExpertChoiceRouter")
-        C = expert_choice_capacity(T, E, self.capacity_factor)
-        position = expert_choice_positions(scores.data, C)  # (T, E) slot or -1
+        if T == 0:  # an empty batch: every expert picks nothing (one empty slot each)
+            C, position = 1, np.zeros((0, E), dtype=np.int64)  # (0, E)
+        else:
+            C = expert_choice_capacity(T, E, self.capacity_factor)
+            position = expert_choice_positions(scores.data, C)  # (T, E) slot or -1
         mask = (position >= 0).astype(scores.dtype)        # (T, E) constant 0/1, no gradient
         weight = scores * mask                             # (T, E) S[t, e] where chosen
         if weight.dtype != x.dtype:
             weight = weight.astype(x.dtype)  # back to the model's precision
         expert_index = np.ascontiguousarray(np.broadcast_to(np.arange(E, dtype=np.int64),
                                                             (T, E)))  # (T, E) column j = j
-        counts = np.full(E, C, dtype=np.int64)  # (E,) every expert exactly C tokens
+        counts = np.full(E, C if T else 0, dtype=np.int64)  # (E,) every expert C tokens
         self.capacity = C
         return Routing(expert_index, weight, position, counts, E, C, probs=scores,
                        logits=logits)

@@ -20,7 +20,9 @@ a Bernoulli with mean ``mu_ij`` for each output (classification, targets in {0, 
 **M-step** (Algorithm 1): decoupled weighted fits, one GLIM each.
 
 - expert ij: maximise ``sum_t h_ij log P_ij(y)`` -- weighted least squares (Gaussian; exact in
-  one solve, then ``sigma^2`` = the weighted mean squared residual) or IRLS (logistic);
+  one solve, then ``sigma^2 = sum_t h_ij ||y - mu_ij||^2 / (D sum_t h_ij)``, the weighted mean
+  squared residual per output dimension, since the covariance is ``sigma^2 I``) or IRLS
+  (logistic);
 - top gate: maximise ``sum_t sum_i h_i log g_i`` -- a multinomial logit with soft targets,
   fitted by IRLS (Newton's method; Fisher scoring is the same for the canonical link);
 - lower gate i: maximise ``sum_t h_i sum_j h_{j|i} log g_{j|i}`` -- the same with
@@ -182,7 +184,8 @@ class HME(Module):
     def log_likelihood(self, X: Any, Y: Any, reduction: str = "mean") -> Tensor:
         """``log P(y|x) = log sum_ij g_i g_{j|i} P_ij(y)`` (2.8), via logsumexp."""
         a = self.joint_log(X, Y)  # (n, I, J)
-        per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], -1)), axis=-1)  # (n,)
+        per_case = ops.logsumexp(ops.reshape(a, (a.shape[0], a.shape[1] * a.shape[2])),
+                                 axis=-1)  # (n,)
         return apply_reduction("HME.log_likelihood", per_case, reduction)
 
     def route(self, X: Any) -> Routing:
@@ -192,7 +195,7 @@ class HME(Module):
         """
         log_g, log_g_low = self.gates(X)
         w = ops.exp(ops.unsqueeze(log_g, -1) + log_g_low)  # (n, I, J) g_i g_{j|i}
-        w = ops.reshape(w, (w.shape[0], -1))  # (n, I*J) leaf i*J + j
+        w = ops.reshape(w, (w.shape[0], w.shape[1] * w.shape[2]))  # (n, I*J) leaf i*J + j
         return dense_routing(w, stats={"log_g": log_g, "log_g_low": log_g_low})
 
     def forward(self, X: Any) -> Tensor:

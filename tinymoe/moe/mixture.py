@@ -241,7 +241,7 @@ def posterior_responsibilities(gate_logits: Any, expert_outputs: Any, target: An
     eqs. (3)-(5). ``likelihood="categorical"``: ``expert_outputs`` are class logits (n, E, C)
     and ``target`` the class indices (n,). Rows sum to one. A Tensor (it carries gradient);
     take ``.numpy()`` to plot it. Compare with the gate's prior ``p``: the gate's gradient
-    under eq. (3) is ``p - h``.
+    under eq. (3) is ``p - h``, prior minus posterior.
     """
     op = "posterior_responsibilities"
     gate_logits, expert_outputs = _check_parts(op, gate_logits, expert_outputs)

@@ -44,9 +44,11 @@ import numpy as np
 from tinymoe import ops, validate
 from tinymoe.dispatch.routing import Routing, route
 from tinymoe.moe.aux_losses import router_z_loss
+from tinymoe.moe.layer import MoELayer
 from tinymoe.moe.precision import router_dtype as check_router_dtype
 from tinymoe.moe.router_weight import (INIT_SCALE, check_finite_logits, out_dtype,
                                        router_probabilities, router_weight)
+from tinymoe.moe.swiglu import SwiGLUExperts
 from tinymoe.nn.init import RNGLike, as_rng
 from tinymoe.nn.module import Module
 from tinymoe.tensor import Tensor, as_tensor
@@ -174,3 +176,30 @@ class TopKRouter(Module):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
                 f"normalize={self.normalize}, aux_loss_coef={self.aux_loss_coef:g}, "
                 f"z_loss_coef={self.z_loss_coef:g}, router_dtype={self.router_dtype!r}")
+
+
+def mixtral_layer(d_model: int, num_experts: int = 8, d_ff: int | None = None, k: int = 2, *,
+                  aux_loss_coef: float = 2e-3, z_loss_coef: float = 0.0,
+                  router_dtype: Any = "float32", expert_dropout: float = 0.0,
+                  init_scale: float = INIT_SCALE, dtype: Any = np.float32,
+                  rng: RNGLike = None) -> MoELayer:
+    """Mixtral's sparse MoE block (Jiang et al. 2024, §2.1): a :class:`TopKRouter` with
+    renormalised top-k gates (``normalize=True``), dropless, over E
+    :class:`~tinymoe.moe.swiglu.SwiGLUExperts` of hidden width ``d_ff`` (default 3.5·d,
+    Mixtral's 14336 / 4096)::
+
+        y = Σ_{i ∈ TopK(p, k)} (p_i / Σ_{j ∈ TopK} p_j) · SwiGLU_i(x)
+
+    Top-k ties go to the lowest expert index (:func:`tinymoe.ops.topk`'s stable order);
+    ``torch.topk`` leaves the order of ties unspecified (on CPU ``topk(zeros(8), 2)``
+    returns [6, 5]), so tinymoe and HF agree only on inputs without exact ties.
+    ``aux_loss_coef`` 2e-3 is HF's 1e-3 on our loss scale (see :class:`TopKRouter`).
+    """
+    gen = as_rng(rng)
+    d = validate.positive_int(d_model, "d_model", "mixtral_layer")
+    f = int(3.5 * d) if d_ff is None else validate.positive_int(d_ff, "d_ff", "mixtral_layer")
+    router = TopKRouter(d, num_experts, k, normalize=True, aux_loss_coef=aux_loss_coef,
+                        z_loss_coef=z_loss_coef, router_dtype=router_dtype,
+                        init_scale=init_scale, rng=gen)
+    experts = SwiGLUExperts(num_experts, d, f, dtype=dtype, rng=gen, dropout=expert_dropout)
+    return MoELayer(router, experts)

@@ -13,8 +13,10 @@ from tinymoe.nn.init import as_rng
 from tinymoe.nn.layernorm import LayerNorm
 from tinymoe.nn.linear import Linear
 from tinymoe.nn.module import LoadResult, Module, ModuleList, Parameter
+from tinymoe.nn.rmsnorm import RMSNorm
 from tinymoe.nn.serialization import load, load_into, save
+from tinymoe.nn.swiglu import SwiGLU
 
 __all__ = ["CausalSelfAttention", "Dropout", "Embedding", "FeedForward", "LayerNorm", "Linear",
-           "LoadResult", "Module", "ModuleList", "Parameter", "as_rng", "load", "load_into",
-           "save"]
+           "LoadResult", "Module", "ModuleList", "Parameter", "RMSNorm", "SwiGLU", "as_rng",
+           "load", "load_into", "save"]

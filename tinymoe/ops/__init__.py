@@ -148,7 +148,9 @@ def topk(a: Any, k: int, axis: int = -1):
 
     ``values`` is a tensor that carries gradient back to the chosen entries; ``indices`` is
     an int64 NumPy array (selection has no gradient). Ties go to the lower index, as in
-    ``np.argsort(kind="stable")`` and ``torch.topk`` on CPU.
+    ``np.argsort(kind="stable")``: tinymoe's convention. ``torch.topk`` does not promise an
+    order for ties (on CPU ``torch.topk(torch.zeros(8), 2)`` returns indices [6, 5]), so
+    compare with it only on inputs without exact ties.
     """
     a = as_tensor(a)
     if a.ndim == 0:

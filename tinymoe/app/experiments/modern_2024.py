@@ -2,9 +2,11 @@
 
 Claims, at scale:
 
-1. **Mixtral** (Jiang et al. 2024) routes each token to the top 2 of 8 experts with a
-   softmax renormalised over the two; like Switch it needs an auxiliary balancing loss (HF's
-   default coefficient 0.001 on a loss whose uniform value is k) to keep experts in use.
+1. **Mixtral** (Jiang et al. 2024, §2.1) routes each token to the top 2 of 8 experts with a
+   softmax renormalised over the two, dropping nothing. The paper describes no balancing
+   loss; the one in common use is Hugging Face's ``load_balancing_loss_func`` (coefficient
+   0.001 on a loss whose uniform value is k, off by default: ``output_router_logits=False``).
+   We test whether top-k routing keeps its experts in use without such a loss.
 2. **Expert choice** (Zhou et al. 2022): experts pick their top-C tokens, so every expert is
    exactly full by construction, no balancing loss; ">2x faster convergence" than Switch and
    GShard top-2. Caveat: a token's routing depends on the other tokens of the batch (in a
