@@ -134,7 +134,7 @@ def test_pytest_from_the_copy_root_imports_the_copy(tmp_path):
     (["grade", "/no/such/dir"], "error: /no/such/dir: no such directory"),
     (["grade", "tests", "--task", "task9_9"], "error: task9_9: unknown task; known: task0_1"),
     (["grade", "."], "this is the solutions tree itself; pass --solutions DIR"),
-    (["grade", "--timeout", "soon"], "invalid float value: 'soon'"),
+    (["grade", "--timeout", "soon"], "--timeout: 'soon' is not a number of seconds > 0"),
     (["grade", "--solutions", "/no/such/dir"], "error: /no/such/dir: no such directory"),
     (["test", "task4_3", "--dir", "/"], "not the root of a tinymoe copy"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -154,3 +154,53 @@ def test_grading_under_bubblewrap(tmp_path):
     sub = submission(tmp_path / "s", solved={"task4_3"})
     report = grade(sub, tasks=["task4_3", "task4_2"], quiet=True)
     assert [t.earned for t in report.tasks] == [TASKS["task4_3"].points, 0]
+
+
+SANDBOX_PROBE = r"""
+import json, os, socket, sys
+hidden, neighbour = sys.argv[1], sys.argv[2]
+out = {"hidden": os.listdir(hidden), "neighbour": os.path.exists(neighbour),
+       "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+       "nets": sorted(line.split(":")[0].strip() for line in open("/proc/net/dev")
+                      if ":" in line)}
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=2).close()
+    out["network"] = "connected"
+except OSError as e:
+    out["network"] = type(e).__name__
+try:
+    open("/usr/tinymoe-sandbox-test", "w").close()
+    out["write_system"] = "written"
+except OSError as e:
+    out["write_system"] = type(e).__name__
+with open("mine.txt", "w") as f:  # its own work directory stays writable
+    out["write_work"] = f.write("ok")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None,
+                    reason="bubblewrap (bwrap) is not installed: the bwrap level is skipped")
+def test_the_bwrap_level_really_confines_the_child(tmp_path):
+    """Under bwrap the child sees neither the instructor's tree (covered) nor a neighbouring
+    folder (a fresh /tmp), has no network (its own, empty network namespace), sees only
+    its own processes (PID namespace), cannot write the system, can write its work dir."""
+    from tinymoe.classroom.sandbox import run_child
+    work, neighbour = tmp_path / "work", tmp_path / "other-submission"
+    work.mkdir()
+    neighbour.mkdir()
+    (neighbour / "solution.py").write_text("answer = 42\n")
+    run = run_child([sys.executable, "-c", SANDBOX_PROBE, str(REPO), str(neighbour)], work,
+                    dict(os.environ), timeout=60, hide=[REPO], use_bwrap=True)
+    assert run.returncode == 0 and run.bwrap, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["hidden"] == [] and seen["neighbour"] is False
+    assert seen["network"] != "connected" and seen["nets"] in ([], ["lo"])
+    assert os.getpid() not in seen["pids"] and len(seen["pids"]) <= 3
+    assert seen["write_system"] in ("OSError", "PermissionError")
+    assert seen["write_work"] == 2 and (work / "mine.txt").read_text() == "ok"
+    # the same child without bwrap sees all of it: the level is what hides them
+    run = run_child([sys.executable, "-c", SANDBOX_PROBE, str(REPO), str(neighbour)], work,
+                    dict(os.environ), timeout=60, hide=[REPO], use_bwrap=False)
+    seen = json.loads(run.stdout)
+    assert seen["hidden"] != [] and seen["neighbour"] is True and os.getpid() in seen["pids"]

@@ -1,78 +1,61 @@
-"""The mutation proof (tinymoe/classroom/mutation.py): for every task, the instructor's tree
-with only that task's regions stubbed fails the task's graded checks, so no other code in
-the tree carries the task's answer. Shown on the synthetic course of test_classroom.py,
-then run on this repository (slow: one short pytest run per task)."""
-import importlib.util
+"""The mutation proof (tinymoe/classroom/mutation.py) with the trusted grader: for every task
+of the registry, a submission with the task's regions stubbed, and one with a planted error,
+earn 0 of the task's points from its probe."""
 from pathlib import Path
 
 import pytest
 
-from tinymoe.classroom.copies import build
+from tinymoe.classroom.grading import has_solutions, solution_regions
 from tinymoe.classroom.markers import extract_regions, load_tasks
-from tinymoe.classroom.mutation import prove_mutations, stub_one_task
+from tinymoe.classroom.mutation import mutant_files, prove_mutations
+from tinymoe.classroom.registry import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not has_solutions(REPO),
+                                reason="needs the instructor's solutions (this is a student copy)")
 
 
-def _trees():
-    spec = importlib.util.spec_from_file_location(
-        "_classroom_trees", Path(__file__).with_name("test_classroom.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_mutants_change_that_task_only():
+    tasks = load_tasks(REPO)
+    regions = solution_regions(REPO, tasks)["task4_1"]
+    for variant in ("stubbed", "planted"):
+        files = mutant_files(REPO, regions, "task4_1", tasks, variant)
+        assert list(files) == ["tinymoe/moe/capacity.py"]
+        text = files["tinymoe/moe/capacity.py"].decode()
+        original = (REPO / "tinymoe" / "moe" / "capacity.py").read_text()
+        assert text != original
+        mine = extract_regions(text, "tinymoe/moe/capacity.py", tasks)
+        theirs = extract_regions(original, "tinymoe/moe/capacity.py", tasks)
+        changed = [a.task for a, b in zip(mine, theirs) if a.body != b.body]
+        assert changed and set(changed) == {"task4_1"}
+        if variant == "stubbed":
+            assert all("raise NotImplementedError" in a.body for a in mine)
+        else:
+            assert sum("+ 1" in a.body for a in mine) == 1
 
 
-trees = _trees()
-
-
-def test_stub_one_task_stubs_that_task_only(tmp_path):
-    src = trees.make_tree(tmp_path / "src")
-    tasks = load_tasks(src)
-    tree = build(src, student=False, tasks=tasks)
-    out = stub_one_task(tree.files, tree.regions, "task0_2", tasks)
-    assert sorted(out) == ["lessons/00_intro.ipynb", "tinymoe/core.py"]
-    core = out["tinymoe/core.py"].decode()
-    answers = {(a.task, a.body.splitlines()[-1].strip()) for a in
-               extract_regions(core, "tinymoe/core.py", tasks)}
-    assert answers == {("task0_1", "return y"),
-                       ("task0_2", trees.STUB2)}
-    assert out["tinymoe/core.py"] != tree.files["tinymoe/core.py"]
-
-
-@pytest.mark.slow
-def test_mutation_proof_on_a_synthetic_course(tmp_path):
-    src = trees.make_tree(tmp_path / "src", lesson=False)
-    proof = prove_mutations(src, tmp_path / "work")
-    assert sorted(proof.caught) == ["task0_1", "task0_2"] and proof.problems == {}, proof.text()
-    assert "test_add_one stops at the stub" in proof.caught["task0_1"]
-    # a task whose tests pass with its stub in place is reported
-    (src / "tests" / "test_core.py").write_text(trees.mark('''
-        import pytest
-
-        from tinymoe import double
-
-
-        @pytest.mark.task0_1
-        def test_blind():
-            assert True
-
-
-        @pytest.mark.task0_2
-        def test_double():
-            assert double(3) == 6
-        '''))
-    proof = prove_mutations(src, tmp_path / "work2")
-    assert proof.problems == {"task0_1": "all 1 checks pass with the task stubbed"}
-    # any grader can be plugged in as the check
-    seen = []
-    proof = prove_mutations(src, check=lambda tree, task: (seen.append(task) or True, "ok"))
-    assert seen == ["task0_1", "task0_2"] and proof.problems == {}
+def test_a_check_that_passes_the_mutants_is_reported(tmp_path):
+    proof = prove_mutations(REPO, tmp_path, only=["task4_3", "task9_9"],
+                            check=lambda sub, task: (False, "all cases match"))
+    assert proof.caught == {}
+    assert proof.problems == {"task4_3": "stubbed: all cases match",
+                              "task9_9": "has no solution region"}
 
 
 @pytest.mark.slow
-def test_mutation_proof_on_this_repository(tmp_path):
-    pytest.importorskip("nbclient")
-    proof = prove_mutations(REPO, tmp_path)
+def test_mutation_proof_on_every_task_with_the_probe_grader(tmp_path):
+    """Fast mode (stubbed regions): every task of the registry, one graded run each; the
+    planted errors are the credit matrix's "planted" row (tests/test_classroom_credit.py)."""
+    proof = prove_mutations(REPO, tmp_path, jobs=2, variants=("stubbed",))
     print(proof.text())
-    tasks = {r.task for r in build(REPO, student=False).regions if r.kind == "solution"}
-    assert set(proof.caught) == tasks and proof.problems == {}, proof.text()
+    assert set(proof.caught) == set(TASKS) and proof.problems == {}, proof.text()
+    for task, detail in proof.caught.items():
+        assert detail.startswith("stubbed: 0/") and "NotImplementedError" in detail, detail
+
+
+def test_planted_errors_are_caught_too(tmp_path):
+    """Full mode on two tasks: a stub and a planted ``+ 1`` each earn 0 (task 2_4's planted
+    error lands in the Newton-step count it returns)."""
+    proof = prove_mutations(REPO, tmp_path, only=["task2_4", "task5_2"])
+    assert proof.problems == {} and sorted(proof.caught) == ["task2_4", "task5_2"], proof.text()
+    assert all("; planted: " in d for d in proof.caught.values()), proof.text()

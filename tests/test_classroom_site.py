@@ -33,7 +33,7 @@ def test_student_site_shows_no_solution_line(built):
     secrets = solution_lines(REPO)
     assert len(secrets) > 50  # the check has something to look for
     assert site_leaks(built, secrets) == []
-    lesson = (built / "lessons" / "05_numba_dispatch.html").read_text(encoding="utf-8")
+    lesson = (built / "lessons" / "01_adaptive_mixtures_1991.html").read_text(encoding="utf-8")
     assert "NotImplementedError" in lesson and "YOUR CODE HERE" in lesson
 
 
@@ -48,15 +48,15 @@ def test_student_site_loads_nothing_from_outside(built):
 
 
 def test_site_checks_catch_leaks_and_remote_loads(tmp_path):
-    line = "B = np.linalg.solve(A, XtW @ Y)  # (d, D)"
+    line = "Z = np.linalg.solve(M, XtW @ R)  # (d, D)"  # made up: no task's line
     (tmp_path / "_static").mkdir()
     (tmp_path / "page.html").write_text(
         '<html><head><script src="https://cdn.example.org/mathjax.js"></script>'
         '<link rel="stylesheet" href="//fonts.example.org/a.css">'
         '<link rel="canonical" href="https://example.org/page.html">'
         '<script src="_static/local.js"></script></head><body><pre>'
-        '<span class="n">B</span> <span class="o">=</span> np.linalg.solve(A, XtW '
-        '<span class="o">@</span> Y)  <span class="c1"># (d, D)</span></pre></body></html>')
+        '<span class="n">Z</span> <span class="o">=</span> np.linalg.solve(M, XtW '
+        '<span class="o">@</span> R)  <span class="c1"># (d, D)</span></pre></body></html>')
     (tmp_path / "_static" / "theme.css").write_text(
         "@font-face{src:url('https://fonts.example.org/x.woff2')} .a{background:url(a.png)}")
     assert site_leaks(tmp_path, [line, "never shown anywhere at all"]) == [f"page.html: {line}"]

@@ -33,11 +33,11 @@ GRADCHECK_TASKS = ["task1_1", "task1_2", "task2b_1", "task2b_2", "task2b_3", "ta
                    "task3_2", "task3_3", "task4_1", "task4_2", "task4_3", "task6_1", "task6_2",
                    "task7_1", "task8_1", "task8_2"]
 # the regions `tinymoe tour --fast` runs: the 1991 NLL, the EM of 1994 (E-step, least
-# squares, IRLS), the 2013-15 estimators and regularisers, noisy top-k, GShard and Switch
-# (capacity, balancing loss, z-loss)
-TOUR_TASKS = ["task1_1", "task2_1", "task2_2", "task2_3", "task2b_1", "task2b_2", "task2b_3",
-              "task3_1", "task3_2", "task3_3", "task4_1", "task4_2", "task4_3", "task6_1",
-              "task6_2", "task6_3", "task8_1", "task8_3"]
+# squares, IRLS, the EM step), the 2013-15 estimators and regularisers, noisy top-k, GShard
+# and Switch (capacity, balancing loss, z-loss)
+TOUR_TASKS = ["task1_1", "task2_1", "task2_2", "task2_3", "task2_4", "task2b_1", "task2b_2",
+              "task2b_3", "task3_1", "task3_2", "task3_3", "task4_1", "task4_2", "task4_3",
+              "task6_1", "task6_2", "task6_3", "task8_1", "task8_3"]
 
 
 def tagged(tasks):

@@ -1,8 +1,7 @@
 """Token dispatch: the NumPy reference (the spec), the autograd Functions, backend choice.
 
-Tests that run ``reference.assign_positions`` carry ``task5_2`` (its heart is a solution
-region). The other tests take positions from the Numba kernel or write them by hand, so
-they still grade the rest when task 5_2 is unsolved.
+The lesson-05 tasks (block_counts, block_starts: positions computed in parallel) are tested
+in tests/test_dispatch_kernels.py; nothing here runs their regions.
 """
 import os
 import subprocess
@@ -53,7 +52,6 @@ def _restore_backend():
 
 # --- assign_positions: the convention ----------------------------------------------------
 
-@pytest.mark.task5_2
 def test_priority_order_hand_example():
     position, counts = R.assign_positions(E_HAND, 3)
     np.testing.assert_array_equal(position, P_DROPLESS)
@@ -64,7 +62,6 @@ def test_priority_order_hand_example():
     assert position.dtype == np.int64 and counts.dtype == np.int64
 
 
-@pytest.mark.task5_2
 def test_first_choices_beat_earlier_tokens_second_choices():
     # token 0's second choice is expert 1; token 1's first choice is expert 1, capacity 1:
     # choice-major priority keeps token 1 (an interleaved per-token order would keep token 0)
@@ -73,7 +70,6 @@ def test_first_choices_beat_earlier_tokens_second_choices():
     np.testing.assert_array_equal(counts, [1, 1])
 
 
-@pytest.mark.task5_2
 def test_capacity_keeps_exactly_c_no_off_by_one():
     e = np.zeros((10, 1), dtype=np.int64)  # every token wants expert 0
     for C in (1, 3, 9, 10, 11):
@@ -83,7 +79,6 @@ def test_capacity_keeps_exactly_c_no_off_by_one():
         np.testing.assert_array_equal(counts, [kept, 0])
 
 
-@pytest.mark.task5_2
 @given(T=st.integers(0, 30), E=st.integers(1, 6), data=st.data())
 def test_assign_positions_invariants(T, E, data):
     k = data.draw(st.integers(1, E), label="k")
@@ -105,7 +100,6 @@ def test_assign_positions_invariants(T, E, data):
         assert (counts <= capacity).all() and position.max(initial=-1) < capacity
 
 
-@pytest.mark.task5_2
 def test_assign_positions_edge_cases():
     position, counts = R.assign_positions(np.zeros((0, 2), dtype=np.int64), 4, capacity=3)
     assert position.shape == (0, 2) and counts.tolist() == [0, 0, 0, 0]
@@ -118,7 +112,7 @@ def test_assign_positions_edge_cases():
     assert position.dtype == np.int64
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])  # the checks run before the task5_2 region
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("args, error, match", [
     ((np.array([[0, 3]]), 3), ValueError, r"holds 3, outside \[0, 3\)"),
     ((np.array([[-1]]), 3), ValueError, r"holds -1"),
@@ -368,7 +362,6 @@ def test_route_builds_a_routing_with_the_numba_backend():
     np.testing.assert_array_equal(r.order, [0, 2, 4, 1, 3])
 
 
-@pytest.mark.task5_2
 def test_route_with_the_numpy_backend():
     with use_backend("numpy"):
         r = route(E_HAND, np.ones((4, 2)), 3)

@@ -9,6 +9,7 @@ order is pinned down exactly by ``test_weight_grad_dot_sums_in_its_documented_or
 ``NUMBA_DISABLE_JIT=1``, so the kernels' pure-Python form is tested by ``python -m pytest``.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,13 +145,75 @@ def test_sorted_mode_matches_reference(c):
     _check_sorted_mode(c)
 
 
-@pytest.mark.task5_2
 @given(c=cases())
 def test_assign_positions_matches_reference(c):
     ref = R.assign_positions(c["e"], c["E"], c["capacity"])
     ker = K.assign_positions(c["e"], c["E"], c["capacity"])
     assert_same_bits(ref[0], ker[0])
     assert_same_bits(ref[1], ker[1])
+
+
+# --- positions in parallel: block_counts (task 5_1), block_starts (task 5_2) -------------
+E_BLOCKS = np.array([[0, 1], [1, 2], [0, 2], [0, 1], [2, 0]])  # (T, k) = (5, 2)
+# priority order (column 0, then column 1): 0 1 0 0 2 | 1 2 2 1 0; blocks of 4 with B = 3:
+# [0 1 0 0] [2 1 2 2] [1 0]
+
+
+@pytest.mark.task5_1
+@pytest.mark.parametrize("backend", [R, K], ids=["numpy", "numba"])
+def test_block_counts_by_hand(backend):
+    counts = backend.block_counts(E_BLOCKS, 3, 3)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == [[3, 1, 0], [0, 1, 3], [1, 1, 0]]
+
+
+@pytest.mark.task5_1
+@pytest.mark.parametrize("backend", [R, K], ids=["numpy", "numba"])
+@given(T=st.integers(0, 25), E=st.integers(1, 5), k=st.integers(1, 3),
+       B=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_block_counts_add_up_per_block(backend, T, E, k, B, seed):
+    e = np.random.default_rng(seed).integers(0, E, (T, k))
+    counts = backend.block_counts(e, E, B)
+    assert counts.shape == (B, E)
+    prio = e.T.reshape(-1)
+    size = R.block_size(prio.size, B)
+    for b in range(B):
+        assert counts[b].tolist() == np.bincount(prio[b * size:(b + 1) * size],
+                                                 minlength=E).tolist()
+
+
+@pytest.mark.task5_2
+@pytest.mark.parametrize("backend", [R, K], ids=["numpy", "numba"])
+def test_block_starts_is_the_exclusive_prefix_sum(backend):
+    counts = np.array([[3, 1, 0], [0, 1, 3], [1, 1, 0]])
+    start = backend.block_starts(counts)
+    assert start.dtype == np.int64
+    assert start.tolist() == [[0, 0, 0], [3, 1, 0], [3, 2, 3]]  # no block counts itself
+    assert backend.block_starts(np.zeros((0, 2), dtype=np.int64)).shape == (0, 2)
+    assert backend.block_starts(np.array([[4, 2]])).tolist() == [[0, 0]]
+
+
+@pytest.mark.task5_1
+@pytest.mark.task5_2
+@given(c=cases(), B=st.integers(1, 9))
+def test_parallel_positions_equal_the_serial_pass(c, B):
+    serial = K.assign_positions(c["e"], c["E"], c["capacity"])
+    par = K.assign_positions_parallel(c["e"], c["E"], c["capacity"], B)
+    assert_same_bits(serial[0], par[0])
+    assert_same_bits(serial[1], par[1])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.block_counts(E_BLOCKS, 3, 0), "num_blocks must be a positive integer"),
+    (lambda m: m.block_counts(E_BLOCKS, 2, 2), r"holds 2, outside \[0, 2\)"),
+    (lambda m: m.block_starts(np.array([1, 2])), r"counts must be a \(B, E\) integer"),
+    (lambda m: m.block_starts(np.array([[1.0]])), r"counts must be a \(B, E\) integer"),
+    (lambda m: m.block_starts(np.array([[-1]])), "counts holds -1"),
+])
+@pytest.mark.parametrize("backend", [R, K], ids=["numpy", "numba"])
+def test_block_functions_reject_bad_input(backend, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(backend)
 
 
 EDGES = {  # (T, E, k, capacity, pattern)
@@ -289,3 +352,31 @@ def test_kernels_run_as_python_under_disable_jit():
         check=False, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
+
+
+BLOCKS_AS_PYTHON = """
+import numpy as np
+from tinymoe.dispatch import kernels as K, reference as R
+e = np.random.default_rng(1).integers(0, 5, (40, 2))
+for B in (1, 3, 9, 100):
+    for C in (None, 7):
+        p, c = K.assign_positions_parallel(e, 5, C, B)
+        q, d = R.assign_positions(e, 5, C)
+        assert (p == q).all() and (c == d).all(), (B, C)
+    assert (K.block_counts(e, 5, B) == R.block_counts(e, 5, B)).all()
+print("block kernels ok")
+"""
+
+
+@pytest.mark.task5_1
+@pytest.mark.task5_2
+@pytest.mark.skipif(JIT_DISABLED, reason="this is the test that starts the subprocess")
+def test_block_kernels_run_as_python_under_disable_jit():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", BLOCKS_AS_PYTHON], check=False, cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    stub = re.search(r"NotImplementedError: (tinymoe task .*)", result.stderr)
+    if stub:  # a student copy's stub, raised here as it would be in-process
+        raise NotImplementedError(stub.group(1))
+    assert result.returncode == 0 and "block kernels ok" in result.stdout, result.stderr[-2000:]

@@ -235,7 +235,7 @@ def test_slots_hold_tokens_in_descending_score():
         col = S[buckets[e], e]  # (C,) scores in slot order
         assert (np.diff(col) <= 0).all()
         assert col[-1] >= np.delete(S[:, e], buckets[e]).max()  # nobody better was left out
-    np.testing.assert_array_equal(buckets, np.argsort(-S.T, axis=1, kind="stable")[:, :10])
+    check_expert_choice(S, 10, r.position)  # ties too, from the definition
 
 
 @pytest.mark.task6_2

@@ -225,6 +225,7 @@ def test_irls_logistic_step_reaches_the_weighted_mle():
 @pytest.mark.task2_1
 @pytest.mark.task2_2
 @pytest.mark.task2_3
+@pytest.mark.task2_4
 @pytest.mark.parametrize("expert,seed", [("gaussian", 0), ("gaussian", 1), ("logistic", 0),
                                          ("logistic", 1)])
 def test_em_never_lowers_the_likelihood(expert, seed):
@@ -243,6 +244,7 @@ def test_em_never_lowers_the_likelihood(expert, seed):
 @pytest.mark.task2_1
 @pytest.mark.task2_2
 @pytest.mark.task2_3
+@pytest.mark.task2_4
 def test_em_beats_gradient_in_epochs():
     from tinymoe.app.experiments.hme_1994 import make_tree
 
@@ -258,6 +260,7 @@ def test_em_beats_gradient_in_epochs():
 @pytest.mark.task2_1
 @pytest.mark.task2_2
 @pytest.mark.task2_3
+@pytest.mark.task2_4
 def test_em_step_is_in_place_and_counts_newton_steps():
     X, Y = _regression(100)
     tree = HME(2, 1, 2, 2, rng=0)
@@ -295,6 +298,7 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.task2_1
 @pytest.mark.task2_2
 @pytest.mark.task2_3
+@pytest.mark.task2_4
 def test_hme_script_end_to_end_fast():
     from tinymoe.app.experiments import hme_1994 as h
 

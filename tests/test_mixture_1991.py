@@ -76,6 +76,7 @@ def test_posteriors_sum_to_one_and_match_bayes():
     np.testing.assert_allclose(far.sum(axis=1), 1.0)
 
 
+@pytest.mark.task1_1
 @pytest.mark.task1_2
 def test_categorical_posteriors():
     rng = np.random.default_rng(2)
@@ -98,6 +99,7 @@ def test_gradcheck_losses(loss):
     tm.gradcheck(lambda a, b: loss(a, b, d), [g, o], names=["gate_logits", "expert_outputs"])
 
 
+@pytest.mark.task1_1
 @pytest.mark.task1_2
 def test_gradcheck_classification_and_posteriors():
     g, o, d = _parts(4)

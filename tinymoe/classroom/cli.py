@@ -5,6 +5,7 @@ Bad arguments (a missing folder, an unknown task, a bad number) end with one lin
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--task", action="append", metavar="taskN_M", help="grade only this task "
                    "(repeatable)")
     _limit_args(g)
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=SEED, default=None,
                    help="seed of the probes' inputs (default: a fresh random one)")
     t = sub.add_parser("test", help="students: run a task's probes against this copy",
                        description="Run the grader's probes of the tasks against the copy "
@@ -72,15 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--full", action="store_true",
                    help="run the full credit matrix: every task of every submission")
     v.add_argument("--record", metavar="PATH", help="write the credit matrix's JSON here")
-    v.add_argument("--jobs", type=int, default=2, help="graded submissions in parallel")
+    v.add_argument("--jobs", type=JOBS, default=2, help="graded submissions in parallel")
     return p
 
 
+def _number(kind, low, what):
+    """An argparse type: a ``kind`` number >= ``low`` (a finite one), else a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+SECONDS = _number(float, 1e-3, "a number of seconds > 0")
+MIB = _number(int, 1, "a positive whole number of MiB")
+SEED = _number(int, 0, "a whole number >= 0")
+JOBS = _number(int, 1, "a whole number >= 1")
+
+
 def _limit_args(p, memory: bool = True) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=SECONDS, default=DEFAULT_TIMEOUT,
                    help=f"seconds per task (default: {DEFAULT_TIMEOUT:g})")
     if memory:
-        p.add_argument("--memory", type=int, default=DEFAULT_MEMORY >> 20, metavar="MB",
+        p.add_argument("--memory", type=MIB, default=DEFAULT_MEMORY >> 20, metavar="MB",
                        help=f"address space of the child in MiB (default: {DEFAULT_MEMORY >> 20})")
 
 

@@ -128,7 +128,8 @@ class CheckReport:
     tasks: dict
     regions: list[Region]
     problems: list[ClassroomError]
-    tests: dict[str, list[str]]  # task -> test files that mention its marker
+    tests: dict[str, list[str]]  # task -> the test node ids that carry its marker
+    graded: dict[str, str] = field(default_factory=dict)  # task -> what grading runs
 
     def text(self) -> str:
         lines = ["tasks (tinymoe/classroom/registry.py):"]
@@ -136,7 +137,8 @@ class CheckReport:
             where = [_where(r) for r in self.regions if r.task == name]
             lines.append(f"  {name}  {t.points} pts  {t.title}")
             lines.append(f"      regions: {', '.join(where) or '(none yet)'}")
-            lines.append(f"      tests:   {', '.join(self.tests[name]) or '(none)'}")
+            lines.append(f"      graded:  {self.graded.get(name) or '(no probe: not graded)'}")
+            lines.append(f"      tests:   {_by_file(self.tests[name]) or '(none)'}")
         hidden = [_where(r) for r in self.regions if r.kind == "hidden"]
         lines.append(f"hidden-test regions: {', '.join(hidden) or '(none)'}")
         n_sol = sum(r.kind == "solution" for r in self.regions)
@@ -147,20 +149,71 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def _by_file(nodeids: list[str]) -> str:
+    """``tests/test_a.py (3: test_x, test_y, ...)``, file by file."""
+    files: dict[str, list[str]] = {}
+    for n in nodeids:
+        path, _, name = n.partition("::")
+        files.setdefault(path, []).append(name.split("[")[0])
+    parts = []
+    for path, names in files.items():
+        uniq = list(dict.fromkeys(names))
+        shown = ", ".join(uniq[:3]) + (", ..." if len(uniq) > 3 else "")
+        parts.append(f"{path} ({len(names)}: {shown})")
+    return "; ".join(parts)
+
+
 def _where(r: Region) -> str:
     cell = f"[cell {r.cell}]" if r.cell is not None else ""
     return f"{r.path}{cell}:{r.begin}-{r.end}"
 
 
-def check(src=".") -> CheckReport:
-    """Validate every marker of the tree (as the student copy would) and list tasks/regions."""
+def graded_by(task: str) -> str | None:
+    """What the trusted grader runs for ``task``: its probe, the cases, what it calls."""
+    import inspect
+
+    import numpy as np
+
+    from .probes import PROBES
+    probe = PROBES.get(task)
+    if probe is None:
+        return None
+    n = len(probe.cases(np.random.default_rng(0)))
+    from . import probes
+    source = inspect.getsource(probe.run)
+    for helper in set(re.findall(r"\b(_\w+)\(", source)):  # the probe's own helpers too
+        if inspect.isfunction(getattr(probes, helper, None)):
+            source += inspect.getsource(getattr(probes, helper))
+    calls = set()
+    for m, names in re.findall(r"from (tinymoe[\w.]*) import ([\w, ]+)", source):
+        for f in (n.strip() for n in names.split(",")):
+            attrs = set(re.findall(rf"\b{f}\.(\w+)\(", source))  # a module: what it calls
+            calls |= {f"{m}.{f}.{a}" for a in attrs} if attrs else {f"{m}.{f}"}
+    calls = sorted(calls)
+    part = "the exercise cell" if probe.mode == "cell" else "its definitions"
+    what = (f"{probe.notebook} ({part})" if probe.notebook
+            else ", ".join(calls) or "(see the probe)")
+    return (f"probe {probe.run.__name__} (tinymoe/classroom/probes.py): {n} cases, runs {what}; "
+            f"outputs compared with rtol={probe.rtol:g}, atol={probe.atol:g}")
+
+
+def check(src=".", *, collect: bool = True, paths: tuple[str, ...] = ("tests",)) -> CheckReport:
+    """Validate every marker of the tree (as the student copy would) and list, per task, its
+    regions, what grading runs (the probe) and the tests that carry its marker (as pytest
+    collects them from ``paths``, so markers set by helpers or from the registry count too)."""
     tasks = load_tasks(src)
     tree = build(src, student=True, tasks=tasks, keep_going=True)
     tests: dict[str, list[str]] = {name: [] for name in tasks}
-    for rel in tree.files:
-        if rel.startswith("tests/") and rel.endswith(".py"):
-            text = (Path(src) / rel).read_text(encoding="utf-8", errors="replace")
+    if collect and (Path(src) / "tests").is_dir():
+        from .runner import run_pytest
+        run = run_pytest(src, ["--collect-only", *paths], timeout=600)
+        for t in run.tests:
             for name in tasks:
-                if re.search(rf"\bmark\.{re.escape(name)}\b", text):
-                    tests[name].append(rel)
-    return CheckReport(tasks, tree.regions, tree.problems, tests)
+                if name in t.markers:
+                    tests[name].append(t.nodeid)
+        for err in run.collect_errors:
+            tree.problems.append(ClassroomError(err["nodeid"], None, "tests not collectable: "
+                                                + err["message"].strip().splitlines()[-1]))
+    graded = {name: graded_by(name) for name in tasks}
+    return CheckReport(tasks, tree.regions, tree.problems, tests,
+                       {k: v for k, v in graded.items() if v})

@@ -1,76 +1,66 @@
-"""The mutation proof: for every task, the instructor's tree with ONLY that task's solution
-regions stubbed fails that task's graded checks.
+"""The mutation proof: for every task, a submission with that task's regions stubbed, and one
+with a planted error in them, fail the task's graded checks: the trusted grader's probe
+(:mod:`.probes`, run by :class:`.grading.Grader`) earns them 0 points.
 
-It shows that no other code in the tree (another module, a Numba twin, a test, a lesson)
-still carries the task's answer: if it did, the checks could pass with the stub in place.
-One tree is written once; for each task only the files holding its regions are swapped for
-their one-task-stubbed versions (:func:`.markers.splice_regions`), checked, and restored.
+It shows that the probe reaches the task's code (a check that passes with the stub in place
+tests nothing) and that it notices a small mistake (the planted ``+ 1`` of
+:func:`.credit.plant`). That no *other* code of the copy carries a task's answer is shown
+by scanning the student copy (tests/test_classroom_answers.py): the grader builds each task's
+tree from the instructor's files, so another copy of the answer could not rescue a stub here.
 
-The graded checks are a ``check(tree, task) -> (failed, detail)`` function, so the proof
-can use any grader. The default, :func:`pytest_check`, runs the task's marked tests
-(``python -m pytest -m taskN_M -x`` in the tree, the lessons' tests included) and counts
-the task as caught when the first failing one fails at the task's own stub (its
-error, or a notebook's traceback, names the task).
+Generic over the registry: every task with solution regions is proved, so a new task needs
+nothing here. Each (task, variant) is a submission holding only the files of the task's
+regions (all the grader reads of a submission for that task), graded for that task alone.
 """
 from __future__ import annotations
 
-import re
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .copies import build, write_tree
-from .markers import Region, load_tasks, splice_regions, stub_body, stub_message
-from .runner import run_pytest
+from .credit import plant
+from .grading import Grader
+from .markers import Region, splice_regions, stub_body
+from .probes import PROBES
 
+VARIANTS = ("stubbed", "planted")
 Check = Callable[[Path, str], "tuple[bool, str]"]
 
 
-def stub_one_task(files: Mapping[str, bytes], regions: list[Region], task: str,
-                  tasks: Mapping[str, object]) -> dict[str, bytes]:
-    """The files holding ``task``'s regions, with those regions (and nothing else) stubbed."""
+def mutant_files(solutions: Path, regions: list[Region], task: str, tasks,
+                 variant: str) -> dict[str, bytes]:
+    """The files holding ``task``'s ``regions`` (in the grader's order) with every region
+    stubbed (``"stubbed"``) or the first one carrying a planted error (``"planted"``)."""
     out: dict[str, bytes] = {}
-    for rel in sorted({r.path for r in regions if r.task == task}):
-        mine = [r for r in regions if r.path == rel and r.task == task]  # file order
-        bodies = {(task, i): "".join(stub_body(task, tasks, r.indent)) for i, r in
-                  enumerate(mine)}
-        out[rel] = splice_regions(files[rel].decode("utf-8"), rel, tasks, bodies).encode()
+    for rel in dict.fromkeys(r.path for r in regions):
+        bodies = {}
+        for i, r in enumerate([r for r in regions if r.path == rel]):
+            if variant == "stubbed":
+                body = stub_body(task, tasks, r.indent)
+            elif r is regions[0]:
+                body = plant(r.body)
+            else:
+                body = [b + "\n" for b in r.body]
+            bodies[(task, i)] = "".join(body)
+        text = (solutions / rel).read_text(encoding="utf-8")
+        out[rel] = splice_regions(text, rel, tasks, bodies).encode("utf-8")
     return out
 
 
-def _test_files(tree: Path, task: str) -> list[str]:
-    """The test files that mention ``task``'s marker, and the lessons' test (its notebooks
-    take their markers from the registry): collecting only these keeps each run short."""
-    pattern = re.compile(rf"\bmark\.{re.escape(task)}\b")
-    files = [p.relative_to(tree).as_posix() for p in sorted((tree / "tests").glob("test_*.py"))
-             if pattern.search(p.read_text(encoding="utf-8", errors="replace"))
-             or p.name == "test_lessons.py"]
-    return files
-
-
-def pytest_check(timeout: float | None = 900) -> Check:
-    """Graded checks = the task's marked tests. Caught: one fails at the task's own stub."""
-    def check(tree: Path, task: str) -> tuple[bool, str]:
-        tasks = load_tasks(tree)
-        run = run_pytest(tree, ["-m", task, "-x", *_test_files(tree, task)], timeout=timeout)
-        if run.broken:
-            return False, f"the checks did not run (exit {run.exitstatus}): {run.tail(5)}"
-        failed = [t for t in run.tests if t.outcome in ("failed", "error")]
-        if not run.tests:
-            return False, "no test carries the task's marker"
-        if not failed:
-            return False, f"all {len(run.tests)} checks pass with the task stubbed"
-        first = failed[0]
-        label = stub_message(task, tasks).split(":")[0] + ":"  # "tinymoe task N_M:"
-        # a notebook's error carries the traceback, but its recorded message may be cut
-        # short: then the run's output (one failure, -x) shows the cell's error at its end
-        notebook = first.exc_type == "CellExecutionError" and \
-            f"NotImplementedError: {label}" in re.sub(r"\x1b\[[0-9;]*m", "", run.output)
-        if label not in (first.message or "") and not notebook:
-            return False, (f"{first.nodeid} fails with {first.exc_type}: "
-                           f"{(first.message or '').strip()[:160]}, not at the task's stub")
-        return True, f"{first.nodeid} stops at the stub"
+def probe_check(grader: Grader) -> Check:
+    """Caught = the grader's probe awards the submission 0 points for the task (and the
+    grader itself did not fail)."""
+    def check(sub: Path, task: str) -> tuple[bool, str]:
+        r = grader.grade_task(sub, task)
+        why = (r.notes[0] if r.notes else "").splitlines()[0][:140] if r.notes else ""
+        if r.status == "error":
+            return False, f"the grader failed: {why}"
+        if r.earned:
+            return False, f"earns {r.earned}/{r.points} ({r.summary})"
+        return True, f"{r.summary}: {why}"
     return check
 
 
@@ -78,37 +68,53 @@ def pytest_check(timeout: float | None = 900) -> Check:
 class MutationProof:
     caught: dict[str, str] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def text(self) -> str:
         lines = [f"caught  {t}: {d}" for t, d in sorted(self.caught.items())]
         lines += [f"MISSED  {t}: {d}" for t, d in sorted(self.problems.items())]
-        lines.append(f"{len(self.caught)} tasks caught, {len(self.problems)} missed")
+        lines.append(f"{len(self.caught)} tasks caught, {len(self.problems)} missed "
+                     f"({self.seconds:.0f} s)")
         return "\n".join(lines)
 
 
-def prove_mutations(src=".", work=None, *, check: Check | None = None,
-                    only: list[str] | None = None) -> MutationProof:
-    """Run the mutation proof for every task with solution regions (or those in ``only``)."""
-    src = Path(src).resolve()
-    tasks = load_tasks(src)
-    check = check or pytest_check()
-    tree = build(src, student=False, tasks=tasks)
+def prove_mutations(src=".", work=None, *, only: list[str] | None = None,
+                    check: Check | None = None, seed: int = 0, timeout: float = 60.0,
+                    jobs: int = 2, variants: tuple[str, ...] = VARIANTS) -> MutationProof:
+    """Run the mutation proof for every task of the registry (or those in ``only``).
+    ``check`` replaces the probe grader (tests plug in their own). ``variants=("stubbed",)``
+    is the fast mode (CI): the credit matrix's "planted" row proves the planted errors."""
+    start = time.perf_counter()
     proof = MutationProof()
-    with tempfile.TemporaryDirectory(prefix="tinymoe-mutation-") as tmp:
-        root = Path(work or tmp).resolve() / "tree"
-        write_tree(tree, root, src, force=True)
-        with_regions = sorted({r.task for r in tree.regions if r.kind == "solution"})
-        for task in only or with_regions:
-            if task not in with_regions:
+    with Grader(src, seed=seed, timeout=timeout) as g, \
+            tempfile.TemporaryDirectory(prefix="tinymoe-mutation-") as tmp:
+        check = check or probe_check(g)
+        names = list(g.tasks) if only is None else list(only)
+        todo = []
+        for task in names:
+            if task not in g.tasks or not g.regions.get(task):
                 proof.problems[task] = "has no solution region"
-                continue
-            stubbed = stub_one_task(tree.files, tree.regions, task, tasks)
-            for rel, data in stubbed.items():
-                (root / rel).write_bytes(data)
-            try:
-                ok, detail = check(root, task)
-            finally:
-                for rel in stubbed:
-                    (root / rel).write_bytes(tree.files[rel])
-            (proof.caught if ok else proof.problems)[task] = detail
+            elif task not in PROBES:
+                proof.problems[task] = "the grader has no probe for it"
+            else:
+                todo.append(task)
+
+        def one(task: str) -> tuple[str, bool, str]:
+            details = []
+            for variant in variants:
+                sub = Path(work or tmp) / f"{task}-{variant}"
+                for rel, data in mutant_files(g.solutions, g.regions[task], task, g.tasks,
+                                              variant).items():
+                    (sub / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (sub / rel).write_bytes(data)
+                ok, detail = check(sub, task)
+                if not ok:
+                    return task, False, f"{variant}: {detail}"
+                details.append(f"{variant}: {detail}")
+            return task, True, "; ".join(details)
+
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for task, ok, detail in pool.map(one, todo):
+                (proof.caught if ok else proof.problems)[task] = detail
+    proof.seconds = time.perf_counter() - start
     return proof

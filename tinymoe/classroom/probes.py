@@ -217,10 +217,11 @@ def _run_2_3(inp, ns):
 
 
 def _run_2_4(inp, ns):
+    from tinymoe.moe.hme import em_step
     tree = _tree(inp)
     res = {}
     for it in range(2):
-        ns["em_iteration"](tree, inp["X"], inp["Y"])
+        res[f"iter{it}_newton_steps"] = np.array(em_step(tree, inp["X"], inp["Y"]))
         for name, p in tree.named_parameters():
             res[f"iter{it}_{name}"] = _np(p).copy()
     return res
@@ -340,45 +341,31 @@ def _run_4_3(inp, ns):
 
 
 # --- lesson 05 ------------------------------------------------------------------------------------
-def _cases_5_1(rng):
+def _cases_5(rng):
     out = []
-    for T, E, k, d in [(8, 3, 2, 4), (5, 4, 1, 3), (6, 2, 2, 2)]:
-        scores = rng.standard_normal((T, E))
-        out.append({"expert_index": np.argsort(-scores, axis=1)[:, :k],
-                    "x": rng.standard_normal((T, d)).astype(np.float32),
-                    "w": rng.uniform(0, 1, (T, k)).astype(np.float32), "E": np.array(E)})
+    for T, E, k, B, C in [(10, 4, 2, 3, -1), (10, 4, 2, 8, 3), (7, 3, 1, 1, 1),
+                          (0, 3, 2, 4, 2), (6, 3, 2, 30, -1)]:
+        out.append({"expert_index": rng.integers(0, E, (T, k)), "E": np.array(E),
+                    "B": np.array(B), "C": np.array(C)})
+    out.append({"expert_index": np.zeros((5, 2), dtype=np.int64), "E": np.array(2),
+                "B": np.array(2), "C": np.array(-1)})
     return out
-
-
-def _setup_5_1(inp, ns):
-    from tinymoe.dispatch import reference
-    e, x, w, E = inp["expert_index"], inp["x"], inp["w"], int(inp["E"])
-    T, k = e.shape
-    order, offsets = reference.sort_tokens(e, E)
-    rows = reference.dispatch_sorted(x, order, k)
-    ns.update(T=T, E=E, k=k, d=x.shape[1], x=x, w=w, expert_index=e, order=order,
-              offsets=offsets, rows=rows)
 
 
 def _run_5_1(inp, ns):
-    return {"row": np.asarray(ns["row"]), "y_by_hand": np.asarray(ns["y_by_hand"])}
-
-
-def _cases_5_2(rng):
-    out = []
-    for T, E, k, C in [(10, 4, 2, -1), (10, 4, 2, 3), (7, 3, 1, 1), (0, 3, 2, 2)]:
-        out.append({"expert_index": rng.integers(0, E, (T, k)), "E": np.array(E),
-                    "C": np.array(C)})
-    out.append({"expert_index": np.zeros((5, 2), dtype=np.int64), "E": np.array(2),
-                "C": np.array(-1)})
-    return out
+    from tinymoe.dispatch import kernels, reference
+    e, E, B = inp["expert_index"], int(inp["E"]), int(inp["B"])
+    return {"numpy_counts": reference.block_counts(e, E, B),
+            "numba_counts": kernels.block_counts(e, E, B)}
 
 
 def _run_5_2(inp, ns):
-    from tinymoe.dispatch.reference import assign_positions
-    C = int(inp["C"])
-    pos, counts = assign_positions(inp["expert_index"], int(inp["E"]), None if C < 0 else C)
-    return {"position": pos, "counts": counts}
+    from tinymoe.dispatch import kernels, reference
+    e, E, B, C = inp["expert_index"], int(inp["E"]), int(inp["B"]), int(inp["C"])
+    counts = reference.block_counts(e, E, B)
+    pos, total = kernels.assign_positions_parallel(e, E, None if C < 0 else C, B)
+    return {"numpy_starts": reference.block_starts(counts),
+            "numba_starts": kernels.block_starts(counts), "position": pos, "counts": total}
 
 
 # --- lesson 06 ------------------------------------------------------------------------------------
@@ -574,8 +561,7 @@ PROBES: dict[str, Probe] = {
     "task2_1": Probe(_hme_cases, _run_2_1),
     "task2_2": Probe(_cases_2_2, _run_2_2),
     "task2_3": Probe(_cases_2_3, _run_2_3),
-    "task2_4": Probe(_hme_cases, _run_2_4, rtol=1e-5, atol=1e-7,
-                     notebook="lessons/02_hierarchical_mixtures_1994.ipynb", mode="defs"),
+    "task2_4": Probe(_hme_cases, _run_2_4, rtol=1e-5, atol=1e-7),
     "task2b_1": Probe(_cases_2b_1, _run_2b_1),
     "task2b_2": Probe(_cases_2b_2, _run_2b_2),
     "task2b_3": Probe(_cases_2b_3, _run_2b_3),
@@ -585,9 +571,8 @@ PROBES: dict[str, Probe] = {
     "task4_1": Probe(_cases_4_1, _run_4_1, rtol=0, atol=0),
     "task4_2": Probe(_cases_4_2, _run_4_2),
     "task4_3": Probe(_cases_4_3, _run_4_3),
-    "task5_1": Probe(_cases_5_1, _run_5_1, rtol=1e-6, atol=1e-6,
-                     notebook="lessons/05_numba_dispatch.ipynb", mode="cell", setup=_setup_5_1),
-    "task5_2": Probe(_cases_5_2, _run_5_2, rtol=0, atol=0),
+    "task5_1": Probe(_cases_5, _run_5_1, rtol=0, atol=0, preload=("numba",)),
+    "task5_2": Probe(_cases_5, _run_5_2, rtol=0, atol=0, preload=("numba",)),
     "task6_1": Probe(_cases_6_1, _run_6_1),
     "task6_2": Probe(_cases_6_2, _run_6_2, rtol=0, atol=0),
     "task6_3": Probe(_cases_6_3, _run_6_3),

@@ -43,7 +43,7 @@ TASKS: dict[str, Task] = {
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 2),
     "task2_3": Task("one IRLS (Newton) step of a softmax gate with soft targets",
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 3),
-    "task2_4": Task("Algorithm 1: the EM loop from its pieces",
+    "task2_4": Task("Algorithm 1 from its pieces: one EM iteration, hme.em_step",
                     "lessons/02_hierarchical_mixtures_1994.ipynb", 2),
     # --- lesson 02b: deep mixtures and conditional computation (2013-2015) ----------------
     "task2b_1": Task("the stochastic-times-smooth unit h = b·sqrt(sigm(a)) (Bengio et al. 2013)",
@@ -67,10 +67,10 @@ TASKS: dict[str, Task] = {
     "task4_3": Task("the router z-loss: mean logsumexp² (ST-MoE eq. 5)",
                     "lessons/04_gshard_and_switch_2021.ipynb", 2),
     # --- lesson 05: token dispatch with Numba ---------------------------------------------
-    "task5_1": Task("dispatch and combine by hand: the inverse permutation of a routing",
-                    "lessons/05_numba_dispatch.ipynb", 2),
-    "task5_2": Task("slots in the experts' buffers: the exclusive prefix sum of assign_positions",
-                    "lessons/05_numba_dispatch.ipynb", 3),
+    "task5_1": Task("positions in parallel, pass 1: every block of choices counts its own "
+                    "(block_counts, NumPy and Numba)", "lessons/05_numba_dispatch.ipynb", 2),
+    "task5_2": Task("positions in parallel, pass 2: the exclusive prefix sum of the block counts "
+                    "(block_starts, NumPy and Numba)", "lessons/05_numba_dispatch.ipynb", 3),
     # --- lesson 06: modern routers (Mixtral, expert choice, DeepSeek) ----------------------
     "task6_1": Task("Mixtral's router: softmax, top-k, renormalise the kept probabilities",
                     "lessons/06_modern_routers.ipynb", 2),

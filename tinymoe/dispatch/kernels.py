@@ -48,6 +48,7 @@ from numba import prange
 from tinymoe.dispatch._checks import (check_buffer, check_capacity, check_expert_index,
                                       check_k, check_matrix, check_order, check_position,
                                       check_rows, check_weight)
+from tinymoe.dispatch.reference import block_size, check_block_counts, check_num_blocks
 
 _jit = numba.njit(cache=True)
 _pjit = numba.njit(cache=True, parallel=True)
@@ -71,6 +72,54 @@ def _assign_positions(expert_index, num_experts, capacity):
         for e in range(num_experts):
             fill[e] = min(fill[e], capacity)
     return position, fill
+
+
+# --- positions in parallel (reference.block_counts / block_starts): three passes ---------
+
+
+@_jit
+def _count_block(prio, lo, hi, row):
+    """row[e] += 1 for every choice lo <= i < hi of expert e (one block, one thread)."""
+    ### BEGIN SOLUTION task5_1
+    for i in range(lo, hi):
+        row[prio[i]] += 1
+    ### END SOLUTION
+
+
+@_pjit
+def _block_counts(prio, size, counts):
+    """counts[b] = the choices per expert of block b. Parallel over blocks: iteration b
+    writes row b only, so no counter is shared (unlike a prange over choices)."""
+    n = prio.shape[0]
+    for b in prange(counts.shape[0]):
+        _count_block(prio, min(n, b * size), min(n, (b + 1) * size), counts[b])
+
+
+@_jit
+def _block_starts(counts, start):
+    """start[b, e] = sum over b' < b of counts[b', e] (serial: B·E additions)."""
+    B, E = counts.shape
+    ### BEGIN SOLUTION task5_2
+    for e in range(E):
+        below = 0
+        for b in range(B):
+            start[b, e] = below
+            below += counts[b, e]
+    ### END SOLUTION
+
+
+@_pjit
+def _fill_blocks(prio, size, start, capacity, slot):
+    """slot[i] for the choices of each block, counting on from the block's start; capacity
+    < 0: none. Parallel over blocks: iteration b writes its own choices' slots only."""
+    n = prio.shape[0]
+    for b in prange(start.shape[0]):
+        fill = start[b].copy()  # (E,) this block's own counters
+        for i in range(min(n, b * size), min(n, (b + 1) * size)):
+            e = prio[i]
+            p = fill[e]
+            fill[e] = p + 1
+            slot[i] = p if (capacity < 0 or p < capacity) else -1
 
 
 @_jit
@@ -255,6 +304,53 @@ def assign_positions(expert_index: np.ndarray, num_experts: int,
     e, E = check_expert_index(expert_index, num_experts, "assign_positions")  # (T, k)
     C = check_capacity(capacity, "assign_positions")
     return _assign_positions(_c(e), E, -1 if C is None else C)
+
+
+def block_counts(expert_index: np.ndarray, num_experts: int, num_blocks: int) -> np.ndarray:
+    """Kernel twin of :func:`tinymoe.dispatch.reference.block_counts`.  (B, E)"""
+    e, E = check_expert_index(expert_index, num_experts, "block_counts")  # (T, k)
+    B = check_num_blocks(num_blocks, "block_counts")
+    prio = _c(e.T.reshape(-1))  # (k*T,) experts in priority order
+    counts = np.zeros((B, E), dtype=np.int64)  # (B, E)
+    with _threads_for(prio.size):
+        try:
+            _block_counts(prio, block_size(prio.size, B), counts)
+        except SystemError as err:  # an exception raised inside a prange arrives wrapped
+            if isinstance(err.__cause__, Exception):
+                raise err.__cause__ from None
+            raise
+    return counts
+
+
+def block_starts(counts: np.ndarray) -> np.ndarray:
+    """Kernel twin of :func:`tinymoe.dispatch.reference.block_starts`.  (B, E)"""
+    c = check_block_counts(counts, "block_starts")  # (B, E)
+    start = np.zeros_like(c)
+    _block_starts(c, start)
+    return start
+
+
+def assign_positions_parallel(expert_index: np.ndarray, num_experts: int,
+                              capacity: int | None = None,
+                              num_blocks: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign_positions` in three passes that parallelise over ``num_blocks`` blocks of
+    choices: :func:`block_counts`, :func:`block_starts` (the exclusive prefix sum of the
+    counts down the blocks), then every block fills its slots from its start. The same
+    ``(position, counts)`` as the serial pass for every number of blocks."""
+    e, E = check_expert_index(expert_index, num_experts, "assign_positions_parallel")
+    C = check_capacity(capacity, "assign_positions_parallel")
+    T, k = e.shape
+    counts = block_counts(e, E, num_blocks)        # (B, E) pass 1
+    start = block_starts(counts)                   # (B, E) pass 2
+    prio = _c(e.T.reshape(-1))                     # (k*T,) priority order
+    slot = np.empty(prio.size, dtype=np.int64)     # (k*T,)
+    with _threads_for(prio.size):                  # pass 3
+        _fill_blocks(prio, block_size(prio.size, counts.shape[0]), start,
+                     -1 if C is None else C, slot)
+    total = counts.sum(axis=0)                     # (E,) choices per expert
+    if C is not None:
+        total = np.minimum(total, C)
+    return np.ascontiguousarray(slot.reshape(k, T).T), total.astype(np.int64)
 
 
 def _capacity_args(expert_index, position, num_experts, capacity, op):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinymoe import validate
 from tinymoe.dispatch._checks import (check_buffer, check_capacity, check_expert_index,
                                       check_k, check_matrix, check_order, check_position,
                                       check_rows, check_weight)
@@ -52,19 +53,80 @@ def assign_positions(expert_index: np.ndarray, num_experts: int,
     e, E = check_expert_index(expert_index, num_experts, "assign_positions")  # (T, k)
     capacity = check_capacity(capacity, "assign_positions")
     T, k = e.shape
-    ### BEGIN SOLUTION task5_2
     prio = e.T.reshape(-1)                       # (k*T,) experts in priority order, column 0 first
     onehot = prio[:, None] == np.arange(E)       # (k*T, E) which expert each choice picked
     before = np.cumsum(onehot, axis=0) - onehot  # (k*T, E) exclusive prefix sum: earlier picks
     slot = before[np.arange(k * T), prio]        # (k*T,) earlier picks of my own expert
     position = slot.reshape(k, T).T              # (T, k) back to token-major
-    ### END SOLUTION
     counts = np.bincount(e.reshape(-1), minlength=E)  # (E,) choices per expert
     if capacity is not None:
         position = np.where(position < capacity, position, -1)  # (T, k) slots >= C are dropped
         counts = np.minimum(counts, capacity)                    # (E,) at most C kept
     return (np.ascontiguousarray(position, dtype=np.int64),
             np.ascontiguousarray(counts, dtype=np.int64))
+
+
+# --- positions in parallel: count per block, scan the counts, fill per block --------------
+#
+# The running counter of assign_positions is serial: choice i needs the count of every
+# earlier choice. Cut the choices (in priority order) into B blocks and it parallelises in
+# three passes, the way a GPU computes positions: (1) each block counts its own choices per
+# expert, (2) an exclusive prefix sum of those counts down the blocks tells each block where
+# its first choice of every expert goes, (3) each block fills its slots from there. Passes 1
+# and 3 write only their own block's entries: no two threads share a counter.
+
+
+def block_size(num_choices: int, num_blocks: int) -> int:
+    """Choices per block: ceil(T·k / B), at least 1 (the last blocks may be short or empty)."""
+    return max(1, -(-int(num_choices) // int(num_blocks)))
+
+
+def check_num_blocks(num_blocks, op: str) -> int:
+    """``num_blocks`` as an int >= 1."""
+    return validate.positive_int(num_blocks, "num_blocks", op)
+
+
+def block_counts(expert_index: np.ndarray, num_experts: int,
+                 num_blocks: int) -> np.ndarray:
+    """counts[b, e] = the choices of expert e in block b.  (B, E) int64
+
+    The T·k choices in the priority order of :func:`assign_positions` (column 0 first,
+    tokens in order within a column) are cut into B blocks of ``block_size(T·k, B)``
+    consecutive choices; choice i (in that order) lies in block ``i // block_size``.
+    """
+    e, E = check_expert_index(expert_index, num_experts, "block_counts")  # (T, k)
+    B = check_num_blocks(num_blocks, "block_counts")
+    prio = e.T.reshape(-1)                     # (k*T,) experts in priority order
+    size = block_size(prio.size, B)
+    counts = np.zeros((B, E), dtype=np.int64)  # (B, E)
+    ### BEGIN SOLUTION task5_1
+    block = np.arange(prio.size) // size                  # (k*T,) the block of each choice
+    np.add.at(counts, (block, prio), 1)                    # (B, E) one count per choice
+    ### END SOLUTION
+    return counts
+
+
+def check_block_counts(counts, op: str) -> np.ndarray:
+    """``counts`` as a (B, E) int64 array of counts >= 0."""
+    c = np.asarray(counts)
+    if c.ndim != 2 or c.dtype.kind not in "iu":
+        raise ValueError(f"{op}: counts must be a (B, E) integer array (block_counts), got "
+                         f"shape {c.shape} dtype {c.dtype}")
+    if c.size and int(c.min()) < 0:
+        raise ValueError(f"{op}: counts holds {int(c.min())}; counts are >= 0")
+    return np.ascontiguousarray(c, dtype=np.int64)
+
+
+def block_starts(counts: np.ndarray) -> np.ndarray:
+    """start[b, e] = sum over b' < b of counts[b', e]: the slot where block b's first choice
+    of expert e goes, the *exclusive* prefix sum of the block counts down the blocks.  (B, E)
+    """
+    c = check_block_counts(counts, "block_starts")  # (B, E)
+    start = np.zeros_like(c)                   # (B, E)
+    ### BEGIN SOLUTION task5_2
+    start[1:] = np.cumsum(c[:-1], axis=0)     # (B-1, E) everything the earlier blocks took
+    ### END SOLUTION
+    return start
 
 
 # --- capacity mode: buffers (E, C, d) ----------------------------------------------------

@@ -356,13 +356,20 @@ def _mean_ll(model: HME, X: np.ndarray, Y: np.ndarray) -> float:
 
 def em_step(model: HME, X: np.ndarray, Y: np.ndarray, *, ridge: float = 1e-4,
             min_variance: float = 1e-6, irls_steps: int = 5) -> int:
-    """One iteration of Algorithm 1, in place: E-step, then the four M-step fits.
-    Returns the number of Newton steps the IRLS fits took."""
+    """One iteration of Algorithm 1, in place: E-step, then the M-step fits.
+
+    (1) posteriors h_i, h_j|i, h_ij; (2) every expert (i, j): a GLIM fit weighted by h_ij
+    (Gaussian: weighted least squares with the ridge scaled by sigma_ij^2, then
+    sigma_ij^2 = sum_t h_ij ||y - mu_ij||^2 / (D sum_t h_ij), floored at ``min_variance``;
+    logistic: IRLS); (3) the top gate: IRLS with targets h_i, weights 1; (4) each lower gate
+    i: IRLS with targets h_j|i, weights h_i. Returns the number of Newton steps the IRLS
+    fits took (task 2_4)."""
     X, Y = model.check_inputs(X, Y)
     xa = augment(X)  # (n, d+1)
-    post = model.posteriors(X, Y)  # (1) E-step
     I, J = model.n_branches, model.n_experts
-    steps = 0
+    steps = 0  # Newton steps of the IRLS fits, added up
+    ### BEGIN SOLUTION task2_4
+    post = model.posteriors(X, Y)  # (1) E-step
     for i in range(I):  # (2) experts: weighted GLIM fits with weights h_ij
         for j in range(J):
             w = post.h[:, i, j]  # (n,)
@@ -392,6 +399,7 @@ def em_step(model: HME, X: np.ndarray, Y: np.ndarray, *, ridge: float = 1e-4,
                         model.v_low.data[i], irls_steps)
         model.v_low.data[i] = V
         steps += s
+    ### END SOLUTION
     return steps
 
 

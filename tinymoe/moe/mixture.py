@@ -206,12 +206,17 @@ def mixture_nll(gate_logits: Any, expert_outputs: Any, target: Any,
     op = "mixture_nll"
     gate_logits, expert_outputs = _check_parts(op, gate_logits, expert_outputs)
     target = _check_target(op, target, expert_outputs)
+    log_lik = gaussian_log_likelihood(expert_outputs, target)  # (n, E)  -1/2 ||d - o_i||^2
+    return apply_reduction(op, _mixture_nll_per_case(gate_logits, log_lik), reduction)
+
+
+def _mixture_nll_per_case(gate_logits: Tensor, log_lik: Tensor) -> Tensor:
+    """``-log sum_i p_i P_i`` per case from the gate's logits and ``log P_i`` (n, E).  (n,)"""
     ### BEGIN SOLUTION task1_1
     log_p = ops.log_softmax(gate_logits, axis=-1)  # (n, E)  log p_i
-    log_lik = gaussian_log_likelihood(expert_outputs, target)  # (n, E)  -1/2 ||d - o_i||^2
     per_case = -ops.logsumexp(log_p + log_lik, axis=-1)  # (n,)
     ### END SOLUTION
-    return apply_reduction(op, per_case, reduction)
+    return per_case
 
 
 def mixture_classification_nll(gate_logits: Any, expert_logits: Any, y: Any,
@@ -220,12 +225,12 @@ def mixture_classification_nll(gate_logits: Any, expert_logits: Any, y: Any,
 
     The classification form of eq. (3): each expert is a classifier over C classes and the
     gate mixes their predictive distributions. ``expert_logits`` (n, E, C), ``y`` (n,) ints.
+    The same mixture log-likelihood as :func:`mixture_nll` (task 1_1), another ``P_i``.
     """
     op = "mixture_classification_nll"
     gate_logits, expert_logits = _check_parts(op, gate_logits, expert_logits)
-    log_p = ops.log_softmax(gate_logits, axis=-1)  # (n, E)
     log_P = categorical_log_likelihood(expert_logits, y)  # (n, E)
-    return apply_reduction(op, -ops.logsumexp(log_p + log_P, axis=-1), reduction)
+    return apply_reduction(op, _mixture_nll_per_case(gate_logits, log_P), reduction)
 
 
 def posterior_responsibilities(gate_logits: Any, expert_outputs: Any, target: Any, *,
