@@ -127,3 +127,60 @@ def load(name: str, fast: bool = False) -> dict:
 def available() -> list[str]:
     """Names of the recorded runs shipped (``'switch'``, ``'switch-fast'``, ...)."""
     return sorted(p.stem for p in RECORDS.glob("*.json")) if RECORDS.exists() else []
+
+
+# --- what the ``repro`` commands share -------------------------------------------------------
+# Long per-step curves are figures' raw data, not figures a page quotes: left out of records.
+CURVES = ("history", "load_history", "train_loss", "steps", "mse_curve", "load_curve",
+          "grad_curve", "em_curve", "runs_detail")
+# Wall-clock figures: recorded, but they depend on the machine, so never compared.
+TIMINGS = ("seconds", "step_time", "ms_per_grad_epoch", "ms_per_em_epoch")
+
+
+def add_record_argument(ap: Any) -> None:
+    """``--record``: write this run's figures to ``tinymoe/data/records/``."""
+    ap.add_argument("--record", action="store_true",
+                    help="write every reported figure to tinymoe/data/records/NAME[-fast].json "
+                         "(the file docs/reproductions.md is rendered from)")
+
+
+def compact(value: Any, drop: tuple[str, ...] = CURVES) -> Any:
+    """``value`` (a ``to_dict()``) without the keys ``drop`` at any depth; NaN becomes the
+    string ``'nan'`` (a diverged run) so that the record stays plain JSON."""
+    if isinstance(value, dict):
+        return {k: compact(v, drop) for k, v in value.items() if k not in drop}
+    if isinstance(value, (list, tuple)):
+        return [compact(v, drop) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return str(float(value))
+    return value
+
+
+def differences(recorded: Any, fresh: Any, *, rtol: float, atol: float,
+                ignore: tuple[str, ...] = TIMINGS, where: str = "results") -> list[str]:
+    """Where ``fresh`` differs from ``recorded``: floats beyond ``atol + rtol·|recorded|``,
+    any other value not equal, keys missing on either side. Keys in ``ignore`` are skipped."""
+    if isinstance(recorded, dict) and isinstance(fresh, dict):
+        out = [f"{where}.{k}: only in the record" for k in recorded
+               if k not in fresh and k not in ignore]
+        out += [f"{where}.{k}: not in the record" for k in fresh
+                if k not in recorded and k not in ignore]
+        for k in recorded:
+            if k in fresh and k not in ignore:
+                out += differences(recorded[k], fresh[k], rtol=rtol, atol=atol,
+                                   ignore=ignore, where=f"{where}.{k}")
+        return out
+    if isinstance(recorded, list) and isinstance(fresh, list):
+        if len(recorded) != len(fresh):
+            return [f"{where}: length {len(recorded)} recorded, {len(fresh)} now"]
+        return [d for i, (a, b) in enumerate(zip(recorded, fresh))
+                for d in differences(a, b, rtol=rtol, atol=atol, ignore=ignore,
+                                     where=f"{where}[{i}]")]
+    if isinstance(recorded, float) or isinstance(fresh, float):
+        if isinstance(recorded, (int, float)) and isinstance(fresh, (int, float)) \
+                and not isinstance(recorded, bool) and not isinstance(fresh, bool):
+            if abs(fresh - recorded) <= atol + rtol * abs(recorded):
+                return []
+    elif recorded == fresh:
+        return []
+    return [f"{where}: recorded {recorded!r}, now {fresh!r}"]

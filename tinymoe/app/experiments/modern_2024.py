@@ -37,6 +37,7 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
+from tinymoe.app import records
 from tinymoe.app.experiments.char_lm_runs import (char_lm_config, held_out_batches, is_fast,
                                                   repro_parser, report, shakespeare_data,
                                                   train_char_lm)
@@ -263,6 +264,17 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: ModernResult, argv: list[str]) -> Any:
+    """Write ``result``'s figures (every run by name, no curves) to the records."""
+    return records.record(
+        "modern", argv=argv, seeds=[result.config.seed],
+        settings={"config": asdict(result.config), "runs": [r.name for r in result.runs]},
+        results={"seconds": result.seconds,
+                 "runs": {r.name: records.compact({k: v for k, v in asdict(r).items()
+                                                   if k != "name"}) for r in result.runs}},
+        fast=result.fast)
+
+
 def main_modern(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro modern [--steps N] [--fast] [--json PATH] [--no-progress]``."""
     ap = repro_parser("tinymoe repro modern", "Modern routers side by side on a char LM: "
@@ -271,10 +283,14 @@ def main_modern(argv: Sequence[str] | None = None) -> int:
                       TrainConfig.steps, FAST.steps, what="run")
     ap.add_argument("--seed", type=int, default=None,
                     help="initial weights and batches (default 0)")
+    records.add_record_argument(ap)
     args = ap.parse_args(argv)
     result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress,
                  seed=args.seed)
-    return report(result, format_table(result), args.json)
+    report(result, format_table(result), args.json)
+    if args.record:
+        print("recorded", record_result(result, ["modern", *(argv or [])]))
+    return 0
 
 
 if __name__ == "__main__":

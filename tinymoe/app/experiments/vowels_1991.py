@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 import tinymoe as tm
+from tinymoe.app import records
 from tinymoe.data import vowels
 from tinymoe.moe.mixture import AdaptiveMixture, blend, mixture_nll
 from tinymoe.nn import Linear, Module
@@ -476,6 +477,28 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: VowelResult, argv: list[str], name: str = "vowels") -> Any:
+    """Write the table's figures (per system, the t-tests, the ratio, per-seed epochs) to
+    the records."""
+    per_seed = {s: [r.epochs if r.epochs is not None else "not reached"
+                    for r in result.runs if r.system == s] for s in result.summaries}
+    has_both = any(s in result.summaries for s in ("ME4", "ME8")) and \
+        any(s in result.summaries for s in ("BP6", "BP12"))
+    return records.record(
+        name, argv=argv, seeds=list(range(result.seeds)),
+        settings={"criterion": result.criterion, "max_epochs": 5_000 if result.fast
+                  else MAX_EPOCHS,
+                  "step_sizes": {s: sm.step_size for s, sm in result.summaries.items()}},
+        results={"seconds": result.seconds,
+                 "systems": {s: records.compact(asdict(sm))
+                             for s, sm in result.summaries.items()},
+                 "speedup": result.speedup if has_both else "n/a",
+                 "t_tests": {k: {"t": records.compact(t), "df": df}
+                             for k, (t, df) in result.t_tests.items()},
+                 "epochs_per_seed": per_seed},
+        fast=result.fast)
+
+
 def main_vowels(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro vowels [--seeds N] [--fast] [--out DIR] [--explore]``."""
     ap = argparse.ArgumentParser(prog="tinymoe repro vowels",
@@ -494,6 +517,9 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--explore", action="store_true",
                     help="redo the step-size exploration instead (prints a table per system)")
     ap.add_argument("--no-progress", action="store_true")
+    records.add_record_argument(ap)
+    ap.add_argument("--record-as", default="vowels",
+                    help="record name (default vowels; e.g. vowels-shared-step for a variant)")
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     if args.explore:
@@ -509,6 +535,8 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     result = run(seeds=args.seeds, fast=fast, out=args.out, progress=not args.no_progress,
                  systems=systems, step_sizes=steps, criterion=args.criterion)
     print(format_table(result))
+    if args.record:
+        print("recorded", record_result(result, ["vowels", *(argv or [])], args.record_as))
     return 0
 
 
