@@ -78,6 +78,10 @@ REPRO = {
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
     "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
+    "gshard": ("tinymoe.app.experiments.gshard_2020", "main_gshard",
+               "Lepikhin et al. 2020: top-2 with capacity and random routing vs Switch top-1"),
+    "render": ("tinymoe.app.render", "main_render",
+               "write docs/reproductions.md from the recorded runs (--check: compare only)"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
@@ -85,7 +89,7 @@ FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
               ("tinymoe.app.train", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
-    "repro": ("reproduce a paper's table (vowels, hme, table6, switch, modern)",
+    "repro": ("reproduce a paper's table (vowels, hme, table6, gshard, switch, modern)",
               ("tinymoe.app.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.app.cli", "main_bench")),
