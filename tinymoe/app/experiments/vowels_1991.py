@@ -77,7 +77,9 @@ EXPLORE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #   ME8  1160   581   371   271   184  None     -     -
 #   BP6  3575  1788   895   448   352   336   290  None
 #   BP12 3545  1773   887   444   347   314   352  None
-STEP_SIZES = {"ME4": 8.0, "ME8": 16.0, "BP6": 64.0, "BP12": 32.0}
+STEP_SIZES = {"ME4": 8.0, "ME8": 16.0, "BP6": 64.0, "BP12": 32.0,
+              "ME1": 8.0}  # the one-expert control at ME4's step size (not explored)
+BOOTSTRAP = 2000  # resamples for the interval of the BP/ME ratio (seeded: repeatable)
 
 # Table 1 of the paper: train %, test %, mean epochs to criterion, s.d. (25 runs each).
 PAPER = {"ME4": (88, 90, 1124, 23), "ME8": (88, 90, 1083, 12),
@@ -227,6 +229,13 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def t975(df: int) -> float:
+    """97.5 % quantile of Student's t (tabled in :mod:`tinymoe.app.render`)."""
+    from tinymoe.app.render import t975 as table
+
+    return table(df)
+
+
 def pooled_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]:
     """Student's t with pooled variance (the paper's test), and its degrees of freedom."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -246,6 +255,7 @@ class SystemSummary:
     n_reached: int
     epochs_mean: float
     epochs_sd: float
+    epochs_ci95: float            # half-width of the 95 % t-interval of the mean
     train_acc: float
     test_acc: float
     used_experts: float | None
@@ -270,6 +280,28 @@ class VowelResult:
         bp = np.mean([self.summaries[s].epochs_mean for s in ("BP6", "BP12")
                       if s in self.summaries])
         return float(bp / me)
+
+    def epochs(self, system: str) -> list[int]:
+        return [r.epochs for r in self.runs if r.system == system and r.epochs is not None]
+
+    def ratio_interval(self, top: Sequence[str], bottom: Sequence[str],
+                       seed: int = 0) -> tuple[float, float, float]:
+        """mean epochs of ``top`` systems / of ``bottom`` ones (each the mean of its systems'
+        means, as :attr:`speedup`) and a 95 % percentile-bootstrap interval: the seeds of
+        every system resampled with replacement, :data:`BOOTSTRAP` times."""
+        rng = np.random.default_rng(seed)
+        eps = {s: np.asarray(self.epochs(s), float) for s in (*top, *bottom)}
+        if any(len(v) == 0 for v in eps.values()):
+            return float("nan"), float("nan"), float("nan")
+
+        def ratio(sample: dict[str, np.ndarray]) -> float:
+            return float(np.mean([sample[s].mean() for s in top]) /
+                         np.mean([sample[s].mean() for s in bottom]))
+
+        boots = [ratio({s: rng.choice(v, len(v)) for s, v in eps.items()})
+                 for _ in range(BOOTSTRAP)]
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        return ratio(eps), float(lo), float(hi)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -313,15 +345,18 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
         rs = [r for r in runs if r.system == system]
         reached = [r.epochs for r in rs if r.epochs is not None]
         m, sd = _mean_sd(reached)
+        half = t975(len(reached) - 1) * sd / math.sqrt(len(reached)) if len(reached) > 1 \
+            else float("nan")
         used = [r.used_experts for r in rs if r.used_experts is not None]
         summaries[system] = SystemSummary(
-            system, step_sizes[system], len(rs), len(reached), m, sd,
+            system, step_sizes[system], len(rs), len(reached), m, sd, half,
             float(np.mean([r.train_acc for r in rs])), float(np.mean([r.test_acc for r in rs])),
             float(np.mean(used)) if used else None, build(system, 0).num_parameters())
     t_tests = {}
     epochs = {s: [r.epochs for r in runs if r.system == s and r.epochs is not None]
               for s in systems}
-    for a, b in (("ME4", "BP6"), ("ME8", "BP12"), ("ME4", "ME8"), ("BP6", "BP12")):
+    for a, b in (("ME4", "BP6"), ("ME8", "BP12"), ("ME4", "ME8"), ("BP6", "BP12"),
+                 ("ME1", "ME4"), ("ME1", "ME8"), ("ME1", "BP6")):
         if a in epochs and b in epochs:
             t_tests[f"{a} vs {b}"] = pooled_t(epochs[a], epochs[b])
     result = VowelResult(seeds, fast, criterion, summaries, runs, t_tests,
@@ -331,12 +366,16 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
     return result
 
 
+RATIOS = {"BP/ME": (("BP6", "BP12"), ("ME4", "ME8")), "ME1/ME": (("ME1",), ("ME4", "ME8")),
+          "BP/ME1": (("BP6", "BP12"), ("ME1",))}
+
+
 def format_table(result: VowelResult) -> str:
     """Table 1, measured next to the paper's."""
     head = (f"Jacobs et al. (1991) Table 1 — vowels, batch GD to average squared error "
             f"{result.criterion} ({result.seeds} seed{'s' if result.seeds > 1 else ''}"
             f"{', fast' if result.fast else ''})")
-    columns = ("| system | ε | params | reached | epochs mean (sd) | paper epochs (sd) | "
+    columns = ("| system | ε | params | reached | epochs mean (sd) ± 95 % | paper epochs (sd) | "
                "train % | test % | paper train/test % | experts used |")
     lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
     for s, sm in result.summaries.items():
@@ -348,14 +387,20 @@ def format_table(result: VowelResult) -> str:
                                if s.startswith("ME") else f"BP {s[2:]} Hid")
         used = "—" if sm.used_experts is None else f"{sm.used_experts:.1f} of {s[2:]}"
         lines.append(f"| {name} | {sm.step_size:g} | {sm.params} | "
-                     f"{sm.n_reached}/{sm.n_runs} | {sm.epochs_mean:.0f} ({sm.epochs_sd:.0f}) | "
+                     f"{sm.n_reached}/{sm.n_runs} | {sm.epochs_mean:.0f} ({sm.epochs_sd:.0f}) "
+                     f"± {sm.epochs_ci95:.0f} | "
                      f"{paper_epochs} | {100 * sm.train_acc:.1f} | {100 * sm.test_acc:.1f} | "
                      f"{paper_acc} | {used} |")
     lines.append("")
     if any(s in result.summaries for s in ("ME4", "ME8")) and \
             any(s in result.summaries for s in ("BP6", "BP12")):
-        lines.append(f"BP epochs / mixture epochs: {result.speedup:.2f} (paper: "
+        r, lo, hi = result.ratio_interval(*RATIOS["BP/ME"])
+        lines.append(f"BP epochs / mixture epochs: {result.speedup:.2f} (95 % bootstrap "
+                     f"interval {lo:.2f}–{hi:.2f}; paper: "
                      f"{(2209 + 2435) / (1124 + 1083):.2f}, \"about half as many epochs\")")
+    if "ME1" in result.summaries and "ME4" in result.summaries:
+        r, lo, hi = result.ratio_interval(*RATIOS["ME1/ME"])
+        lines.append(f"one expert / mixture epochs: {r:.2f} ({lo:.2f}–{hi:.2f})")
     for name, (t, df) in result.t_tests.items():
         lines.append(f"t ({name}, pooled variance, {df} df): {t:.1f}")
     return "\n".join(lines)
@@ -493,6 +538,10 @@ def record_result(result: VowelResult, argv: list[str], name: str = "vowels") ->
                  "systems": {s: records.compact(asdict(sm))
                              for s, sm in result.summaries.items()},
                  "speedup": result.speedup if has_both else "n/a",
+                 "ratios": {name: dict(zip(("ratio", "lo95", "hi95"),
+                                           records.compact(result.ratio_interval(*pair))))
+                            for name, pair in RATIOS.items()
+                            if all(s in result.summaries for s in (*pair[0], *pair[1]))},
                  "t_tests": {k: {"t": records.compact(t), "df": df}
                              for k, (t, df) in result.t_tests.items()},
                  "epochs_per_seed": per_seed},
