@@ -53,3 +53,68 @@ def test_shipped_records_are_complete():
         assert rec["command"].startswith("tinymoe repro ")
         assert ("--fast" in rec["command"].split()) == fast, stem
         assert rec["results"], stem
+
+
+# --- the pages and the fast reruns -----------------------------------------------------------
+# Every repro is seeded, so a rerun of the same command on the same machine gives the same
+# figures bit for bit. Across machines the order of BLAS sums may differ (float32 models:
+# ~1e-7 relative per operation, grown over tens of training steps), so continuous figures are
+# compared to within RTOL; a larger difference means the code computes something else.
+RTOL, ATOL = 1e-3, 1e-6
+
+
+def test_differences_tolerance_and_structure():
+    rec = {"a": 1.0, "b": [1, 2], "seconds": 3.0, "s": "x"}
+    assert records.differences(rec, {"a": 1.0005, "b": [1, 2], "seconds": 9.0, "s": "x"},
+                               rtol=RTOL, atol=ATOL) == []
+    diffs = records.differences(rec, {"a": 1.01, "b": [1, 3], "s": "y", "new": 1},
+                                rtol=RTOL, atol=ATOL)
+    assert len(diffs) == 4 and any("results.a" in d for d in diffs)
+
+
+def test_render_placeholders(tmp_path):
+    from tinymoe.app import render
+
+    ns = {"r": render.Rec({"results": {"runs": {"cf 1.25": {"loss": 2.0761, "drop": 0.073}},
+                                       "xs": [1.0, 2.0, 3.0]}}),
+          **{k: getattr(render, k) for k in ("mean", "sd", "ci95")}}
+    text = ("{{ r.results.runs['cf 1.25'].loss | .3f }} / {{ r.results.runs['cf 1.25'].drop "
+            "| %.1f }}% / {{ mean(r.results.xs) | .1f }} ± {{ ci95(r.results.xs) | .2f }} / "
+            "{{ 0 - r.results.runs['cf 1.25'].loss | .2f }}")
+    assert render.render_text(text, ns) == "2.076 / 7.3% / 2.0 ± 2.48 / −2.08"
+    with pytest.raises(ValueError, match=r"template:1: .*no key 'cf 2'"):
+        render.render_text("{{ r.results.runs['cf 2'].loss }}", ns)
+
+
+def test_reproductions_page_is_the_rendering_of_the_records():
+    """docs/reproductions.md is generated: every number on it is a recorded one."""
+    from tinymoe.app import render
+
+    for template, page in render.PAGES.items():
+        expected = render.render_page(template)
+        actual = (render.ROOT / page).read_text(encoding="utf-8")
+        assert actual == expected, f"{page} differs from its template; run `tinymoe repro render`"
+
+
+FAST_RECORDS = [s.removesuffix("-fast") for s in records.available() if s.endswith("-fast")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAST_RECORDS)
+def test_fast_rerun_matches_its_record(name, tmp_path, monkeypatch, capsys):
+    """CI re-runs the fast setting of every reproduction and compares it with its record."""
+    import shlex
+
+    from tinymoe.app.cli import main_repro
+
+    shipped = records.load(name, fast=True)
+    argv = shlex.split(shipped["command"])[2:]
+    assert "--fast" in argv and "--record" in argv, shipped["command"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    assert main_repro(argv) == 0
+    fresh = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert fresh["settings"] == shipped["settings"]
+    assert fresh["seeds"] == shipped["seeds"]
+    diffs = records.differences(shipped["results"], fresh["results"], rtol=RTOL, atol=ATOL)
+    assert not diffs, "\n".join(diffs[:20])

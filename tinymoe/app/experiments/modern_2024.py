@@ -318,12 +318,13 @@ def summarize(results: Sequence[ModernResult]) -> dict[str, Any]:
     return out
 
 
-def record_result(results: Sequence[ModernResult], argv: list[str]) -> Any:
+def record_result(results: Sequence[ModernResult], argv: list[str],
+                  name: str = "modern") -> Any:
     """Write every seed's figures (every run by name, no curves) and the summary over the
     seeds to the records."""
     first = results[0]
     return records.record(
-        "modern", argv=argv, seeds=[res.config.seed for res in results],
+        name, argv=argv, seeds=[res.config.seed for res in results],
         settings={"config": {k: v for k, v in asdict(first.config).items() if k != "seed"},
                   "runs": [r.name for r in first.runs], "matched": list(MATCHED)},
         results={"seconds": sum(res.seconds for res in results),
@@ -344,13 +345,20 @@ def main_modern(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, nargs="+", default=None,
                     help="initial weights and batches, one or more seeds (default 0; fast: "
                          "0 1)")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                    metavar="RUN", help=f"which runs (default all: {', '.join(RUNS)})")
+    ap.add_argument("--small", action="store_true",
+                    help="the tour's smaller model (d 32, context 32, 200 steps, γ 1e-2)")
     records.add_record_argument(ap)
+    ap.add_argument("--record-as", default="modern",
+                    help="record name (default modern; e.g. modern-matched)")
     args = ap.parse_args(argv)
     seeds = args.seed or ([0, 1] if is_fast(args) else [0])
+    config = TOUR if args.small and not is_fast(args) else None
     results = []
     for seed in seeds:
         result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress,
-                     seed=seed)
+                     seed=seed, runs=args.runs, config=config)
         print(format_table(result), end="\n\n")
         results.append(result)
     if len(results) > 1:
@@ -361,7 +369,7 @@ def main_modern(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([res.to_dict() for res in results], f, indent=1)
     if args.record:
-        print("recorded", record_result(results, ["modern", *(argv or [])]))
+        print("recorded", record_result(results, ["modern", *(argv or [])], args.record_as))
     return 0
 
 
