@@ -366,6 +366,14 @@ def main_hme(argv: Sequence[str] | None = None) -> int:
     if args.explore:
         table = explore(progress=not args.no_progress)
         print(table, "->", best_lr(table))
+        if args.record:
+            print("recorded", records.record(
+                "hme-explore", argv=["hme", *(argv or [])], seeds=[1000],
+                settings={"grid": list(table), "epochs": GRAD_EPOCHS, "n_train": N_TRAIN},
+                results={"best_lr": best_lr(table),
+                         "lr": {f"{lr:g}": {"final_level": records.compact(level),
+                                            "drops": drops}
+                                for lr, (level, drops) in table.items()}}))
         return 0
     result = run(seeds=args.seeds, fast=fast, out=args.out, progress=not args.no_progress)
     print(format_table(result))
