@@ -127,7 +127,7 @@ def render_text(template: str, ns: dict[str, Any] | None = None, where: str = "t
         expr, _, spec = body.rpartition("|") if "|" in body else (body, "", None)
         line = template.count("\n", 0, match.start()) + 1
         try:
-            value = eval(expr.strip(), {"__builtins__": SAFE_BUILTINS}, ns)  # noqa: S307
+            value = eval(expr.strip(), {"__builtins__": SAFE_BUILTINS, **ns})  # noqa: S307
         except Exception as e:  # name the placeholder, its line and what went wrong
             raise ValueError(f"render: {where}:{line}: {{{{{body}}}}} failed: "
                              f"{type(e).__name__}: {e}") from None
