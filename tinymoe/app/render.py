@@ -86,6 +86,12 @@ class Rec(dict):
         except KeyError:
             raise KeyError(f"no key {key!r} here; have {sorted(self)}") from None
 
+    def values(self) -> list:  # type: ignore[override]
+        return [wrap(v) for v in dict.values(self)]
+
+    def items(self) -> list:  # type: ignore[override]
+        return [(k, wrap(v)) for k, v in dict.items(self)]
+
 
 def wrap(value: Any) -> Any:
     if isinstance(value, dict) and not isinstance(value, Rec):
