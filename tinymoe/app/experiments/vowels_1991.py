@@ -309,10 +309,17 @@ class VowelResult:
         return d
 
 
+def _train_quietly(job: tuple) -> Run:
+    """One (system, seed, step size, criterion, max epochs) run, for a worker process."""
+    system, seed, eps, criterion, max_epochs = job
+    return train(system, seed, eps, criterion=criterion, max_epochs=max_epochs,
+                 record_curves=False)[0]
+
+
 def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
         progress: bool = True, systems: Sequence[str] = SYSTEMS,
         step_sizes: dict[str, float] | None = None,
-        criterion: float = CRITERION) -> VowelResult:
+        criterion: float = CRITERION, workers: int = 1) -> VowelResult:
     """Train every system from seeds ``0..seeds-1`` (``fast``: at most 3 seeds and a 5,000
     epoch cap) and summarise as in Table 1. ``step_sizes`` overrides ``STEP_SIZES`` per
     system; ``criterion`` the average squared error to reach. With ``out``, write
@@ -332,7 +339,16 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
     start = time.perf_counter()
     runs: list[Run] = []
     bar = tqdm(total=len(systems) * seeds, desc="1991 vowels", disable=not progress)
-    for system in systems:
+    if workers > 1:  # every run is seeded on its own: the same results in any order
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = [(system, seed, step_sizes[system], criterion,
+                 5_000 if fast else MAX_EPOCHS) for system in systems for seed in range(seeds)]
+        with ProcessPoolExecutor(workers) as pool:
+            for r in pool.map(_train_quietly, jobs):
+                runs.append(r)
+                bar.update()
+    for system in systems if workers <= 1 else ():
         for seed in range(seeds):
             bar.set_postfix_str(f"{system} seed {seed}")
             r, _ = train(system, seed, step_sizes[system], data=data, criterion=criterion,
@@ -566,6 +582,8 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--explore", action="store_true",
                     help="redo the step-size exploration instead (prints a table per system)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes training runs in parallel (same results; default 1)")
     records.add_record_argument(ap)
     ap.add_argument("--record-as", default="vowels",
                     help="record name (default vowels; e.g. vowels-shared-step for a variant)")
@@ -582,7 +600,8 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     steps = {s: STEP_SIZES.get(s, 1.0) for s in systems} if args.step_size is None \
         else {s: args.step_size for s in systems}
     result = run(seeds=args.seeds, fast=fast, out=args.out, progress=not args.no_progress,
-                 systems=systems, step_sizes=steps, criterion=args.criterion)
+                 systems=systems, step_sizes=steps, criterion=args.criterion,
+                 workers=args.workers)
     print(format_table(result))
     if args.record:
         print("recorded", record_result(result, ["vowels", *(argv or [])], args.record_as))
