@@ -88,6 +88,10 @@ REPRO = {
                  "Fedus et al. 2021 §2.4, Zoph et al. 2022 §4: sparse models fine-tuned"),
     "experts": ("tinymoe.app.experiments.experts_learn", "main_experts",
                 "what each expert of a char LM receives, with and without balancing"),
+    "gshard": ("tinymoe.app.experiments.gshard_2020", "main_gshard",
+               "Lepikhin et al. 2020: top-2 with capacity and random routing vs Switch top-1"),
+    "render": ("tinymoe.app.render", "main_render",
+               "write docs/reproductions.md from the recorded runs (--check: compare only)"),
 }
 
 # name -> (help, (module, function) taking the remaining argv)
@@ -95,8 +99,8 @@ FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
               ("tinymoe.app.train", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
-    "repro": ("reproduce a paper's table (vowels, hme, deep_moe, conditional, table6, switch, "
-              "modern, inference, finetune, experts)",
+    "repro": ("reproduce a paper's table (vowels, hme, deep_moe, conditional, table6, gshard, "
+              "switch, modern, inference, finetune, experts, render)",
               ("tinymoe.app.cli", "main_repro")),
     "bench": ("run a benchmark from benchmarks/ (autograd, dispatch, ...)",
               ("tinymoe.app.cli", "main_bench")),

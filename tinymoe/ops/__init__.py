@@ -147,10 +147,10 @@ def topk(a: Any, k: int, axis: int = -1):
     """The ``k`` largest entries along ``axis``, largest first: ``(values, indices)``.
 
     ``values`` is a tensor that carries gradient back to the chosen entries; ``indices`` is
-    an int64 NumPy array (selection has no gradient). Ties go to the lower index, as in
-    ``np.argsort(kind="stable")``: tinymoe's convention. ``torch.topk`` does not promise an
-    order for ties (on CPU ``torch.topk(torch.zeros(8), 2)`` returns indices [6, 5]), so
-    compare with it only on inputs without exact ties.
+    an int64 NumPy array (selection has no gradient). Ties go to the lower index
+    (tinymoe's convention, from ``np.argsort(kind="stable")``): ``topk(zeros(8), 2)`` picks
+    ``[0, 1]``. ``torch.topk`` does not promise an order for ties (on CPU it returns
+    ``[6, 5]`` for that input), so compare with it only on inputs without ties.
     """
     a = as_tensor(a)
     if a.ndim == 0:

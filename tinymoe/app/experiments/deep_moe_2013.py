@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,12 +331,10 @@ def main_deep_moe(argv: Sequence[str] | None = None) -> int:
 def _record(name: str, argv: Sequence[str] | None, settings: dict, results: dict,
             fast: bool) -> None:
     """Hand the run to the recorded-runs API (``tinymoe.app.records``)."""
-    try:
-        from tinymoe.app.records import record
-    except ImportError:
-        raise SystemExit(f"tinymoe repro {name} --record: tinymoe.app.records is not "
-                         f"installed in this version; run without --record") from None
-    path = record(name, argv=list(argv or []), seeds=list(range(settings["seeds"])),
+    from tinymoe.app.records import record
+
+    options = list(sys.argv[1:] if argv is None else argv)
+    path = record(name, argv=[name, *options], seeds=list(range(settings["seeds"])),
                   settings=settings, results=results, fast=fast)
     print(f"recorded {path}")
 

@@ -15,13 +15,19 @@ first and of second choices dropped, tokens reaching no expert, and ``ℓ_aux ·
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from tinymoe.app import records
 from tinymoe.autograd import no_grad
-from tinymoe.app.experiments.switch_2021 import FAST, TOUR, TOUR_FULL, ExperimentConfig
+from tinymoe.app.experiments.switch_2021 import (FAST, TOUR, TOUR_FULL, ExperimentConfig,
+                                                 held_out_stats)
 from tinymoe.models.transformer import describe
 from tinymoe.app.train import TrainResult, load_data, train, val_batches
 
@@ -121,3 +127,144 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
                        "2nd expert w.p. 2·g2, ℓ_aux·E² = 1 at uniform (§2.2, Alg. 1)",
         "figures": {"gshard_2020_routing": lambda: figure_routing(g)},
     }
+
+
+# --- ``tinymoe repro gshard``: top-2 against Switch top-1 at equal capacity, over seeds ------
+# name -> how the run's FFNs differ from the shared config. Every MoE run routes one group per
+# sequence (S = block_size tokens). Slots per expert and group: top-2 at cf 1 has
+# C = 2S/E, the same as top-1 at cf 2 ("equal capacity"); top-1 at cf 1 has S/E.
+COMPARE: dict[str, dict[str, Any]] = {
+    "dense": {"kind": "dense"},
+    "switch top-1, cf 1": {"kind": "switch", "capacity_factor": 1.0},
+    "switch top-1, cf 2": {"kind": "switch", "capacity_factor": 2.0},
+    "gshard top-2, cf 1": {"kind": "top2", "capacity_factor": 1.0, "jitter": 0.0},
+}
+# The full comparison: the tour's Switch model (d 32, 2 blocks, 8 experts of d_ff 128,
+# batches of 16 x 32), 500 steps: cheap enough for 5 seeds x 4 runs in a few minutes.
+COMPARE_FULL = TOUR
+COMPARE_FAST = ExperimentConfig(FAST.model, replace(FAST.train, steps=30, eval_every=30))
+
+
+def compare_run(name: str, cfg: ExperimentConfig, seed: int, data: tuple,
+                progress: bool = False) -> dict[str, Any]:
+    """Train run ``name`` of :data:`COMPARE` from ``seed``; its figures as a dict."""
+    model_cfg = cfg.model.replace(vocab_size=data[0].vocab_size,
+                                  group_size=cfg.model.block_size, **COMPARE[name])
+    train_cfg = replace(cfg.train, seed=int(seed))
+    start = time.perf_counter()
+    res = train(model_cfg, train_cfg, data=data, progress=progress, desc=f"{name} s{seed}")
+    out: dict[str, Any] = {
+        "val_loss": res.final_val_loss, "params": describe(res.model),
+        "flops_per_token": res.model.flops_per_token(),
+        "train_dropped": float(np.mean([d for row in res.history.dropped for d in row]))
+        if res.history.dropped and res.history.dropped[0] else 0.0}
+    if model_cfg.kind == "switch":
+        batches = val_batches(data[2], train_cfg, model_cfg.block_size)
+        out["val_dropped"] = held_out_stats(res.model, batches)[0]
+    elif model_cfg.kind == "top2":
+        stats = routing_stats(res, data[2])
+        out["val_dropped"] = stats.pop("tokens_dropped")
+        out.update(stats)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def compare(seeds: Sequence[int], fast: bool = False, progress: bool = False,
+            runs: Sequence[str] = tuple(COMPARE)) -> dict[str, Any]:
+    """Every run of ``runs`` from every seed (each seed: the same weights' seed and the same
+    batches for every run), the per-seed figures and, per run, mean and 95 % interval over
+    the seeds, with the paired differences from ``gshard top-2, cf 1``."""
+    from tinymoe.app.render import ci95
+
+    cfg = COMPARE_FAST if fast else COMPARE_FULL
+    data = load_data(cfg.train.val_fraction)
+    per_seed = {str(s): {n: compare_run(n, cfg, s, data, progress) for n in runs}
+                for s in seeds}
+    summary: dict[str, Any] = {}
+    for n in runs:
+        row = {}
+        for key in ("val_loss", "train_dropped", "val_dropped"):
+            xs = [per_seed[str(s)][n].get(key, 0.0) for s in seeds]
+            row[key] = {"mean": float(np.mean(xs)), "min": float(min(xs)),
+                        "max": float(max(xs)),
+                        "ci95": ci95(xs) if len(xs) > 1 else "n/a (one seed)"}
+        if "gshard top-2, cf 1" in runs and n != "gshard top-2, cf 1":
+            d = [per_seed[str(s)][n]["val_loss"] - per_seed[str(s)]["gshard top-2, cf 1"]
+                 ["val_loss"] for s in seeds]
+            row["minus_gshard"] = {"per_seed": d, "mean": float(np.mean(d)),
+                                   "ci95": ci95(d) if len(d) > 1 else "n/a (one seed)"}
+        summary[n] = row
+    return {"config": {"model": asdict(cfg.model), "train": asdict(cfg.train)},
+            "per_seed": per_seed, "summary": summary, "fast": fast}
+
+
+def format_compare(result: dict[str, Any]) -> str:
+    m, t = result["config"]["model"], result["config"]["train"]
+    S, E = m["block_size"], m["num_experts"]
+    seeds = list(result["per_seed"])
+    lines = [f"GShard top-2 vs Switch top-1, char LM d {m['d_model']}, {m['n_layers']} blocks "
+             f"(MoE every {m['moe_every']}), E = {E}, groups of S = {S} tokens; {t['steps']} "
+             f"steps of {t['batch_size']}x{S}; seeds {', '.join(seeds)}"
+             f"{' (fast)' if result['fast'] else ''}", "",
+             "| run | slots per expert | FLOPs/token | val loss (mean ± 95 %) | "
+             "minus top-2 | dropped % train | dropped % held-out |",
+             "|---|---|---|---|---|---|---|"]
+    first = result["per_seed"][seeds[0]]
+    for n, row in result["summary"].items():
+        spec = COMPARE[n]
+        k = 2 if spec["kind"] == "top2" else 1
+        slots = "—" if spec["kind"] == "dense" else \
+            f"{int(np.ceil(k * S / E * spec['capacity_factor']))}"
+        vl = row["val_loss"]
+        ci = vl["ci95"] if isinstance(vl["ci95"], str) else f"{vl['ci95']:.3f}"
+        diff = row.get("minus_gshard")
+        dtext = "—" if diff is None else (f"{diff['mean']:+.3f}" + (
+            "" if isinstance(diff["ci95"], str) else f" ± {diff['ci95']:.3f}"))
+        lines.append(f"| {n} | {slots} | {first[n]['flops_per_token']:,} | "
+                     f"{vl['mean']:.3f} ± {ci} | {dtext} | "
+                     f"{100 * row['train_dropped']['mean']:.1f} | "
+                     f"{100 * row['val_dropped']['mean']:.1f} |")
+    g = [result["per_seed"][s].get("gshard top-2, cf 1") for s in seeds]
+    if all(g):
+        mean = {k: float(np.mean([x[k] for x in g])) for k in
+                ("second_used", "second_expected", "first_dropped", "second_dropped",
+                 "aux_loss")}
+        lines += ["", f"GShard routing (held-out, random routing on, mean over seeds): second "
+                      f"expert used {100 * mean['second_used']:.1f}% of tokens (mean 2·g2 = "
+                      f"{100 * mean['second_expected']:.1f}%); first choices dropped "
+                      f"{100 * mean['first_dropped']:.2f}%, active second choices "
+                      f"{100 * mean['second_dropped']:.1f}%; ℓ_aux·E² = {mean['aux_loss']:.2f}"]
+    return "\n".join(lines)
+
+
+def main_gshard(argv: Sequence[str] | None = None) -> int:
+    """``tinymoe repro gshard [--seeds N] [--fast] [--record] [--no-progress]``."""
+    ap = argparse.ArgumentParser(prog="tinymoe repro gshard",
+                                 description="GShard top-2 with capacity and random routing "
+                                             "(Lepikhin et al. 2020, Algorithm 1) against "
+                                             "Switch top-1 at equal capacity, over seeds.")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5; fast: 2)")
+    ap.add_argument("--fast", action="store_true", help="tiny model, 30 steps")
+    ap.add_argument("--no-progress", action="store_true")
+    records.add_record_argument(ap)
+    args = ap.parse_args(argv)
+    fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds} must be >= 1")
+    seeds = list(range(min(args.seeds, 2) if fast else args.seeds))
+    start = time.perf_counter()
+    result = compare(seeds, fast=fast, progress=not args.no_progress)
+    print(format_compare(result))
+    if args.record:
+        path = records.record(
+            "gshard", argv=["gshard", *(argv or [])], seeds=seeds,
+            settings={**result["config"], "runs": COMPARE},
+            results={"seconds": time.perf_counter() - start,
+                     "per_seed": records.compact(result["per_seed"]),
+                     "summary": records.compact(result["summary"])}, fast=fast)
+        print("recorded", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_gshard())

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from tinymoe.app import records
 from tinymoe.moe.hme import HME, FitHistory, fit_em, fit_gradient
 
 N_TRAIN, N_TEST, NOISE = 1000, 1000, 0.1
@@ -331,6 +332,23 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: HMEResult, argv: list[str]) -> Any:
+    """Write every figure of :func:`format_table` (means and per-start values) to the
+    records."""
+    keys = ("rel_err_linear", "rel_err_grad", "rel_err_em", "grad_epochs", "em_epochs",
+            "grad_final_ll", "em_final_ll", "em_epochs_to_grad_final", "em_irls_steps",
+            "ms_per_grad_epoch", "ms_per_em_epoch")
+    return records.record(
+        "hme", argv=argv, seeds=[c.seed for c in result.comparisons],
+        settings={"n_train": result.n_train, "grad_epochs": result.grad_epochs,
+                  "em_iters": result.em_iters, "lr": result.lr},
+        results={"seconds": result.seconds, "ratio": result.ratio,
+                 "em_reached": sum(c.em_epochs is not None for c in result.comparisons),
+                 "mean": {k: result._mean(k) for k in keys},
+                 "per_seed": [records.compact(asdict(c)) for c in result.comparisons]},
+        fast=result.fast)
+
+
 def main_hme(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro hme [--seeds N] [--fast] [--out DIR] [--explore]``."""
     ap = argparse.ArgumentParser(prog="tinymoe repro hme",
@@ -342,14 +360,25 @@ def main_hme(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for the table and figures")
     ap.add_argument("--explore", action="store_true", help="redo the step-size exploration")
     ap.add_argument("--no-progress", action="store_true")
+    records.add_record_argument(ap)
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     if args.explore:
         table = explore(progress=not args.no_progress)
         print(table, "->", best_lr(table))
+        if args.record:
+            print("recorded", records.record(
+                "hme-explore", argv=["hme", *(argv or [])], seeds=[1000],
+                settings={"grid": list(table), "epochs": GRAD_EPOCHS, "n_train": N_TRAIN},
+                results={"best_lr": best_lr(table),
+                         "lr": {f"{lr:g}": {"final_level": records.compact(level),
+                                            "drops": drops}
+                                for lr, (level, drops) in table.items()}}))
         return 0
     result = run(seeds=args.seeds, fast=fast, out=args.out, progress=not args.no_progress)
     print(format_table(result))
+    if args.record:
+        print("recorded", record_result(result, ["hme", *(argv or [])]))
     return 0
 
 

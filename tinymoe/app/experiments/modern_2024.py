@@ -39,11 +39,12 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
+from tinymoe.app import records
 from tinymoe.app.experiments.char_lm_runs import (char_lm_config, held_out_batches, is_fast,
-                                                  repro_parser, report, shakespeare_data,
+                                                  repro_parser, shakespeare_data,
                                                   train_char_lm)
 from tinymoe.models.transformer import Transformer, TransformerConfig
-from tinymoe.moe.aux_free import AuxFreeRouter
+from tinymoe.moe.aux_free import SEQ_AUX_LOSS_COEF, AuxFreeRouter
 from tinymoe.moe.balance import max_over_mean
 from tinymoe.moe.expert_choice import ExpertChoiceRouter
 from tinymoe.moe.layer import MoELayer, moe_layer
@@ -53,7 +54,11 @@ from tinymoe.moe.topk_router import TopKRouter
 RUNS: dict[str, dict[str, Any]] = {
     "top-2, no loss": {"router": "topk", "aux_loss_coef": 0.0},
     "top-2 + loss": {"router": "topk", "aux_loss_coef": 1e-2},
-    "top-2, bias (loss-free)": {"router": "aux_free"},
+    "top-2, bias (loss-free)": {"router": "aux_free"},  # DeepSeek-V3: γ 1e-3 + α 1e-4 loss
+    # the matched pair: the same sigmoid gate, balanced by a loss alone or by the bias alone
+    "sigmoid top-2 + loss": {"router": "aux_free", "bias_update_speed": 0.0,
+                             "seq_aux_loss_coef": 1e-2},
+    "sigmoid top-2, bias only": {"router": "aux_free", "seq_aux_loss_coef": 0.0},
     "expert choice": {"router": "expert_choice"},
     "shared + fine-grained": {"router": "topk", "aux_loss_coef": 1e-2, "num_shared": 1,
                               "segments": 2, "normalize": False},  # DeepSeekMoE: raw gates
@@ -134,8 +139,10 @@ def make_moe(name: str, cfg: TrainConfig):
             router = TopKRouter(lm.d_model, E, k, normalize=spec.get("normalize", True),
                                 aux_loss_coef=spec["aux_loss_coef"], rng=rng)
         elif spec["router"] == "aux_free":
-            router = AuxFreeRouter(lm.d_model, E, k, bias_update_speed=cfg.bias_update_speed,
-                                   rng=rng)
+            router = AuxFreeRouter(
+                lm.d_model, E, k, rng=rng,
+                bias_update_speed=spec.get("bias_update_speed", cfg.bias_update_speed),
+                seq_aux_loss_coef=spec.get("seq_aux_loss_coef", SEQ_AUX_LOSS_COEF))
         else:
             router = ExpertChoiceRouter(lm.d_model, E, capacity_factor=cfg.ec_capacity_factor,
                                         rng=rng)
@@ -222,6 +229,24 @@ def format_table(result: ModernResult) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: Sequence[ModernResult]) -> str:
+    """Mean and 95 % interval over the seeds, and the matched loss-vs-bias difference."""
+    s = summarize(results)
+    lines = [f"Over seeds {[res.config.seed for res in results]}: mean ± 95 % t-interval",
+             "", "| run | val loss | max/mean load |", "|---|---|---|"]
+    for name, row in s["runs"].items():
+        lines.append(f"| {name} | {row['val_loss']['mean']:.3f} ± {row['val_loss']['ci95']:.3f}"
+                     f" | {row['max_over_mean']['mean']:.2f} ± "
+                     f"{row['max_over_mean']['ci95']:.2f} |")
+    if "matched_bias_minus_loss" in s:
+        m = s["matched_bias_minus_loss"]
+        lines += ["", f"matched (same sigmoid gate), bias only minus loss only: val loss "
+                      f"{m['val_loss']['mean']:+.3f} ± {m['val_loss']['ci95']:.3f}, max/mean "
+                      f"load {m['max_over_mean']['mean']:+.2f} ± "
+                      f"{m['max_over_mean']['ci95']:.2f}"]
+    return "\n".join(lines)
+
+
 def figure_load(result: ModernResult) -> Any:
     """Share of the (token, choice) pairs per expert over training, one panel per run."""
     import matplotlib.pyplot as plt
@@ -265,18 +290,89 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+MATCHED = ("sigmoid top-2 + loss", "sigmoid top-2, bias only")  # (loss, bias), same gate
+
+
+def summarize(results: Sequence[ModernResult]) -> dict[str, Any]:
+    """Per run over the seeds: mean, sample sd, 95 % t-interval half-width, min and max of
+    the validation loss and of max/mean load; and the matched bias-minus-loss differences
+    per seed (paired: the same seed gives both runs the same weights and batches)."""
+    from tinymoe.app.render import ci95
+
+    out: dict[str, Any] = {"runs": {}}
+    for name in [r.name for r in results[0].runs]:
+        row = {}
+        for key in ("val_loss", "max_over_mean", "unrouted"):
+            xs = [res.run(name).__dict__[key] for res in results]
+            row[key] = {"mean": float(np.mean(xs)), "min": float(min(xs)),
+                        "max": float(max(xs)),
+                        "ci95": ci95(xs) if len(xs) > 1 else "n/a (one seed)"}
+        out["runs"][name] = row
+    names = [r.name for r in results[0].runs]
+    if all(n in names for n in MATCHED):
+        loss, bias = MATCHED
+        d = {key: [res.run(bias).__dict__[key] - res.run(loss).__dict__[key]
+                   for res in results] for key in ("val_loss", "max_over_mean")}
+        out["matched_bias_minus_loss"] = {
+            key: {"per_seed": xs, "mean": float(np.mean(xs)),
+                  "ci95": ci95(xs) if len(xs) > 1 else "n/a (one seed)"}
+            for key, xs in d.items()}
+    return out
+
+
+def record_result(results: Sequence[ModernResult], argv: list[str],
+                  name: str = "modern") -> Any:
+    """Write every seed's figures (every run by name, no curves) and the summary over the
+    seeds to the records."""
+    first = results[0]
+    return records.record(
+        name, argv=argv, seeds=[res.config.seed for res in results],
+        settings={"config": {k: v for k, v in asdict(first.config).items() if k != "seed"},
+                  "runs": [r.name for r in first.runs], "matched": list(MATCHED)},
+        results={"seconds": sum(res.seconds for res in results),
+                 "per_seed": {str(res.config.seed): {
+                     r.name: records.compact({k: v for k, v in asdict(r).items()
+                                              if k != "name"}) for r in res.runs}
+                     for res in results},
+                 **records.compact(summarize(results))},
+        fast=first.fast)
+
+
 def main_modern(argv: Sequence[str] | None = None) -> int:
-    """``tinymoe repro modern [--steps N] [--fast] [--json PATH] [--no-progress]``."""
+    """``tinymoe repro modern [--seed S ...] [--steps N] [--fast] [--json PATH] [--record]``."""
     ap = repro_parser("tinymoe repro modern", "Modern routers side by side on a char LM: "
                       "balance and loss of top-k with and without a balancing loss, a "
                       "loss-free bias, expert choice and shared + fine-grained experts.",
                       TrainConfig.steps, FAST.steps, what="run")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="initial weights and batches (default 0)")
+    ap.add_argument("--seed", type=int, nargs="+", default=None,
+                    help="initial weights and batches, one or more seeds (default 0; fast: "
+                         "0 1)")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                    metavar="RUN", help=f"which runs (default all: {', '.join(RUNS)})")
+    ap.add_argument("--small", action="store_true",
+                    help="the tour's smaller model (d 32, context 32, 200 steps, γ 1e-2)")
+    records.add_record_argument(ap)
+    ap.add_argument("--record-as", default="modern",
+                    help="record name (default modern; e.g. modern-matched)")
     args = ap.parse_args(argv)
-    result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress,
-                 seed=args.seed)
-    return report(result, format_table(result), args.json)
+    seeds = args.seed or ([0, 1] if is_fast(args) else [0])
+    config = TOUR if args.small and not is_fast(args) else None
+    results = []
+    for seed in seeds:
+        result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress,
+                     seed=seed, runs=args.runs, config=config)
+        print(format_table(result), end="\n\n")
+        results.append(result)
+    if len(results) > 1:
+        print(format_summary(results))
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([res.to_dict() for res in results], f, indent=1)
+    if args.record:
+        print("recorded", record_result(results, ["modern", *(argv or [])], args.record_as))
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 
 from tinymoe.autograd import no_grad
 from tinymoe.models.transformer import Transformer, TransformerConfig, describe
+from tinymoe.app import records
 from tinymoe.app.train import TrainConfig, load_data, train, val_batches
 
 # name -> settings that differ from the Switch baseline (cf 1.0, float32 router)
@@ -325,6 +326,19 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: SwitchResult, argv: list[str]) -> Any:
+    """Write ``result``'s figures (every run by name, no curves) to the records."""
+    d = result.to_dict()
+    return records.record(
+        "switch", argv=argv, seeds=[result.config.train.seed],
+        settings={"model": d["model"], "train": d["train"], "runs": [r.name for r in result.runs]},
+        results={"seconds": result.seconds,
+                 "runs": {r["name"]: records.compact({k: v for k, v in r.items()
+                                                       if k not in ("name", "model_config")})
+                          for r in d["runs"]}},
+        fast=result.fast)
+
+
 def main_switch(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro switch [--fast] [--steps N] [--seed S] [--runs ...] [--json PATH]``."""
     ap = argparse.ArgumentParser(prog="tinymoe repro switch",
@@ -337,11 +351,14 @@ def main_switch(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--json", default=None, help="also write the full result as JSON here")
     ap.add_argument("--no-progress", action="store_true")
+    records.add_record_argument(ap)
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     result = run(fast=fast, steps=args.steps, progress=not args.no_progress, runs=args.runs,
                  seed=args.seed)
     print(format_table(result))
+    if args.record:
+        print("recorded", record_result(result, ["switch", *(argv or [])]))
     if args.json:
         import json
 

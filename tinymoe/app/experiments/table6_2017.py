@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tinymoe.app import records
 from tinymoe.autograd import no_grad
 from tinymoe.data import CharTokenizer, shakespeare
 from tinymoe.app.experiments.char_lm_runs import (char_lm_config, held_out_batches, is_fast,
@@ -263,13 +264,30 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: Table6Result, argv: list[str]) -> Any:
+    """Write ``result``'s figures to the records, each setting keyed ``"w_importance,w_load"``
+    (e.g. ``"0.1,0.1"``), no curves."""
+    return records.record(
+        "table6", argv=argv, seeds=[result.config.seed],
+        settings={"config": asdict(result.config),
+                  "weights": [[s.w_importance, s.w_load] for s in result.settings]},
+        results={"seconds": result.seconds,
+                 "settings": {f"{s.w_importance:g},{s.w_load:g}": records.compact(asdict(s))
+                              for s in result.settings}},
+        fast=result.fast)
+
+
 def main_table6(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro table6 [--steps N] [--fast] [--json PATH] [--no-progress]``."""
     ap = repro_parser("tinymoe repro table6", "Reproduce Table 6 of Shazeer et al. (2017): "
                       "the effect of the balancing losses.", TrainConfig.steps, FAST.steps)
+    records.add_record_argument(ap)
     args = ap.parse_args(argv)
     result = run(fast=is_fast(args), steps=args.steps, progress=not args.no_progress)
-    return report(result, format_table(result), args.json)
+    report(result, format_table(result), args.json)
+    if args.record:
+        print("recorded", record_result(result, ["table6", *(argv or [])]))
+    return 0
 
 
 if __name__ == "__main__":

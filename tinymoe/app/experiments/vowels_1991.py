@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 import tinymoe as tm
+from tinymoe.app import records
 from tinymoe.data import vowels
 from tinymoe.moe.mixture import AdaptiveMixture, blend, mixture_nll
 from tinymoe.nn import Linear, Module
@@ -76,7 +77,9 @@ EXPLORE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #   ME8  1160   581   371   271   184  None     -     -
 #   BP6  3575  1788   895   448   352   336   290  None
 #   BP12 3545  1773   887   444   347   314   352  None
-STEP_SIZES = {"ME4": 8.0, "ME8": 16.0, "BP6": 64.0, "BP12": 32.0}
+STEP_SIZES = {"ME4": 8.0, "ME8": 16.0, "BP6": 64.0, "BP12": 32.0,
+              "ME1": 8.0}  # the one-expert control at ME4's step size (not explored)
+BOOTSTRAP = 2000  # resamples for the interval of the BP/ME ratio (seeded: repeatable)
 
 # Table 1 of the paper: train %, test %, mean epochs to criterion, s.d. (25 runs each).
 PAPER = {"ME4": (88, 90, 1124, 23), "ME8": (88, 90, 1083, 12),
@@ -226,6 +229,13 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def t975(df: int) -> float:
+    """97.5 % quantile of Student's t (tabled in :mod:`tinymoe.app.render`)."""
+    from tinymoe.app.render import t975 as table
+
+    return table(df)
+
+
 def pooled_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]:
     """Student's t with pooled variance (the paper's test), and its degrees of freedom."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -245,6 +255,7 @@ class SystemSummary:
     n_reached: int
     epochs_mean: float
     epochs_sd: float
+    epochs_ci95: float            # half-width of the 95 % t-interval of the mean
     train_acc: float
     test_acc: float
     used_experts: float | None
@@ -270,16 +281,45 @@ class VowelResult:
                       if s in self.summaries])
         return float(bp / me)
 
+    def epochs(self, system: str) -> list[int]:
+        return [r.epochs for r in self.runs if r.system == system and r.epochs is not None]
+
+    def ratio_interval(self, top: Sequence[str], bottom: Sequence[str],
+                       seed: int = 0) -> tuple[float, float, float]:
+        """mean epochs of ``top`` systems / of ``bottom`` ones (each the mean of its systems'
+        means, as :attr:`speedup`) and a 95 % percentile-bootstrap interval: the seeds of
+        every system resampled with replacement, :data:`BOOTSTRAP` times."""
+        rng = np.random.default_rng(seed)
+        eps = {s: np.asarray(self.epochs(s), float) for s in (*top, *bottom)}
+        if any(len(v) == 0 for v in eps.values()):
+            return float("nan"), float("nan"), float("nan")
+
+        def ratio(sample: dict[str, np.ndarray]) -> float:
+            return float(np.mean([sample[s].mean() for s in top]) /
+                         np.mean([sample[s].mean() for s in bottom]))
+
+        boots = [ratio({s: rng.choice(v, len(v)) for s, v in eps.items()})
+                 for _ in range(BOOTSTRAP)]
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        return ratio(eps), float(lo), float(hi)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["speedup"] = self.speedup
         return d
 
 
+def _train_quietly(job: tuple) -> Run:
+    """One (system, seed, step size, criterion, max epochs) run, for a worker process."""
+    system, seed, eps, criterion, max_epochs = job
+    return train(system, seed, eps, criterion=criterion, max_epochs=max_epochs,
+                 record_curves=False)[0]
+
+
 def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
         progress: bool = True, systems: Sequence[str] = SYSTEMS,
         step_sizes: dict[str, float] | None = None,
-        criterion: float = CRITERION) -> VowelResult:
+        criterion: float = CRITERION, workers: int = 1) -> VowelResult:
     """Train every system from seeds ``0..seeds-1`` (``fast``: at most 3 seeds and a 5,000
     epoch cap) and summarise as in Table 1. ``step_sizes`` overrides ``STEP_SIZES`` per
     system; ``criterion`` the average squared error to reach. With ``out``, write
@@ -299,7 +339,16 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
     start = time.perf_counter()
     runs: list[Run] = []
     bar = tqdm(total=len(systems) * seeds, desc="1991 vowels", disable=not progress)
-    for system in systems:
+    if workers > 1:  # every run is seeded on its own: the same results in any order
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = [(system, seed, step_sizes[system], criterion,
+                 5_000 if fast else MAX_EPOCHS) for system in systems for seed in range(seeds)]
+        with ProcessPoolExecutor(workers) as pool:
+            for r in pool.map(_train_quietly, jobs):
+                runs.append(r)
+                bar.update()
+    for system in systems if workers <= 1 else ():
         for seed in range(seeds):
             bar.set_postfix_str(f"{system} seed {seed}")
             r, _ = train(system, seed, step_sizes[system], data=data, criterion=criterion,
@@ -312,15 +361,18 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
         rs = [r for r in runs if r.system == system]
         reached = [r.epochs for r in rs if r.epochs is not None]
         m, sd = _mean_sd(reached)
+        half = t975(len(reached) - 1) * sd / math.sqrt(len(reached)) if len(reached) > 1 \
+            else float("nan")
         used = [r.used_experts for r in rs if r.used_experts is not None]
         summaries[system] = SystemSummary(
-            system, step_sizes[system], len(rs), len(reached), m, sd,
+            system, step_sizes[system], len(rs), len(reached), m, sd, half,
             float(np.mean([r.train_acc for r in rs])), float(np.mean([r.test_acc for r in rs])),
             float(np.mean(used)) if used else None, build(system, 0).num_parameters())
     t_tests = {}
     epochs = {s: [r.epochs for r in runs if r.system == s and r.epochs is not None]
               for s in systems}
-    for a, b in (("ME4", "BP6"), ("ME8", "BP12"), ("ME4", "ME8"), ("BP6", "BP12")):
+    for a, b in (("ME4", "BP6"), ("ME8", "BP12"), ("ME4", "ME8"), ("BP6", "BP12"),
+                 ("ME1", "ME4"), ("ME1", "ME8"), ("ME1", "BP6")):
         if a in epochs and b in epochs:
             t_tests[f"{a} vs {b}"] = pooled_t(epochs[a], epochs[b])
     result = VowelResult(seeds, fast, criterion, summaries, runs, t_tests,
@@ -330,12 +382,16 @@ def run(seeds: int = 25, fast: bool = False, out: str | Path | None = None,
     return result
 
 
+RATIOS = {"BP/ME": (("BP6", "BP12"), ("ME4", "ME8")), "ME1/ME": (("ME1",), ("ME4", "ME8")),
+          "BP/ME1": (("BP6", "BP12"), ("ME1",))}
+
+
 def format_table(result: VowelResult) -> str:
     """Table 1, measured next to the paper's."""
     head = (f"Jacobs et al. (1991) Table 1 — vowels, batch GD to average squared error "
             f"{result.criterion} ({result.seeds} seed{'s' if result.seeds > 1 else ''}"
             f"{', fast' if result.fast else ''})")
-    columns = ("| system | ε | params | reached | epochs mean (sd) | paper epochs (sd) | "
+    columns = ("| system | ε | params | reached | epochs mean (sd) ± 95 % | paper epochs (sd) | "
                "train % | test % | paper train/test % | experts used |")
     lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
     for s, sm in result.summaries.items():
@@ -347,14 +403,20 @@ def format_table(result: VowelResult) -> str:
                                if s.startswith("ME") else f"BP {s[2:]} Hid")
         used = "—" if sm.used_experts is None else f"{sm.used_experts:.1f} of {s[2:]}"
         lines.append(f"| {name} | {sm.step_size:g} | {sm.params} | "
-                     f"{sm.n_reached}/{sm.n_runs} | {sm.epochs_mean:.0f} ({sm.epochs_sd:.0f}) | "
+                     f"{sm.n_reached}/{sm.n_runs} | {sm.epochs_mean:.0f} ({sm.epochs_sd:.0f}) "
+                     f"± {sm.epochs_ci95:.0f} | "
                      f"{paper_epochs} | {100 * sm.train_acc:.1f} | {100 * sm.test_acc:.1f} | "
                      f"{paper_acc} | {used} |")
     lines.append("")
     if any(s in result.summaries for s in ("ME4", "ME8")) and \
             any(s in result.summaries for s in ("BP6", "BP12")):
-        lines.append(f"BP epochs / mixture epochs: {result.speedup:.2f} (paper: "
+        r, lo, hi = result.ratio_interval(*RATIOS["BP/ME"])
+        lines.append(f"BP epochs / mixture epochs: {result.speedup:.2f} (95 % bootstrap "
+                     f"interval {lo:.2f}–{hi:.2f}; paper: "
                      f"{(2209 + 2435) / (1124 + 1083):.2f}, \"about half as many epochs\")")
+    if "ME1" in result.summaries and "ME4" in result.summaries:
+        r, lo, hi = result.ratio_interval(*RATIOS["ME1/ME"])
+        lines.append(f"one expert / mixture epochs: {r:.2f} ({lo:.2f}–{hi:.2f})")
     for name, (t, df) in result.t_tests.items():
         lines.append(f"t ({name}, pooled variance, {df} df): {t:.1f}")
     return "\n".join(lines)
@@ -476,6 +538,32 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
+def record_result(result: VowelResult, argv: list[str], name: str = "vowels") -> Any:
+    """Write the table's figures (per system, the t-tests, the ratio, per-seed epochs) to
+    the records."""
+    per_seed = {s: [r.epochs if r.epochs is not None else "not reached"
+                    for r in result.runs if r.system == s] for s in result.summaries}
+    has_both = any(s in result.summaries for s in ("ME4", "ME8")) and \
+        any(s in result.summaries for s in ("BP6", "BP12"))
+    return records.record(
+        name, argv=argv, seeds=list(range(result.seeds)),
+        settings={"criterion": result.criterion, "max_epochs": 5_000 if result.fast
+                  else MAX_EPOCHS,
+                  "step_sizes": {s: sm.step_size for s, sm in result.summaries.items()}},
+        results={"seconds": result.seconds,
+                 "systems": {s: records.compact(asdict(sm))
+                             for s, sm in result.summaries.items()},
+                 "speedup": result.speedup if has_both else "n/a",
+                 "ratios": {name: dict(zip(("ratio", "lo95", "hi95"),
+                                           records.compact(result.ratio_interval(*pair))))
+                            for name, pair in RATIOS.items()
+                            if all(s in result.summaries for s in (*pair[0], *pair[1]))},
+                 "t_tests": {k: {"t": records.compact(t), "df": df}
+                             for k, (t, df) in result.t_tests.items()},
+                 "epochs_per_seed": per_seed},
+        fast=result.fast)
+
+
 def main_vowels(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro vowels [--seeds N] [--fast] [--out DIR] [--explore]``."""
     ap = argparse.ArgumentParser(prog="tinymoe repro vowels",
@@ -494,6 +582,11 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--explore", action="store_true",
                     help="redo the step-size exploration instead (prints a table per system)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes training runs in parallel (same results; default 1)")
+    records.add_record_argument(ap)
+    ap.add_argument("--record-as", default="vowels",
+                    help="record name (default vowels; e.g. vowels-shared-step for a variant)")
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     if args.explore:
@@ -507,8 +600,11 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     steps = {s: STEP_SIZES.get(s, 1.0) for s in systems} if args.step_size is None \
         else {s: args.step_size for s in systems}
     result = run(seeds=args.seeds, fast=fast, out=args.out, progress=not args.no_progress,
-                 systems=systems, step_sizes=steps, criterion=args.criterion)
+                 systems=systems, step_sizes=steps, criterion=args.criterion,
+                 workers=args.workers)
     print(format_table(result))
+    if args.record:
+        print("recorded", record_result(result, ["vowels", *(argv or [])], args.record_as))
     return 0
 
 

@@ -1,0 +1,180 @@
+"""Render a docs page from recorded runs: every number on it comes from a record file.
+
+A template is markdown with placeholders ``{{ EXPR | SPEC }}``. ``EXPR`` is a Python
+expression over the records, each under its file name with ``-`` written ``_``
+(``switch_fast`` is ``switch-fast.json``), keys read as attributes or by subscript::
+
+    {{ switch.results.runs.dense.val_loss | .3f }}            -> 2.076
+    {{ switch.results.runs['switch cf 1.25'].val_dropped | %.1f }}   -> 7.3   (× 100)
+    {{ hme.results.ratio | .0f }}
+    {{ table6.results.settings['0,0'].val_loss - hme.results.mean.rel_err_em | .3f }}
+
+``SPEC`` is a format spec (``.3f``, ``,``, ``d``); a leading ``%`` multiplies by 100 first
+(a fraction shown as a percentage). Without ``| SPEC`` the value is shown as ``str``. The
+expression may call ``mean``, ``sd`` (sample), ``ci95`` (half-width of the 95 % t-interval
+of a mean), ``abs``, ``min``, ``max``, ``len``, ``sum``, ``round``. ``{{{{`` and ``}}}}``
+write literal braces.
+
+``tinymoe repro render`` writes ``docs/reproductions.md`` from
+``docs/_templates/reproductions.md.in``; ``--check`` says whether the page is up to date
+(the test suite runs the same check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tinymoe.app import records
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = {  # template -> page, relative to the checkout
+    "docs/_templates/reproductions.md.in": "docs/reproductions.md",
+}
+PLACEHOLDER = re.compile(r"\{\{(?!\{)(.+?)\}\}(?!\})", re.S)
+
+# two-sided 97.5 % quantiles of Student's t for df = 1..30 (beyond: the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (tabled to 30)."""
+    if df < 1:
+        raise ValueError(f"t975: df={df} must be >= 1 (a 95 % interval needs 2 values)")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df  # within 0.002 above 30
+
+
+def mean(xs: Sequence[float]) -> float:
+    xs = [float(x) for x in xs]
+    if not xs:
+        raise ValueError("mean: no values")
+    return sum(xs) / len(xs)
+
+
+def sd(xs: Sequence[float]) -> float:
+    """Sample standard deviation (ddof = 1)."""
+    xs = [float(x) for x in xs]
+    if len(xs) < 2:
+        raise ValueError(f"sd: needs at least 2 values, got {len(xs)}")
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def ci95(xs: Sequence[float]) -> float:
+    """Half-width of the 95 % t-interval of the mean of ``xs``."""
+    return t975(len(xs) - 1) * sd(xs) / math.sqrt(len(xs))
+
+
+class Rec(dict):
+    """A record (or part of one) whose keys read as attributes too."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return wrap(self[key])
+        except KeyError:
+            raise AttributeError(f"no key {key!r} here; have {sorted(self)}") from None
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return wrap(dict.__getitem__(self, key))
+        except KeyError:
+            raise KeyError(f"no key {key!r} here; have {sorted(self)}") from None
+
+    def values(self) -> list:  # type: ignore[override]
+        return [wrap(v) for v in dict.values(self)]
+
+    def items(self) -> list:  # type: ignore[override]
+        return [(k, wrap(v)) for k, v in dict.items(self)]
+
+
+def wrap(value: Any) -> Any:
+    if isinstance(value, dict) and not isinstance(value, Rec):
+        return Rec(value)
+    if isinstance(value, list):
+        return [wrap(v) for v in value]
+    return value
+
+
+def namespace(folder: Path | None = None) -> dict[str, Any]:
+    """Every record file of ``folder`` (default: the shipped records) by name."""
+    folder = records.RECORDS if folder is None else folder
+    ns: dict[str, Any] = {p.stem.replace("-", "_"): Rec(json.loads(
+        p.read_text(encoding="utf-8"))) for p in sorted(folder.glob("*.json"))}
+    ns.update(mean=mean, sd=sd, ci95=ci95)
+    return ns
+
+
+SAFE_BUILTINS = {"abs": abs, "min": min, "max": max, "len": len, "sum": sum, "round": round,
+                 "sorted": sorted, "float": float, "int": int, "str": str, "zip": zip}
+
+
+def _format(value: Any, spec: str | None) -> str:
+    if spec is None or isinstance(value, str):
+        return str(value)
+    spec = spec.strip()
+    if spec.startswith("%"):
+        value, spec = 100 * value, spec[1:]
+    text = format(value, spec)
+    return text.replace("-", "−") if isinstance(value, (int, float)) and value < 0 else text
+
+
+def render_text(template: str, ns: dict[str, Any] | None = None, where: str = "template") -> str:
+    """``template`` with every ``{{ EXPR | SPEC }}`` replaced by its recorded value."""
+    ns = namespace() if ns is None else ns
+
+    def one(match: re.Match) -> str:
+        body = match.group(1)
+        expr, _, spec = body.rpartition("|") if "|" in body else (body, "", None)
+        line = template.count("\n", 0, match.start()) + 1
+        try:
+            value = eval(expr.strip(), {"__builtins__": SAFE_BUILTINS, **ns})  # noqa: S307
+        except Exception as e:  # name the placeholder, its line and what went wrong
+            raise ValueError(f"render: {where}:{line}: {{{{{body}}}}} failed: "
+                             f"{type(e).__name__}: {e}") from None
+        try:
+            return _format(value, spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"render: {where}:{line}: cannot format {value!r} with "
+                             f"{spec!r}: {e}") from None
+
+    out = PLACEHOLDER.sub(one, template)
+    return out.replace("{{{{", "{{").replace("}}}}", "}}")
+
+
+def render_page(template: str | Path, ns: dict[str, Any] | None = None) -> str:
+    path = ROOT / template
+    return render_text(path.read_text(encoding="utf-8"), ns, where=str(template))
+
+
+def main_render(argv: Sequence[str] | None = None) -> int:
+    """``tinymoe repro render [--check]``: write (or check) the pages rendered from records."""
+    ap = argparse.ArgumentParser(prog="tinymoe repro render",
+                                 description="Render docs/reproductions.md from the recorded "
+                                             "runs in tinymoe/data/records/.")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if a page differs from its rendering")
+    args = ap.parse_args(argv)
+    stale = []
+    for template, page in PAGES.items():
+        text = render_page(template)
+        target = ROOT / page
+        if args.check:
+            if not target.exists() or target.read_text(encoding="utf-8") != text:
+                stale.append(page)
+        else:
+            target.write_text(text, encoding="utf-8")
+            print(f"wrote {page}")
+    if stale:
+        print("out of date (run `tinymoe repro render`): " + ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_render())
