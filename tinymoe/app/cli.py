@@ -76,6 +76,10 @@ REPRO = {
                "Shazeer et al. 2017, Table 6: the balancing losses"),
     "switch": ("tinymoe.app.experiments.switch_2021", "main_switch",
                "Fedus et al. 2021: Switch vs dense, capacity factors, router precision"),
+    "switch_scaling": ("tinymoe.app.experiments.switch_scaling", "main_switch_scaling",
+                       "Fedus et al. 2021, Fig. 1: loss vs number of experts, paired seeds"),
+    "switch_precision": ("tinymoe.app.experiments.switch_scaling", "main_switch_precision",
+                         "Fedus et al. 2021, Table 2: simulated bfloat16, float32 router"),
     "modern": ("tinymoe.app.experiments.modern_2024", "main_modern",
                "Mixtral, expert choice, DeepSeekMoE and loss-free balancing side by side"),
 }
