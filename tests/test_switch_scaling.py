@@ -110,3 +110,9 @@ def test_precision_sweep_reports_every_precision_and_lr():
     result = ss.precision_run(cfg, E=2, lrs=(1e-3,), workers=1, progress=False)
     assert set(result["summary"]) == set(ss.PRECISIONS)
     assert "bfloat16, float32 router" in ss.format_precision(result)
+
+
+def test_a_balanced_router_drops_less_in_larger_groups():
+    drops = ss.balanced_drops(8, group_sizes=(64, 4096), factors=(1.0, 2.0), tokens=1 << 14)
+    assert drops["64"]["1.0"] > drops["4096"]["1.0"] > drops["4096"]["2.0"] >= 0.0
+    assert drops["4096"]["2.0"] == 0.0  # 2x the mean is > 20 spreads above it at S/E = 512

@@ -24,6 +24,7 @@ STAGES: list[str] = [
     "tinymoe.app.experiments.gshard_2020",
     "tinymoe.app.experiments.switch_2021",
     "tinymoe.app.experiments.modern_2024",
+    "tinymoe.app.experiments.switch_scaling",
 ]
 
 COLUMNS = ["stage", "paper", "trained", "params", "metric", "paper_claim", "seconds"]

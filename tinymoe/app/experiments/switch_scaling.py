@@ -78,6 +78,7 @@ class ScalingConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     bf16: bool = False          # simulated bfloat16 weights and activations
     analysis: bool = True       # the capacity analysis after training
+    final_stride: int = 1       # the final loss on every n-th validation window (1: all)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -194,6 +195,18 @@ def drop_rate(choices: np.ndarray, E: int, group_size: int, cf: float) -> float:
     return float((position[:, 0] < 0).mean())
 
 
+def balanced_drops(E: int, group_sizes: Sequence[int] = GROUP_SIZES,
+                   factors: Sequence[float] = CAPACITY_FACTORS, tokens: int = 1 << 16,
+                   seed: int = ANALYSIS_SEED) -> dict[str, dict[str, float]]:
+    """Drop rates of a perfectly balanced router: every token picks one of the E experts
+    uniformly at random. Each expert's count in a group of S is Binomial(S, 1/E), with
+    mean S/E and spread sqrt(S/E · (1 - 1/E)), so a capacity of cf · S/E overflows less
+    often as S/E grows: sampling noise alone, no imbalance."""
+    choices = np.random.default_rng(seed).integers(0, E, tokens)
+    return {str(S): {str(cf): drop_rate(choices, E, S, cf) for cf in factors}
+            for S in group_sizes}
+
+
 def capacity_table(model: Transformer, x: np.ndarray, y: np.ndarray,
                    group_sizes: Sequence[int] = GROUP_SIZES,
                    factors: Sequence[float] = CAPACITY_FACTORS) -> dict[str, Any]:
@@ -260,6 +273,7 @@ def train_one(cfg: ScalingConfig, E: int, seed: int, lr: float | None = None,
     batch_rng = np.random.default_rng(seed + 1)  # the same batches for every E
     vx, vy = validation_windows(val_ids, mcfg.block_size)
     cx, cy = vx[::CURVE_STRIDE], vy[::CURVE_STRIDE]
+    vx, vy = vx[::cfg.final_stride], vy[::cfg.final_stride]
     run = Run(E, seed, lr, float("nan"), float("nan"))
     start = time.perf_counter()
     dropped = []
@@ -438,7 +452,10 @@ def format_capacity(result: dict[str, Any]) -> str:
             lines.append(f"| {S} | " + " | ".join(f"{100 * drops[c]:.1f}%" for c in cfs)
                          + " | " + " | ".join(f"{loss[c]:.4f}" if c in loss else "—"
                                               for c in cfs) + " |")
-        lines.append("")
+        lines += ["", f"A perfectly balanced router (uniform choices), E = {E}: "
+                  + "; ".join(f"S {S}: " + ", ".join(f"{100 * v:.1f}%" for v in row.values())
+                              for S, row in balanced_drops(int(E)).items())
+                  + f" dropped at cf {', '.join(cfs)}.", ""]
     return "\n".join(lines)
 
 
@@ -494,39 +511,84 @@ def figure_curves(result: dict[str, Any], seed: int | None = None) -> Any:
 
 
 # --- recorded results -------------------------------------------------------------------------
+def records_folder() -> Any:
+    """``tinymoe/data/records``: the shipped recorded runs (one JSON file per run)."""
+    from pathlib import Path
+
+    import tinymoe.data
+
+    return Path(tinymoe.data.__file__).parent / "records"
+
+
 def record_result(result: dict[str, Any], argv: Sequence[str], name: str = "switch_scaling",
                   fast: bool = False) -> Any:
-    """Write the result through :mod:`tinymoe.app.records` (if present), else to a JSON
-    file in the current folder; returns the path."""
+    """Write the result with :func:`tinymoe.app.records.record` when that module exists,
+    else the same keys to ``tinymoe/data/records/{name}[-fast].json``; returns the path."""
     results = {"summary": result["summary"], "runs": result["runs"],
                "seconds": result["seconds"]}
+    seeds = list(result["settings"]["seeds"])
     try:
         from tinymoe.app.records import record
     except ImportError:
-        path = f"{name}{'-fast' if fast else ''}.json"
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"name": name, "command": "tinymoe repro " + " ".join(argv),
-                       "seeds": result["settings"]["seeds"], "settings": result["settings"],
-                       "results": results}, f, indent=1)
+        import platform
+        import subprocess
+
+        import tinymoe
+
+        try:
+            version = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                     text=True, check=True,
+                                     cwd=os.path.dirname(__file__)).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            version = tinymoe.__version__
+        path = records_folder() / f"{name}{'-fast' if fast else ''}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"name": name, "command": "tinymoe repro " + " ".join(argv),
+               "code_version": version, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                              time.gmtime()),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "numpy": np.__version__},
+               "seeds": seeds, "settings": result["settings"], "results": results}
+        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         return path
-    return record(name, argv=list(argv), seeds=list(result["settings"]["seeds"]),
-                  settings=result["settings"], results=results, fast=fast)
+    return record(name, argv=list(argv), seeds=seeds, settings=result["settings"],
+                  results=results, fast=fast)
+
+
+def load_recorded(name: str = "switch_scaling", fast: bool = False) -> dict[str, Any]:
+    """A recorded sweep as ``{"settings", "summary", "runs", "seconds", "command"}``."""
+    try:
+        from tinymoe.app.records import load
+    except ImportError:
+        path = records_folder() / f"{name}{'-fast' if fast else ''}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"load_recorded: no recorded run {path.name}; make it "
+                                    f"with `tinymoe repro {name} --record"
+                                    f"{' --fast' if fast else ''}`") from None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        doc = load(name, fast=fast)
+    return {"settings": doc["settings"], "command": doc["command"], **doc["results"]}
 
 
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
-    """``tinymoe tour``: dense vs 8 experts, two paired seeds (about 20 s with ``fast``)."""
-    cfg = TOUR if fast else replace(FULL, seeds=(0,), experts=(1, 8), analysis=False)
+    """``tinymoe tour``: dense vs 8 experts on the same batches (about 20 s with ``fast``;
+    one seed, so the figure shows the shape of the gap, not its interval)."""
+    cfg = TOUR if fast else replace(FULL, seeds=(0,), experts=(1, 8), analysis=False,
+                                    final_stride=CURVE_STRIDE)
     result = run(cfg, workers=1, progress=progress)
     s = result["summary"]
     d = s[str(cfg.experts[-1])]
+    from tinymoe.app.tour import STAGES
+
     return {
-        "stage": "5b · Switch scaling",
+        "stage": f"{STAGES.index(__name__)} · Switch: number of experts",
         "paper": "Fedus, Zoph & Shazeer 2021, Fig. 1",
         "trained": f"char LM, dense vs top-1 of {cfg.experts[-1]} experts in every block, "
-                   f"{cfg.steps} steps, paired seeds {list(cfg.seeds)}",
+                   f"{cfg.steps} steps on the same batches (seed {list(cfg.seeds)})",
         "params": "same FLOPs per token",
         "metric": f"val loss dense {s['1']['mean']:.3f} vs E={cfg.experts[-1]} "
-                  f"{d['mean']:.3f} nats/char (per seed: "
+                  f"{d['mean']:.3f} nats/char (dropless eval; difference "
                   + ", ".join(f"{x:+.3f}" for x in d['diff']) + ")",
         "paper_claim": "more experts at the same FLOPs keep lowering the loss",
         "figures": {"switch_scaling_curves": lambda: figure_curves(result)},
@@ -537,7 +599,7 @@ TOUR = ScalingConfig(
     TransformerConfig(vocab_size=65, block_size=32, d_model=32, n_layers=2, n_heads=2,
                       d_ff=128, num_experts=8, moe_every=1, capacity_factor=1.25),
     steps=300, batch_size=16, warmup=20, eval_every=50, experts=(1, 8), seeds=(0,),
-    analysis=False)
+    analysis=False, final_stride=CURVE_STRIDE)
 
 
 def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
@@ -556,6 +618,8 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     ap.add_argument("--record", action="store_true", help="write the recorded result")
+    ap.add_argument("--name", default="switch_scaling",
+                    help="the record's name (e.g. switch_scaling_lr for the lr sweep)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -576,7 +640,8 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     if args.record:
-        print("recorded:", record_result(result, ["switch_scaling", *argv], fast=fast))
+        print("recorded:", record_result(result, ["switch_scaling", *argv], name=args.name,
+                                         fast=fast))
     return 0
 
 
