@@ -15,7 +15,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["tinymoe", "tinymoe.*"]),
-    package_data={"tinymoe": ["data/*.csv", "data/*.txt", "data/*.gz", "data/*.md"]},
+    package_data={"tinymoe": ["data/*.csv", "data/*.txt", "data/*.gz", "data/*.md",
+                             "data/records/*.json"]},
     include_package_data=True,
     install_requires=[
         "numpy>=1.24",
