@@ -116,3 +116,15 @@ def test_a_balanced_router_drops_less_in_larger_groups():
     drops = ss.balanced_drops(8, group_sizes=(64, 4096), factors=(1.0, 2.0), tokens=1 << 14)
     assert drops["64"]["1.0"] > drops["4096"]["1.0"] > drops["4096"]["2.0"] >= 0.0
     assert drops["4096"]["2.0"] == 0.0  # 2x the mean is > 20 spreads above it at S/E = 512
+
+
+def test_the_reproductions_page_shows_the_recorded_tables():
+    """Every number of the expert-count, capacity and precision tables on the page is the
+    recorded one (or, for the balanced router, the deterministic function's)."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
+        encoding="utf-8")
+    assert ss.format_table(ss.load_recorded("switch_scaling", fast=True)) in page
+    assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
+    assert ss.format_balanced() in page

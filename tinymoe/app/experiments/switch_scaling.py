@@ -207,6 +207,19 @@ def balanced_drops(E: int, group_sizes: Sequence[int] = GROUP_SIZES,
             for S in group_sizes}
 
 
+def format_balanced(experts: Sequence[int] = (8, 32),
+                    group_sizes: Sequence[int] = GROUP_SIZES,
+                    factors: Sequence[float] = CAPACITY_FACTORS) -> str:
+    """Markdown: :func:`balanced_drops` for each E, one row per group size."""
+    cols = [f"E {E}, cf {cf:g}" for E in experts for cf in factors]
+    lines = ["| group size S | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    tables = {E: balanced_drops(E, group_sizes, factors) for E in experts}
+    for S in group_sizes:
+        lines.append(f"| {S} | " + " | ".join(f"{100 * tables[E][str(S)][str(cf)]:.2f}%"
+                                             for E in experts for cf in factors) + " |")
+    return "\n".join(lines)
+
+
 def capacity_table(model: Transformer, x: np.ndarray, y: np.ndarray,
                    group_sizes: Sequence[int] = GROUP_SIZES,
                    factors: Sequence[float] = CAPACITY_FACTORS) -> dict[str, Any]:
