@@ -166,7 +166,7 @@ def steps_to_reach(steps: Sequence[int], curve: Sequence[float], target: float
 # --- capacity analysis ------------------------------------------------------------------------
 def routing_choices(model: Transformer, x: np.ndarray) -> tuple[np.ndarray, float]:
     """Every MoE layer's expert choice for the tokens of windows ``x`` (W, L), dropless,
-    eval mode: (layers, W·L), tokens window by window; and the mean of p_{i*}."""
+    eval mode: (layers, W·L), tokens window by window; and the mean of ``p_{i*}``."""
     saved = [(m.router.eval_capacity_factor, m.router.group_size) for m in model.moe_layers]
     for m in model.moe_layers:
         m.router.eval_capacity_factor, m.router.group_size = float(m.num_experts), None
