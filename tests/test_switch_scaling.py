@@ -126,5 +126,8 @@ def test_the_reproductions_page_shows_the_recorded_tables():
     page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
         encoding="utf-8")
     assert ss.format_table(ss.load_recorded("switch_scaling", fast=True)) in page
+    full = ss.load_recorded("switch_scaling")
+    assert ss.format_table(full) in page
+    assert ss.format_capacity(full) in page
     assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
     assert ss.format_balanced() in page
