@@ -25,6 +25,7 @@ STAGES: list[str] = [
     "tinymoe.app.experiments.table6_2017",
     "tinymoe.app.experiments.gshard_2020",
     "tinymoe.app.experiments.switch_2021",
+    "tinymoe.app.experiments.switch_scaling",
     "tinymoe.app.experiments.modern_2024",
     "tinymoe.app.experiments.inference",
 ]

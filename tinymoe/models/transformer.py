@@ -53,6 +53,7 @@ from tinymoe.dispatch.routing import sum_losses
 from tinymoe.moe.experts import ACTIVATIONS
 from tinymoe.moe.gshard import gshard_layer
 from tinymoe.moe.noisy_topk import sparse_moe_layer
+from tinymoe.moe.precision import round_bfloat16
 from tinymoe.moe.precision import router_dtype as check_router_dtype
 from tinymoe.moe.switch import switch_layer
 from tinymoe.moe.topk_router import mixtral_layer
@@ -95,7 +96,10 @@ class TransformerConfig:
 
     - every kind: ``vocab_size``, ``block_size``, ``d_model``, ``n_layers``, ``n_heads``,
       ``d_ff`` (the dense FFN's and each expert's hidden width), ``dropout`` (attention and
-      dense FFN), ``activation``, ``init``, ``init_scale``, ``tie_embeddings``, ``dtype``;
+      dense FFN), ``activation``, ``init``, ``init_scale``, ``tie_embeddings``, ``dtype``,
+      ``bf16_activations`` (simulated bfloat16: the residual stream, the attention and
+      FFN inputs and outputs and the logits rounded to bfloat16 in the forward and the
+      backward; the router still computes in ``router_dtype``; float32 models only);
     - MoE kinds: ``num_experts``, ``moe_every``, ``k`` (experts per token: 1 for
       ``"switch"``, 2 for ``"top2"``, a choice for ``"noisy_topk"``, default 2; for
       ``"custom"`` it only describes the layer, for :meth:`Transformer.params_config`);
@@ -141,6 +145,7 @@ class TransformerConfig:
     init_scale: float = 0.1
     tie_embeddings: bool = True
     dtype: str = "float32"
+    bf16_activations: bool = False
 
     def __post_init__(self) -> None:
         where = "TransformerConfig"
@@ -194,6 +199,9 @@ class TransformerConfig:
             raise ValueError(f"{where}: init_scale={self.init_scale!r} must be > 0")
         dt = validate.float_dtype(self.dtype, "dtype", where)
         object.__setattr__(self, "dtype", dt.name)  # a name, so the config is plain JSON
+        if self.bf16_activations and dt != np.float32:
+            raise ValueError(f"{where}: bf16_activations=True emulates bfloat16 on float32; "
+                             f"got dtype={dt.name!r}, use dtype='float32'")
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -295,18 +303,20 @@ class Block(Module):
                                         rng=rng)
         self.ln2 = make_norm(cfg)
         self.is_moe = bool(moe)
+        self.bf16 = bool(cfg.bf16_activations)
         if moe:
             self.ffn = moe_ffn(cfg, rng, make_moe)
         else:
             self.ffn = dense_ffn(cfg, rng)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = x + self.attn(self.ln1(x))  # (B, L, d)
+        r = round_bfloat16 if self.bf16 else (lambda t: t)  # simulated bfloat16, or nothing
+        x = r(x + r(self.attn(r(self.ln1(x)))))  # (B, L, d)
         if self.is_moe:
-            h, aux = self.ffn(self.ln2(x))  # (B, L, d), {name: scalar}
+            h, aux = self.ffn(r(self.ln2(x)))  # (B, L, d), {name: scalar}
         else:
-            h, aux = self.ffn(self.ln2(x)), {}  # (B, L, d)
-        return x + h, aux  # (B, L, d)
+            h, aux = self.ffn(r(self.ln2(x))), {}  # (B, L, d)
+        return r(x + r(h)), aux  # (B, L, d)
 
 
 def switch_init_(module: Module, rng: np.random.Generator, scale: float) -> None:
@@ -380,6 +390,8 @@ class Transformer(Module):
                              f"{self.cfg.block_size}, got shape {ids.shape}; feed at most "
                              f"the last block_size tokens")
         x = self.tok(ids) + self.pos(np.arange(ids.shape[1]))  # (B, L, d)
+        if self.cfg.bf16_activations:
+            x = round_bfloat16(x)
         aux = []
         for block in self.blocks:
             x, block_aux = block(x)  # (B, L, d)
@@ -387,6 +399,8 @@ class Transformer(Module):
                 aux.append(block_aux)
         x = self.ln_f(x)  # (B, L, d)
         logits = x @ self.tok.weight.T if self.cfg.tie_embeddings else self.head(x)  # (B, L, V)
+        if self.cfg.bf16_activations:
+            logits = round_bfloat16(logits)  # the loss itself is taken in float32
         return (logits, aux) if return_aux else logits
 
     def loss(self, ids: Any, targets: Any) -> tuple[Tensor, Tensor]:

@@ -58,3 +58,35 @@ def to_router_precision(a: Tensor, router_dtype: str) -> Tensor:
     if router_dtype == "bfloat16":
         return RoundBFloat16.apply(a.astype(np.float32) if a.dtype != np.float32 else a)
     return a if a.dtype == np.dtype(router_dtype) else a.astype(router_dtype)
+
+
+def round_bfloat16(a: Tensor) -> Tensor:
+    """``a`` (float32) rounded to bfloat16 in the forward and its gradient in the backward."""
+    return RoundBFloat16.apply(a.astype(np.float32) if a.dtype != np.float32 else a)
+
+
+class rounded_weights:
+    """``with rounded_weights(params, keep=...):`` the parameters hold their bfloat16-rounded
+    values inside the block and their float32 values again after it (mixed precision: the
+    forward and backward see bfloat16 weights, the optimizer updates float32 master copies).
+    Parameters in ``keep`` (e.g. a float32 router's weight) stay float32.
+    """
+
+    def __init__(self, params: Any, keep: Any = ()) -> None:
+        skip = {id(p) for p in keep}
+        self.params = [p for p in params if id(p) not in skip]
+        self.saved: list[np.ndarray] = []
+
+    def __enter__(self) -> rounded_weights:
+        for p in self.params:
+            if p.dtype != np.float32:
+                raise ValueError(f"rounded_weights: a parameter of dtype {p.dtype}; bfloat16 "
+                                 f"is emulated on float32 weights only")
+            self.saved.append(p.data)
+            p.data = round_bfloat16_array(p.data)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, d in zip(self.params, self.saved):
+            p.data = d
+        self.saved = []

@@ -268,7 +268,7 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     res = run(fast=True, progress=progress)
     q = [x for x in ratios(res) if x["batch"] == max(res.config.batches)][0]
     moe = res.rows[[r["model"] for r in res.rows].index("moe")]
-    return {"stage": "inference", "paper": "Jiang et al. 2024 (Mixtral)",
+    return {"stage": "8 · MoEs in practice: inference", "paper": "Jiang et al. 2024 (Mixtral)",
             "trained": "none: MoE vs dense (same active / same total), KV-cache decoding",
             "params": f"{moe['params_total']:,} / {moe['params_active']:,}",
             "metric": (f"B={q['batch']}: speed {q['speed_vs_active']:.2f}x same-active, "

@@ -1,0 +1,133 @@
+"""The expert-count sweep (Switch Fig. 1), its statistics, the capacity analysis and the
+simulated bfloat16 model."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tinymoe.app.experiments import switch_scaling as ss
+from tinymoe.models.transformer import Transformer, TransformerConfig
+from tinymoe.moe.precision import round_bfloat16_array, rounded_weights
+
+TINY = replace(ss.FAST, steps=4, eval_every=2, experts=(1, 2), seeds=(0, 1))
+
+
+def test_t_interval_is_students_t():
+    v = [0.1, -0.3, 0.2, 0.05, -0.1]
+    m, lo, hi = ss.t_interval(v)
+    se = np.std(v, ddof=1) / np.sqrt(5)
+    assert m == pytest.approx(np.mean(v))
+    assert hi - m == pytest.approx(stats.t.ppf(0.975, 4) * se)
+    assert m - lo == pytest.approx(hi - m)
+    with pytest.raises(ValueError, match="at least 2"):
+        ss.t_interval([1.0])
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    assert ss.steps_to_reach([100, 200, 300], [3.0, 2.0, 1.0], 1.5) == pytest.approx(250)
+    assert ss.steps_to_reach([100, 200], [1.0, 0.5], 2.0) == 100
+    assert ss.steps_to_reach([100, 200], [3.0, 2.5], 2.0) is None
+
+
+def test_validation_windows_cover_the_split_with_shifted_targets():
+    ids = np.arange(23)
+    x, y = ss.validation_windows(ids, 5)
+    assert x.shape == y.shape == (4, 5)
+    np.testing.assert_array_equal(x.ravel(), np.arange(20))
+    np.testing.assert_array_equal(y.ravel(), np.arange(1, 21))
+
+
+def test_drop_rate_counts_tokens_over_capacity_per_group():
+    balanced = np.tile(np.arange(4), 16)  # 64 tokens, every group of 8 has 2 per expert
+    assert ss.drop_rate(balanced, 4, 8, 1.0) == 0.0
+    one = np.zeros(64, dtype=np.int64)  # all to expert 0: C = 2 of every group of 8 kept
+    assert ss.drop_rate(one, 4, 8, 1.0) == pytest.approx(6 / 8)
+    assert ss.drop_rate(one, 4, 8, 2.0) == pytest.approx(4 / 8)
+    # the same skew in one large group keeps C = 16 of 64
+    assert ss.drop_rate(one, 4, 64, 1.0) == pytest.approx(48 / 64)
+
+
+def test_a_tiny_sweep_pairs_seeds_and_summarises():
+    result = ss.run(TINY, workers=1, progress=False)
+    runs = result["runs"]
+    assert sorted((r["E"], r["seed"]) for r in runs) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    row = result["summary"]["2"]
+    losses = {(r["E"], r["seed"]): r["val_loss"] for r in runs}
+    assert row["diff"] == pytest.approx([losses[(2, s)] - losses[(1, s)] for s in (0, 1)])
+    assert row["diff_low"] <= row["diff_mean"] <= row["diff_high"]
+    assert all(np.isfinite(r["val_loss"]) for r in runs)
+    assert runs[0]["curve_steps"] == [2, 4]
+    assert "| 2 |" in ss.format_table(result)
+
+
+def test_dropless_evaluation_drops_nothing_and_the_analysis_counts_drops():
+    cfg = replace(TINY, experts=(1, 4), seeds=(0,), analysis=True)
+    run = ss.train_one(cfg, 4, 0)
+    cap = run.capacity
+    assert set(cap["drop"]) == {str(S) for S in ss.GROUP_SIZES}
+    for S, row in cap["drop"].items():  # more capacity never drops more
+        assert row["2.0"] <= row["1.25"] <= row["1.0"]
+    # dropless: the loss with no drops equals the run's dropless loss on the same windows
+    assert np.isfinite(cap["loss_dropless"])
+
+
+def test_rounded_weights_round_inside_and_restore_after():
+    m = Transformer(TransformerConfig(vocab_size=11, block_size=8, d_model=8, n_layers=2,
+                                      n_heads=2, d_ff=16, num_experts=2), rng=0)
+    keep = [layer.router.W_r for layer in m.moe_layers]
+    before = {id(p): p.data.copy() for p in m.parameters()}
+    with rounded_weights(m.parameters(), keep=keep):
+        for p in m.parameters():
+            if any(p is k for k in keep):
+                np.testing.assert_array_equal(p.data, before[id(p)])
+            else:
+                np.testing.assert_array_equal(p.data, round_bfloat16_array(before[id(p)]))
+    for p in m.parameters():
+        np.testing.assert_array_equal(p.data, before[id(p)])
+
+
+def test_bf16_activations_round_the_logits_and_still_train():
+    cfg = TransformerConfig(vocab_size=11, block_size=8, d_model=8, n_layers=2, n_heads=2,
+                            d_ff=16, num_experts=2, bf16_activations=True)
+    m = Transformer(cfg, rng=0)
+    ids = np.random.default_rng(0).integers(0, 11, (2, 8))
+    logits = m(ids).numpy()
+    np.testing.assert_array_equal(logits, round_bfloat16_array(logits))
+    plain = Transformer(cfg.replace(bf16_activations=False), rng=0)
+    assert not np.array_equal(plain(ids).numpy(), logits)  # the rounding changed something
+    loss, _ = m.loss(ids, ids)
+    loss.backward()
+    assert all(p.grad is not None and np.isfinite(p.grad).all() for p in m.parameters())
+    with pytest.raises(ValueError, match="bf16_activations"):
+        cfg.replace(dtype="float64")
+
+
+def test_precision_sweep_reports_every_precision_and_lr():
+    cfg = replace(TINY, steps=2, eval_every=2, seeds=(0,))
+    result = ss.precision_run(cfg, E=2, lrs=(1e-3,), workers=1, progress=False)
+    assert set(result["summary"]) == set(ss.PRECISIONS)
+    assert "bfloat16, float32 router" in ss.format_precision(result)
+
+
+def test_a_balanced_router_drops_less_in_larger_groups():
+    drops = ss.balanced_drops(8, group_sizes=(64, 4096), factors=(1.0, 2.0), tokens=1 << 14)
+    assert drops["64"]["1.0"] > drops["4096"]["1.0"] > drops["4096"]["2.0"] >= 0.0
+    assert drops["4096"]["2.0"] == 0.0  # 2x the mean is > 20 spreads above it at S/E = 512
+
+
+def test_the_reproductions_page_shows_the_recorded_tables():
+    """Every number of the expert-count, capacity and precision tables on the page is the
+    recorded one (or, for the balanced router, the deterministic function's)."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
+        encoding="utf-8")
+    assert ss.format_table(ss.load_recorded("switch_scaling", fast=True)) in page
+    full = ss.load_recorded("switch_scaling")
+    assert ss.format_table(full) in page
+    assert ss.format_capacity(full) in page
+    assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
+    assert ss.format_balanced() in page
