@@ -23,6 +23,7 @@ setup(
         "numba>=0.58",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "scipy>=1.10",  # Student-t quantiles of the experiments' intervals
     ],
     extras_require={
         "dev": [
