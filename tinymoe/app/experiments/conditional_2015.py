@@ -21,9 +21,6 @@ same rate. Several seeds; mean and 95 % t-interval.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +29,7 @@ import numpy as np
 
 import tinymoe as tm
 from tinymoe import ops
-from tinymoe.app.experiments.deep_moe_2013 import _record, fmt
+from tinymoe.app.experiments.deep_moe_2013 import fmt, repro_main
 from tinymoe.autograd import no_grad
 from tinymoe.data import digits
 from tinymoe.losses import cross_entropy
@@ -322,36 +319,11 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
 
 def main_conditional(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro conditional [--seeds N] [--epochs N] [--fast] [--out DIR] [--record]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe repro conditional",
-                                 description="Conditional computation 2013-2015: gradient "
-                                             "estimators vs the exact gradient, and a "
-                                             "block-gated network on digits.")
-    ap.add_argument("--seeds", type=int, default=None, help=f"default {FULL['seeds']}")
-    ap.add_argument("--epochs", type=int, default=None, help=f"default {FULL['epochs']}")
-    ap.add_argument("--fast", action="store_true", help=f"{FAST} (also TINYMOE_FAST=1)")
-    ap.add_argument("--out", default=None, help="folder for the table and the figures")
-    ap.add_argument("--record", action="store_true",
-                    help="write the figures to tinymoe/data/records (tinymoe.app.records)")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
-    result = run(fast=fast, seeds=args.seeds, epochs=args.epochs,
-                 progress=not args.no_progress)
-    print(format_table(result))
-    if args.out:
-        from pathlib import Path
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "conditional_2015.md").write_text(format_table(result) + "\n", encoding="utf-8")
-        (out / "conditional_2015.json").write_text(
-            json.dumps({"settings": result.settings, "results": result.results()}, indent=1),
-            encoding="utf-8")
-        figure_estimators(result).savefig(out / "conditional_2015_estimators.png", dpi=120)
-        figure_tradeoff(result).savefig(out / "conditional_2015_tradeoff.png", dpi=120)
-    if args.record:
-        _record("conditional", argv, result.settings, result.results(), fast)
-    return 0
+    return repro_main("conditional", "conditional_2015",
+                      "Conditional computation 2013-2015: gradient estimators vs the exact "
+                      "gradient, and a block-gated network on digits.", run, format_table,
+                      {"conditional_2015_estimators.png": figure_estimators,
+                       "conditional_2015_tradeoff.png": figure_tradeoff}, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,45 +298,49 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
 
 def main_deep_moe(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro deep_moe [--seeds N] [--epochs N] [--fast] [--out DIR] [--record]``."""
-    ap = argparse.ArgumentParser(prog="tinymoe repro deep_moe",
-                                 description="Eigen, Ranzato & Sutskever 2013: a two-layer "
-                                             "deep mixture of experts on jittered digits.")
-    ap.add_argument("--seeds", type=int, default=None, help=f"default {FULL['seeds']}")
-    ap.add_argument("--epochs", type=int, default=None, help=f"default {FULL['epochs']}")
-    ap.add_argument("--fast", action="store_true", help=f"{FAST} (also TINYMOE_FAST=1)")
-    ap.add_argument("--out", default=None, help="folder for the table and the figure")
+    return repro_main("deep_moe", "deep_moe_2013",
+                      "Eigen, Ranzato & Sutskever 2013: a two-layer deep mixture of experts "
+                      "on jittered digits.", run, format_table,
+                      {"deep_moe_2013_gates.png": figure_gates}, argv)
+
+
+def repro_main(name: str, stem: str, description: str, run_fn: Callable[..., Any],
+               table: Callable[[Any], str], figures: dict[str, Callable[[Any], Any]],
+               argv: Sequence[str] | None) -> int:
+    """The command line shared by the 2013-15 reproductions: run, print the table, and with
+    ``--out`` write it (markdown and JSON) with the figures; with ``--record`` record it."""
+    ap = argparse.ArgumentParser(prog=f"tinymoe repro {name}", description=description)
+    ap.add_argument("--seeds", type=int, default=None, help="default: the full setting's")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the full setting's")
+    ap.add_argument("--fast", action="store_true", help="the fast setting (also TINYMOE_FAST=1)")
+    ap.add_argument("--out", default=None, help="folder for the table and the figures")
     ap.add_argument("--record", action="store_true",
                     help="write the figures to tinymoe/data/records (tinymoe.app.records)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
-    result = run(fast=fast, seeds=args.seeds, epochs=args.epochs,
-                 progress=not args.no_progress)
-    print(format_table(result))
+    result = run_fn(fast=fast, seeds=args.seeds, epochs=args.epochs,
+                    progress=not args.no_progress)
+    print(table(result))
     if args.out:
         from pathlib import Path
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "deep_moe_2013.md").write_text(format_table(result) + "\n", encoding="utf-8")
-        (out / "deep_moe_2013.json").write_text(
+        (out / f"{stem}.md").write_text(table(result) + "\n", encoding="utf-8")
+        (out / f"{stem}.json").write_text(
             json.dumps({"settings": result.settings, "results": result.results()}, indent=1),
             encoding="utf-8")
-        figure_gates(result).savefig(out / "deep_moe_2013_gates.png", dpi=120)
+        for filename, figure in figures.items():
+            figure(result).savefig(out / filename, dpi=120)
     if args.record:
-        _record("deep_moe", argv, result.settings, result.results(), fast)
+        from tinymoe.app.records import record
+
+        options = list(sys.argv[1:] if argv is None else argv)
+        path = record(name, argv=[name, *options], seeds=list(range(result.settings["seeds"])),
+                      settings=result.settings, results=result.results(), fast=fast)
+        print(f"recorded {path}")
     return 0
-
-
-def _record(name: str, argv: Sequence[str] | None, settings: dict, results: dict,
-            fast: bool) -> None:
-    """Hand the run to the recorded-runs API (``tinymoe.app.records``)."""
-    from tinymoe.app.records import record
-
-    options = list(sys.argv[1:] if argv is None else argv)
-    path = record(name, argv=[name, *options], seeds=list(range(settings["seeds"])),
-                  settings=settings, results=results, fast=fast)
-    print(f"recorded {path}")
 
 
 if __name__ == "__main__":
