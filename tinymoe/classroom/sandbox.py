@@ -24,6 +24,7 @@ import pwd
 import resource
 import secrets
 import shutil
+import sys
 import signal
 import subprocess
 import tempfile
@@ -85,6 +86,11 @@ def bwrap_command(argv: list[str], work: Path, hide: list[Path]) -> list[str]:
     for h in hide:
         if h.exists():
             cmd += ["--tmpfs", str(h)]
+    # The interpreter and its packages stay visible (read-only) even when they live inside a
+    # hidden tree, as CI's virtual environment lives inside the checkout.
+    for keep in sorted({Path(sys.prefix), Path(sys.base_prefix)}):
+        if any(Path(h) == keep or Path(h) in keep.parents for h in hide):
+            cmd += ["--ro-bind", str(keep), str(keep)]
     work = Path(work)
     for parent in reversed(work.parents):  # made afresh in the tmpfs: enterable, not listable
         if Path("/tmp") in parent.parents:
