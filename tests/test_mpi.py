@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tinymoe
+import tinymoe as tm
+from mpi_ranks import CASES, build, loss_of
 from tinymoe.parallel.mpi_launch import (
     ROOT_VARS,
     THREAD_VARS,
@@ -25,6 +28,21 @@ from tinymoe.parallel.mpi_launch import (
 
 MPI_OK, MPI_WHAT = mpi_status()
 needs_mpi = pytest.mark.skipif(not MPI_OK, reason=f"no usable MPI: {MPI_WHAT}")
+RANKS = str(Path(__file__).with_name("mpi_ranks.py"))  # the ranks' side of these tests
+
+
+def routers(f):  # the capacity gates of lesson 04 and the top-k gate of lesson 06 run here
+    for task in ("task4_1", "task4_2", "task4_3", "task6_1"):
+        f = getattr(pytest.mark, task)(f)
+    return f
+
+
+def run_ranks(D, *args, timeout=240):
+    """``tests/mpi_ranks.py ARGS`` on D ranks; the job's output if it failed."""
+    res = launch(D, [RANKS, *map(str, args)], timeout=timeout)
+    assert res.returncode == 0, f"mpiexec -n {D} failed:\n{res.stdout[-3000:]}\n" \
+                                f"{res.stderr[-3000:]}"
+    return res
 
 
 # --- the launcher ---------------------------------------------------------------------------
@@ -62,3 +80,49 @@ def test_mpi_check_runs_an_all_to_all_on_two_ranks(capsys):
 def test_a_job_that_outlives_its_timeout_is_killed():
     with pytest.raises(subprocess.TimeoutExpired):
         launch(2, ["-c", "import time; time.sleep(600)"], timeout=5, warm=False)
+
+
+# --- equal to one process ---------------------------------------------------------------------
+@needs_mpi
+@routers
+@pytest.mark.parametrize("D", [1, 2, 4])
+def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
+    """Outputs, input gradients and expert gradients bit for bit; the router's gradient and
+    the auxiliary losses to 1e-12 (relative).
+
+    Why the router is not bit for bit: on one process its gradient ``x^T · dlogits`` is one
+    matmul summing over all T tokens; over MPI each rank sums its T/D tokens and the
+    Allreduce adds the D partial sums: the same terms, added in another order (float64
+    rounding, a few 1e-16). Everything else is computed row by row, or by an expert over
+    the same rows in the same order (the dropless rows are regrouped into the one-process
+    order), and the factors D and 1/D of the job's loss are powers of two, exact.
+    """
+    run_ranks(D, "equal", tmp_path / "out.npz")
+    got = np.load(tmp_path / "out.npz")
+    for case in CASES:
+        layer, x, cot, inputs = build(case, D)
+        xt = tm.tensor(x, requires_grad=True)
+        y, aux = layer(xt, **inputs)
+        loss_of(y, aux, cot).backward()
+        r = layer.last_routing
+        assert r.counts[-1] == 0, case  # an empty expert
+        if r.capacity is not None:
+            assert r.dropped_choices.sum() > 0, case  # the capacity bites
+        np.testing.assert_array_equal(got[f"{case}/y"], y.numpy(), err_msg=case)
+        np.testing.assert_array_equal(got[f"{case}/dx"], xt.grad, err_msg=case)
+        for name, p in layer.named_parameters():
+            g = got[f"{case}/grad/{name}"]
+            if name.startswith("experts."):
+                np.testing.assert_array_equal(g, p.grad, err_msg=f"{case} {name}")
+            else:  # replicated: D partial sums added by the Allreduce
+                np.testing.assert_allclose(g, p.grad, rtol=1e-12, atol=1e-14,
+                                           err_msg=f"{case} {name}")
+                assert np.abs(p.grad).max() > 1e-3  # the router is trained
+        for name, a in aux.items():
+            np.testing.assert_allclose(got[f"{case}/aux/{name}"], a.item(), rtol=1e-12,
+                                       atol=1e-15, err_msg=f"{case} aux {name}")
+        if r.capacity is None:  # rows[q, src, j]: rows rank src sent expert j of rank q
+            rows = got[f"{case}/rows"]
+            np.testing.assert_array_equal(rows.sum(axis=1).reshape(-1), r.counts)
+            if D == 4:
+                assert rows[3].sum() == 0  # rank 3's only expert got no rows: empty buffers
