@@ -18,22 +18,24 @@ CASES = ("top1-capacity", "top2-capacity", "top1-dropless", "top2-dropless")
 T, E, d, f = 32, 4, 6, 8  # tokens, experts, model width, expert width
 
 
-def build(case, D, seed=0):
+def build(case, D, seed=0, grouped=True):
     """(layer, x (T, d), cotangent (T, d), per-token router inputs) for ``case``.
 
     The router is skewed so that the capacity layers drop tokens and the last expert is
     chosen by no token (an empty expert; with D = 4 a rank whose expert gets no rows).
     A capacity router has one group per rank, group_size = T/D (GShard's groups), so that
-    its capacity is per rank, as it must be with fixed all-to-all buffers.
+    its capacity is per rank, as it must be with fixed all-to-all buffers
+    (``grouped=False``: no group size, every call is one group, the same on a rank).
     """
+    group = T // D if grouped else None
     rng = np.random.default_rng(seed + 100)
     k = 2 if case.startswith("top2") else 1
     if case == "top1-capacity":
-        layer = switch_layer(d, E, f, capacity_factor=1.0, group_size=T // D,
+        layer = switch_layer(d, E, f, capacity_factor=1.0, group_size=group,
                              router_dtype="float64", dtype=np.float64, rng=seed)
         W, inputs = layer.router.W_r, {"jitter_noise": rng.uniform(0.99, 1.01, size=(T, d))}
     elif case == "top2-capacity":
-        layer = gshard_layer(d, E, f, capacity_factor=1.0, group_size=T // D,
+        layer = gshard_layer(d, E, f, capacity_factor=1.0, group_size=group,
                              router_dtype="float64", dtype=np.float64, rng=seed)
         W, inputs = layer.router.W_g, {"uniform": rng.random(T)}
     else:  # dropless top-k; the balancing loss is a whole-batch statistic: off (see test)
@@ -93,5 +95,58 @@ def equal(out_path):
         np.savez(out_path, **results)
 
 
+def mismatch(what):
+    """Rank 1 disagrees with rank 0: its router drawn from another seed, or (``tokens``) a
+    batch of another size. Every rank must raise RankMismatchError."""
+    from mpi4py import MPI
+
+    from tinymoe.parallel.mpi import MPIExpertParallelMoE, shard
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    layer, x, _, inputs = build("top1-capacity", MPI.COMM_WORLD.Get_size(),
+                                seed=1 if what == "seed" and rank == 1 else 0, grouped=False)
+    model = MPIExpertParallelMoE(layer)
+    xs, noise = shard(x), shard(inputs["jitter_noise"])
+    if rank == 1:  # half a batch: capacity 2 where rank 0 has 4
+        xs, noise = xs[:8], noise[:8]
+    model(tm.tensor(xs), jitter_noise=noise)
+
+
+def steps(failure, directory, num_steps="3"):
+    """SGD steps on the top-1 capacity layer; after each, rank 0 writes a checkpoint through
+    its CheckpointWriter. ``failure``: none, or rank 1 raises / is killed (SIGKILL) in step
+    2 between its forward and its backward, while the others wait in the all-to-all."""
+    import os
+    import signal
+
+    from mpi4py import MPI
+
+    from tinymoe.nn.checkpoint import CheckpointWriter
+    from tinymoe.parallel.mpi import MPIExpertParallelMoE, save_checkpoint, shard
+
+    comm = MPI.COMM_WORLD
+    D, rank = comm.Get_size(), comm.Get_rank()
+    layer, x, cot, inputs = build("top1-capacity", D)
+    model = MPIExpertParallelMoE(layer)
+    writer = CheckpointWriter(directory, keep_last=5) if rank == 0 else None
+    for step in range(1, int(num_steps) + 1):
+        model.zero_grad()
+        y, aux = model(tm.tensor(shard(x)), jitter_noise=shard(inputs["jitter_noise"]))
+        if step == 2 and rank == 1 and failure == "raise":
+            raise RuntimeError("rank 1 fails in step 2, between its forward and backward")
+        if step == 2 and rank == 1 and failure == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss_of(y, aux, D * shard(cot)).backward()
+        model.sync_gradients()
+        for p in model.parameters():
+            p.data -= LR * p.grad
+        save_checkpoint(model, writer, step=step)
+    if rank == 0:
+        print(f"{num_steps} steps done")
+
+
+LR = 0.05
+
+
 if __name__ == "__main__":
-    {"equal": equal}[sys.argv[1]](*sys.argv[2:])
+    {"equal": equal, "mismatch": mismatch, "steps": steps}[sys.argv[1]](*sys.argv[2:])

@@ -6,6 +6,7 @@ raises or is killed). Every job is launched by ``launch`` with a timeout: nothin
 Skipped, with the reason, where mpi4py or mpiexec is missing (``pip install -e ".[mpi]"``).
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 
 import tinymoe
 import tinymoe as tm
-from mpi_ranks import CASES, build, loss_of
+from mpi_ranks import CASES, LR, build, loss_of
+from tinymoe.nn.checkpoint import CheckpointWriter
+from tinymoe.nn.serialization import load
 from tinymoe.parallel.mpi_launch import (
     ROOT_VARS,
     THREAD_VARS,
@@ -126,3 +129,66 @@ def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
             np.testing.assert_array_equal(rows.sum(axis=1).reshape(-1), r.counts)
             if D == 4:
                 assert rows[3].sum() == 0  # rank 3's only expert got no rows: empty buffers
+
+
+# --- faults: the job ends, with a clear error, and leaves a good checkpoint -----------------------
+@needs_mpi
+@routers
+@pytest.mark.parametrize("what, message", [
+    ("seed", r"router_weights: rank 0 has '[0-9a-f]+', rank 1 has '[0-9a-f]+'"),
+    ("tokens", r"forward: the 2 ranks disagree\n  capacity: rank 0 has 4, rank 1 has 2\n"
+               r"  tokens: rank 0 has 16, rank 1 has 8"),
+])
+def test_ranks_that_disagree_stop_the_job_with_the_difference_named(what, message):
+    res = launch(2, [RANKS, "mismatch", what], timeout=120)
+    assert res.returncode != 0
+    assert "RankMismatchError" in res.stderr and re.search(message, res.stderr), res.stderr
+
+
+def train_one_process(num_steps):
+    """The reference for ``mpi_ranks.steps``: the same SGD steps on the whole batch."""
+    layer, x, cot, inputs = build("top1-capacity", 2)
+    for _ in range(num_steps):
+        layer.zero_grad()
+        y, aux = layer(tm.tensor(x), **inputs)
+        loss_of(y, aux, cot).backward()
+        for p in layer.parameters():
+            p.data -= LR * p.grad
+    return dict(layer.named_parameters())
+
+
+@needs_mpi
+@routers
+def test_training_steps_write_one_checkpoint_equal_to_one_process(tmp_path):
+    res = run_ranks(2, "steps", "none", tmp_path, 3)
+    assert "3 steps done" in res.stdout
+    state, meta = load(tmp_path / "checkpoint.npz")
+    assert meta["step"] == 3 and meta["num_ranks"] == 2
+    for name, p in train_one_process(3).items():  # tolerance: the router's Allreduce
+        np.testing.assert_allclose(state[name], p.data, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@needs_mpi
+@routers
+@pytest.mark.parametrize("failure", ["raise", "kill"])
+def test_a_rank_that_fails_mid_step_ends_the_job(failure, tmp_path):
+    """Rank 1 raises (``python -m mpi4py`` turns it into MPI_Abort) or is killed by SIGKILL
+    (mpiexec sees it die) in step 2 while rank 0 waits in the all-to-all of the backward:
+    the whole job exits non-zero within the launch's timeout (TimeoutExpired would fail
+    this test), and the checkpoint of step 1 is intact."""
+    res = launch(2, [RANKS, "steps", failure, tmp_path, 3], timeout=120)
+    assert res.returncode != 0
+    if failure == "raise":
+        assert "RuntimeError: rank 1 fails in step 2" in res.stderr
+        assert "MPI_ABORT was invoked on rank 1" in res.stderr
+    else:
+        assert "exited on" in res.stderr and "signal 9" in res.stderr
+    assert "steps done" not in res.stdout
+    state, meta = load(tmp_path / "checkpoint.npz")  # checksums verified
+    assert meta["step"] == 1
+    for name, p in train_one_process(1).items():
+        np.testing.assert_allclose(state[name], p.data, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        [".lock", "checkpoint-00000001.npz", "checkpoint.npz"]  # nothing half-written
+    with CheckpointWriter(tmp_path) as writer:  # the dead rank 0's lock is taken over
+        assert writer.lock.taken_over is not None

@@ -335,6 +335,28 @@ class MPIExpertParallelMoE(Module):
                 f" of {self.num_experts}")
 
 
+def save_checkpoint(model: MPIExpertParallelMoE, writer: Any, *, step: int,
+                    metadata: dict[str, Any] | None = None, val_loss: float | None = None,
+                    root: int = 0) -> None:
+    """One checkpoint of the whole layer, written once: every rank calls this; rank ``root``
+    gathers the experts' shards (:meth:`~MPIExpertParallelMoE.gather_state`) and writes them
+    through its :class:`~tinymoe.nn.checkpoint.CheckpointWriter` ``writer`` (None on the
+    other ranks), which writes atomically and holds the directory's lock. If the write
+    fails, every rank raises (the others would otherwise wait in the next collective)."""
+    comm = model.comm
+    state = model.gather_state(root)
+    error = None
+    if comm.Get_rank() == root:
+        try:
+            meta = {"num_ranks": model.num_ranks, **(metadata or {})}
+            writer.save(state, meta, step=step, val_loss=val_loss)
+        except Exception as exc:  # told to every rank below, raised on every rank
+            error = f"{type(exc).__name__}: {exc}"
+    error = comm.bcast(error, root=root)
+    if error is not None:
+        raise RuntimeError(f"save_checkpoint: rank {root} could not write step {step}: {error}")
+
+
 def shard(a: Any, comm: Any = None) -> Any:
     """This rank's equal share of the rows of ``a`` (T, ...): rows ``r·T/D .. (r+1)·T/D``."""
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -348,4 +370,4 @@ def shard(a: Any, comm: Any = None) -> Any:
 
 
 __all__ = ["AllToAll", "AllToAllV", "MPIExpertParallelMoE", "RankMismatchError", "all_to_all",
-           "all_to_all_v", "check_same_on_all_ranks", "layer_config", "shard"]
+           "all_to_all_v", "check_same_on_all_ranks", "layer_config", "save_checkpoint", "shard"]
