@@ -82,6 +82,7 @@ def equal(out_path):
         ys, dxs = comm.gather(y.numpy()), comm.gather(xs.grad / D)  # dL/dx = (1/D) dL_r/dx
         auxes = {n: comm.allreduce(a.item()) / D for n, a in aux.items()}  # mean over ranks
         rows = comm.gather(model.last_counts)
+        sent = comm.gather(model.stats.bytes_sent)  # per rank: bytes per collective
         if comm.Get_rank() == 0:
             results[f"{case}/y"] = np.concatenate(ys)
             results[f"{case}/dx"] = np.concatenate(dxs)
@@ -89,6 +90,8 @@ def equal(out_path):
                 results[f"{case}/grad/{n}"] = g
             for n, a in auxes.items():
                 results[f"{case}/aux/{n}"] = np.array(a)
+            for name in ("dispatch", "combine", "dispatch.grad", "combine.grad"):
+                results[f"{case}/bytes/{name}"] = np.array([b.get(name, -1) for b in sent])
             if rows[0] is not None:
                 results[f"{case}/rows"] = np.stack(rows)  # (D_expert, D_src, E/D)
     if comm.Get_rank() == 0:

@@ -16,9 +16,10 @@ import pytest
 
 import tinymoe
 import tinymoe as tm
-from mpi_ranks import CASES, LR, build, loss_of
+from mpi_ranks import CASES, LR, E, T, build, d, loss_of
 from tinymoe.nn.checkpoint import CheckpointWriter
 from tinymoe.nn.serialization import load
+from tinymoe.parallel import alltoall_bytes, expert_parallel_forward
 from tinymoe.parallel.mpi_launch import (
     ROOT_VARS,
     THREAD_VARS,
@@ -91,7 +92,7 @@ def test_a_job_that_outlives_its_timeout_is_killed():
 @pytest.mark.parametrize("D", [1, 2, 4])
 def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
     """Outputs, input gradients and expert gradients bit for bit; the router's gradient and
-    the auxiliary losses to 1e-12 (relative).
+    the auxiliary losses to 1e-12 (relative); the bytes of every all-to-all as computed.
 
     Why the router is not bit for bit: on one process its gradient ``x^T · dlogits`` is one
     matmul summing over all T tokens; over MPI each rank sums its T/D tokens and the
@@ -124,11 +125,44 @@ def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
         for name, a in aux.items():
             np.testing.assert_allclose(got[f"{case}/aux/{name}"], a.item(), rtol=1e-12,
                                        atol=1e-15, err_msg=f"{case} aux {name}")
+        check_bytes(got, case, layer, x, inputs, D)
         if r.capacity is None:  # rows[q, src, j]: rows rank src sent expert j of rank q
             rows = got[f"{case}/rows"]
             np.testing.assert_array_equal(rows.sum(axis=1).reshape(-1), r.counts)
             if D == 4:
                 assert rows[3].sum() == 0  # rank 3's only expert got no rows: empty buffers
+
+
+def check_bytes(got, case, layer, x, inputs, D):
+    """Bytes each rank sent to the others in the four all-to-alls (dispatch, combine, and
+    their gradients in the backward pass).
+
+    Capacity buffers: ``alltoall_bytes(T, d, E, D, cf, k)`` in each, padding included, as
+    the simulation reports. Dropless: the dispatch (and the combine's gradient) carry the
+    rank's own rows bound for other ranks' experts; the combine (and the dispatch's
+    gradient) carry back the rows the rank's experts processed for other ranks' tokens."""
+    S, El = T // D, E // D
+    names = ("dispatch", "combine", "dispatch.grad", "combine.grad")
+    if case.endswith("capacity"):
+        report = expert_parallel_forward(layer, x, D, **inputs).report
+        formula = alltoall_bytes(T, d, E, D, 1.0, layer.k, itemsize=8)
+        assert (formula > 0) == (D > 1)
+        np.testing.assert_array_equal(report.dispatch_sent, formula)
+        np.testing.assert_array_equal(report.combine_sent, formula)
+        expected = dict.fromkeys(names, formula)
+    else:
+        e = layer.last_routing.expert_index  # (T, k)
+        home = np.repeat(np.arange(D), S)[:, None]  # (T, 1) the rank owning each token
+        away = e // El != home  # (T, k) rows that cross the network
+        out = np.array([away[home[:, 0] == r].sum() for r in range(D)]) * d * 8  # (D,)
+        into = np.array([(away & (e // El == q)).sum() for q in range(D)]) * d * 8  # (D,)
+        assert (out.sum() > 0) == (D > 1)
+        expected = {"dispatch": out, "combine.grad": out, "combine": into,
+                    "dispatch.grad": into}
+    for name in names:
+        np.testing.assert_array_equal(got[f"{case}/bytes/{name}"],
+                                      np.broadcast_to(expected[name], (D,)),
+                                      err_msg=f"{case} {name}")
 
 
 # --- faults: the job ends, with a clear error, and leaves a good checkpoint -----------------------
@@ -192,3 +226,4 @@ def test_a_rank_that_fails_mid_step_ends_the_job(failure, tmp_path):
         [".lock", "checkpoint-00000001.npz", "checkpoint.npz"]  # nothing half-written
     with CheckpointWriter(tmp_path) as writer:  # the dead rank 0's lock is taken over
         assert writer.lock.taken_over is not None
+

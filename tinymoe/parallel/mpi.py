@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,42 @@ from tinymoe.parallel.expert_parallel import check_layer, check_num_devices
 from tinymoe.tensor import Tensor, as_tensor
 
 
+# --- what crossed the network, and how long it took -------------------------------------------
+class CommStats:
+    """Per collective name (``dispatch``, ``combine``, ``counts``, ``allreduce``, and the
+    backward ``dispatch.grad``, ``combine.grad``): calls, bytes, and seconds inside the MPI
+    call (waiting for the slowest rank included: a collective ends when all have joined).
+
+    Bytes of an all-to-all are what this rank sends to the other ranks (its own chunk stays
+    home and is not counted), the quantity of :func:`~tinymoe.parallel.alltoall_bytes`; of
+    an Allreduce, the size of the buffer reduced (the algorithm MPI picks decides how much
+    of it crosses the network, about 2·(D-1)/D of it for a ring)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.bytes_sent: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, nbytes: int, seconds: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + int(nbytes)
+        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def _timed(stats: CommStats | None, name: str, nbytes: int, call: Any, *args: Any) -> None:
+    t0 = time.perf_counter()
+    call(*args)
+    if stats is not None:
+        stats.add(name, nbytes, time.perf_counter() - t0)
+
+
 # --- the collectives, differentiable ------------------------------------------------------
 class AllToAll(Function):
     """``recv[src] = send_src[me]`` for (D, *chunk) buffers: ``MPI_Alltoall``, equal chunks.
@@ -73,18 +110,20 @@ class AllToAll(Function):
     """
 
     @staticmethod
-    def forward(ctx, send, *, comm):
-        ctx.comm = comm
+    def forward(ctx, send, *, comm, stats=None, name="alltoall"):
+        ctx.comm, ctx.stats, ctx.name = comm, stats, name
         send = np.ascontiguousarray(send)
         recv = np.empty_like(send)  # (D_src, *chunk)
-        comm.Alltoall(send, recv)
+        away = send.nbytes - send[0].nbytes  # every chunk but the one that stays home
+        _timed(stats, name, away, comm.Alltoall, send, recv)
         return recv
 
     @staticmethod
     def backward(ctx, grad):
         grad = np.ascontiguousarray(grad)
         out = np.empty_like(grad)  # (D_dst, *chunk) gradients of what each rank sent
-        ctx.comm.Alltoall(grad, out)
+        away = grad.nbytes - grad[0].nbytes
+        _timed(ctx.stats, ctx.name + ".grad", away, ctx.comm.Alltoall, grad, out)
         return (out,)
 
 
@@ -92,15 +131,17 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # exclusive sum
 
 
-def _alltoallv(comm: Any, send: np.ndarray, send_rows: np.ndarray, recv_rows: np.ndarray
-               ) -> np.ndarray:
+def _alltoallv(comm: Any, send: np.ndarray, send_rows: np.ndarray, recv_rows: np.ndarray,
+               stats: CommStats | None = None, name: str = "alltoallv") -> np.ndarray:
     """Rows ``send`` (N, d), ``send_rows[q]`` of them for rank q in rank order, exchanged:
     (Σ recv_rows, d), ``recv_rows[src]`` rows from each rank in rank order."""
     d = send.shape[1]
     send = np.ascontiguousarray(send)
     recv = np.empty((int(recv_rows.sum()), d), dtype=send.dtype)  # (M, d)
     sc, rc = send_rows * d, recv_rows * d  # counts in numbers, not rows
-    comm.Alltoallv([send, (sc, _displacements(sc))], [recv, (rc, _displacements(rc))])
+    away = (int(sc.sum()) - int(sc[comm.Get_rank()])) * send.itemsize  # not my own rows
+    _timed(stats, name, away, comm.Alltoallv, [send, (sc, _displacements(sc))],
+           [recv, (rc, _displacements(rc))])
     return recv
 
 
@@ -113,26 +154,29 @@ class AllToAllV(Function):
     """
 
     @staticmethod
-    def forward(ctx, send, *, comm, send_rows, recv_rows):
-        ctx.comm, ctx.rows = comm, (send_rows, recv_rows)
-        return _alltoallv(comm, send, send_rows, recv_rows)
+    def forward(ctx, send, *, comm, send_rows, recv_rows, stats=None, name="alltoallv"):
+        ctx.comm, ctx.rows, ctx.stats, ctx.name = comm, (send_rows, recv_rows), stats, name
+        return _alltoallv(comm, send, send_rows, recv_rows, stats, name)
 
     @staticmethod
     def backward(ctx, grad):
-        send_rows, recv_rows = ctx.rows
-        return (_alltoallv(ctx.comm, grad, recv_rows, send_rows),)  # the reverse direction
+        send_rows, recv_rows = ctx.rows  # the reverse direction: counts swapped
+        return (_alltoallv(ctx.comm, grad, recv_rows, send_rows, ctx.stats, ctx.name + ".grad"),)
 
 
-def all_to_all(send: Any, comm: Any) -> Tensor:
+def all_to_all(send: Any, comm: Any, stats: CommStats | None = None,
+               name: str = "alltoall") -> Tensor:
     """Differentiable ``MPI_Alltoall`` of ``send`` (D, *chunk): chunk q goes to rank q."""
-    return AllToAll.apply(as_tensor(send), comm=comm)
+    return AllToAll.apply(as_tensor(send), comm=comm, stats=stats, name=name)
 
 
-def all_to_all_v(send: Any, send_rows: np.ndarray, recv_rows: np.ndarray, comm: Any) -> Tensor:
+def all_to_all_v(send: Any, send_rows: np.ndarray, recv_rows: np.ndarray, comm: Any,
+                 stats: CommStats | None = None, name: str = "alltoallv") -> Tensor:
     """Differentiable ``MPI_Alltoallv`` of rows (see :class:`AllToAllV`)."""
     return AllToAllV.apply(as_tensor(send), comm=comm,
                            send_rows=np.asarray(send_rows, dtype=np.int64),
-                           recv_rows=np.asarray(recv_rows, dtype=np.int64))
+                           recv_rows=np.asarray(recv_rows, dtype=np.int64), stats=stats,
+                           name=name)
 
 
 # --- agreement across ranks -----------------------------------------------------------------
@@ -214,6 +258,7 @@ class MPIExpertParallelMoE(Module):
         self.residual = layer.residual
         self.last_routing: Routing | None = None
         self.last_counts: np.ndarray | None = None  # (D, E/D) rows received per expert
+        self.stats = CommStats()  # bytes and seconds of every collective, accumulated
 
     def _agree(self, x2: Tensor, capacity: int | None) -> None:
         """Every rank calls the same collectives with matching sizes, or all raise."""
@@ -250,12 +295,14 @@ class MPIExpertParallelMoE(Module):
         dtype = self.experts.W1.dtype
         buf = as_dtype(dispatch(kernel_dtype(x2), routing), dtype)  # (E, C, d) 0 padding
         C = buf.shape[1]
-        recv = all_to_all(buf.reshape(D, El, C, d), self.comm)  # (D_src, E/D, C, d)
+        recv = all_to_all(buf.reshape(D, El, C, d), self.comm, self.stats,
+                          "dispatch")  # (D_src, E/D, C, d)
         rows = recv.transpose(1, 0, 2, 3).reshape(El, D * C, d)  # (E/D, D·C, d) group-major
         e = self.experts
         out = batched_ffn(rows, e.W1, e.b1, e.W2, e.b2, e.activation, e.dropout)  # (E/D, D·C, d)
         back = out.reshape(El, D, C, d).transpose(1, 0, 2, 3)  # (D_dst, E/D, C, d)
-        home = all_to_all(back, self.comm)  # (D_expert, E/D, C, d) my slots, processed
+        home = all_to_all(back, self.comm, self.stats,
+                          "combine")  # (D_expert, E/D, C, d) my slots, processed
         self.last_counts = None
         return home.reshape(D * El, C, d)  # (E, C, d)
 
@@ -274,9 +321,11 @@ class MPIExpertParallelMoE(Module):
                                for c in range(k)], axis=1).astype(np.int64)  # (E, k)
         send = per_choice.reshape(D, El, k)  # (D_dst, E/D, k) rows for each rank's experts
         counts = np.empty_like(send)  # (D_src, E/D, k) rows each rank sends my experts
-        self.comm.Alltoall(send, counts)  # the counts exchange, before any row moves
+        _timed(self.stats, "counts", send.nbytes - send[0].nbytes, self.comm.Alltoall,
+               send, counts)  # the counts exchange, before any row moves
         send_rows, recv_rows = send.sum(axis=(1, 2)), counts.sum(axis=(1, 2))  # (D,), (D,)
-        recv = all_to_all_v(rows, send_rows, recv_rows, self.comm)  # (M, d) source-major
+        recv = all_to_all_v(rows, send_rows, recv_rows, self.comm, self.stats,
+                            "dispatch")  # (M, d) source-major
         start = _displacements(counts.reshape(-1)).reshape(D, El, k)  # block starts in recv
         order = np.concatenate([np.arange(start[s, j, c], start[s, j, c] + counts[s, j, c])
                                 for j in range(El) for c in range(k) for s in range(D)]
@@ -285,7 +334,8 @@ class MPIExpertParallelMoE(Module):
         out = self.experts(recv[order], offsets)  # (M, d) grouped matmul, expert-major
         back = out[np.argsort(order)]  # (M, d) source-major again, to send home
         self.last_counts = counts.sum(axis=2)  # (D_src, E/D)
-        return all_to_all_v(back, recv_rows, send_rows, self.comm)  # (N, d) my sorted rows
+        return all_to_all_v(back, recv_rows, send_rows, self.comm, self.stats,
+                            "combine")  # (N, d) my sorted rows
 
     # --- after backward ----------------------------------------------------------------------
     def expert_parameter_names(self) -> list[str]:
@@ -304,7 +354,8 @@ class MPIExpertParallelMoE(Module):
                 p.grad = np.zeros_like(p.data)
             if name not in experts:
                 grad = np.ascontiguousarray(p.grad)
-                self.comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
+                _timed(self.stats, "allreduce", grad.nbytes, self.comm.Allreduce, MPI.IN_PLACE,
+                       grad, MPI.SUM)
                 p.grad = grad
             p.grad = p.grad / D
 
@@ -369,5 +420,6 @@ def shard(a: Any, comm: Any = None) -> Any:
     return a[r * S:(r + 1) * S]  # (S, ...)
 
 
-__all__ = ["AllToAll", "AllToAllV", "MPIExpertParallelMoE", "RankMismatchError", "all_to_all",
-           "all_to_all_v", "check_same_on_all_ranks", "layer_config", "save_checkpoint", "shard"]
+__all__ = ["AllToAll", "AllToAllV", "CommStats", "MPIExpertParallelMoE", "RankMismatchError",
+           "all_to_all", "all_to_all_v", "check_same_on_all_ranks", "layer_config",
+           "save_checkpoint", "shard"]
