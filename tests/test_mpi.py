@@ -23,6 +23,7 @@ from tinymoe.parallel import alltoall_bytes, expert_parallel_forward
 from tinymoe.parallel.mpi_launch import (
     ROOT_VARS,
     THREAD_VARS,
+    YIELD_VAR,
     launch,
     main_mpi_check,
     mpi_command,
@@ -59,6 +60,7 @@ def test_environment_allows_root_and_gives_one_thread_per_rank():
     first, *rest = env["PYTHONPATH"].split(os.pathsep)  # this checkout first, for the ranks
     assert Path(first) == Path(tinymoe.__file__).resolve().parents[1] and rest == ["/elsewhere"]
     assert mpi_env(threads=2, env={})["OPENBLAS_NUM_THREADS"] == "2"
+    assert env[YIELD_VAR] == "1" and mpi_env(env={YIELD_VAR: "0"})[YIELD_VAR] == "0"
 
 
 def test_command_runs_python_under_mpi4py_with_oversubscribe():

