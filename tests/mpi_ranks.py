@@ -100,13 +100,17 @@ def equal(out_path):
 
 def mismatch(what):
     """Rank 1 disagrees with rank 0: its router drawn from another seed, or (``tokens``) a
-    batch of another size. Every rank must raise RankMismatchError."""
+    batch of another size: every rank must raise RankMismatchError. ``experts``: launched
+    on 3 ranks, 4 experts do not split over them: every rank raises ValueError."""
     from mpi4py import MPI
 
     from tinymoe.parallel.mpi import MPIExpertParallelMoE, shard
 
-    rank = MPI.COMM_WORLD.Get_rank()
-    layer, x, _, inputs = build("top1-capacity", MPI.COMM_WORLD.Get_size(),
+    rank, D = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    if what == "experts":  # E = 4 experts on D = 3 ranks
+        layer, *_ = build("top1-dropless", 1)
+        MPIExpertParallelMoE(layer)
+    layer, x, _, inputs = build("top1-capacity", D,
                                 seed=1 if what == "seed" and rank == 1 else 0, grouped=False)
     model = MPIExpertParallelMoE(layer)
     xs, noise = shard(x), shard(inputs["jitter_noise"])

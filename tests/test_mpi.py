@@ -37,9 +37,8 @@ RANKS = str(Path(__file__).with_name("mpi_ranks.py"))  # the ranks' side of thes
 
 
 def routers(f):  # the capacity gates of lesson 04 and the top-k gate of lesson 06 run here
-    for task in ("task4_1", "task4_2", "task4_3", "task6_1"):
-        f = getattr(pytest.mark, task)(f)
-    return f
+    return pytest.mark.task4_1(pytest.mark.task4_2(pytest.mark.task4_3(
+        pytest.mark.task6_1(f))))
 
 
 def run_ranks(D, *args, timeout=240):
@@ -179,6 +178,15 @@ def test_ranks_that_disagree_stop_the_job_with_the_difference_named(what, messag
     res = launch(2, [RANKS, "mismatch", what], timeout=120)
     assert res.returncode != 0
     assert "RankMismatchError" in res.stderr and re.search(message, res.stderr), res.stderr
+
+
+@needs_mpi
+@routers
+def test_experts_that_do_not_split_over_the_ranks_stop_the_job():
+    res = launch(3, [RANKS, "mismatch", "experts"], timeout=120)
+    assert res.returncode != 0
+    assert "ValueError: MPIExpertParallelMoE: num_experts=4 does not split over " \
+           "num_devices=3" in res.stderr, res.stderr
 
 
 def train_one_process(num_steps):

@@ -40,6 +40,12 @@ convention (equal shards make it the mean over the whole batch). After ``backwar
                                                             all-to-all brought every rank's
                                                             gradients to the expert
 
+Randomness: a router's training noise is drawn by each rank's own copy of the router (the
+same generator state on every rank), so for results equal to one process pass the
+per-token noise (``jitter_noise``, ``uniform``) of the rank's tokens, as the tests do;
+expert dropout draws its masks on the experts' ranks, so it matches one process only
+when off.
+
 Every rank must call the layer (and backward) the same number of times with the same
 shapes: a collective that one rank skips blocks the others. Each forward first exchanges a
 few numbers (tokens, capacity, whether gradients are wanted) and raises the same
