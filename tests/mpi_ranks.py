@@ -155,5 +155,28 @@ def steps(failure, directory, num_steps="3"):
 LR = 0.05
 
 
+def gradcheck():
+    """``tm.gradcheck`` on every rank at once: this rank's tokens and the router's weights
+    (perturbed alike on every rank, as the one replicated parameter), float64, for the
+    top-1 capacity and the top-2 dropless layers. Rank r's output depends only on its own
+    tokens, so central differences of its output give its own gradients before the sync;
+    every rank makes the same number of calls, so the collectives stay in step."""
+    from mpi4py import MPI
+
+    from tinymoe.parallel.mpi import MPIExpertParallelMoE, shard
+
+    comm = MPI.COMM_WORLD
+    for case in ("top1-capacity", "top2-dropless"):
+        layer, x, _, inputs = build(case, comm.Get_size())
+        model = MPIExpertParallelMoE(layer)
+        local = {n: shard(v) for n, v in inputs.items()}
+        W = layer.router.W_r if case == "top1-capacity" else layer.router.W_g
+        xs = tm.tensor(shard(x), requires_grad=True)
+        report = tm.gradcheck(lambda a, w: model(a, **local)[0], [xs, W],
+                              names=["x (this rank's tokens)", "router weight"])
+        print(f"rank {comm.Get_rank()} {case} gradcheck ok: {bool(report)}", flush=True)
+
+
 if __name__ == "__main__":
-    {"equal": equal, "mismatch": mismatch, "steps": steps}[sys.argv[1]](*sys.argv[2:])
+    {"equal": equal, "mismatch": mismatch, "steps": steps, "gradcheck": gradcheck}[
+        sys.argv[1]](*sys.argv[2:])

@@ -237,3 +237,15 @@ def test_a_rank_that_fails_mid_step_ends_the_job(failure, tmp_path):
     with CheckpointWriter(tmp_path) as writer:  # the dead rank 0's lock is taken over
         assert writer.lock.taken_over is not None
 
+
+
+@needs_mpi
+@routers
+def test_gradcheck_on_two_ranks():
+    """Central differences on every rank at once (float64): each rank's tokens and the
+    replicated router weight, top-1 capacity and top-2 dropless; a wrong reverse
+    all-to-all fails here (the job aborts with the GradcheckError)."""
+    res = run_ranks(2, "gradcheck")
+    for rank in (0, 1):
+        for case in ("top1-capacity", "top2-dropless"):
+            assert f"rank {rank} {case} gradcheck ok: True" in res.stdout, res.stdout
