@@ -76,8 +76,8 @@ from tinymoe.tensor import Tensor, as_tensor
 class CommStats:
     """Per collective name (``dispatch``, ``combine``, ``counts``, ``allreduce``, the backward
     ``dispatch.grad``, ``combine.grad``, and ``agree``, the sizes checked before each
-    forward's all-to-alls): calls, bytes, and seconds inside the MPI
-    call (waiting for the slowest rank included: a collective ends when all have joined).
+    forward's all-to-alls): calls, bytes, and seconds inside the MPI call (waiting for the
+    slowest rank included: a collective ends when every rank has joined it).
 
     Bytes of an all-to-all are what this rank sends to the other ranks (its own chunk stays
     home and is not counted), the quantity of :func:`~tinymoe.parallel.alltoall_bytes`; of
@@ -269,12 +269,12 @@ class MPIExpertParallelMoE(Module):
 
     def _agree(self, x2: Tensor, capacity: int | None) -> None:
         """Every rank calls the same collectives with matching sizes, or all raise."""
-        _timed(self.stats, "agree", 0, check_same_on_all_ranks,
-            {"mode": "dropless" if capacity is None else "capacity",
-             "tokens": None if capacity is None else int(x2.shape[0]),
-             "capacity": capacity,
-             "gradients": [is_grad_enabled(), bool(x2.requires_grad)]},
-               self.comm, "MPIExpertParallelMoE.forward")
+        sizes = {"mode": "dropless" if capacity is None else "capacity",
+                 "tokens": None if capacity is None else int(x2.shape[0]),  # dropless: free
+                 "capacity": capacity,
+                 "gradients": [is_grad_enabled(), bool(x2.requires_grad)]}  # same backward
+        _timed(self.stats, "agree", 0, check_same_on_all_ranks, sizes, self.comm,
+               "MPIExpertParallelMoE.forward")
 
     def forward(self, x: Any, **router_inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         x = as_tensor(x)
