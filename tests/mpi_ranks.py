@@ -5,6 +5,7 @@ under ``mpiexec -n D`` (launched by ``tinymoe.parallel.mpi_launch.launch``).
 same in one process for the reference, the ranks build it here and run it expert-parallel.
 """
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -119,24 +120,31 @@ def mismatch(what):
     model(tm.tensor(xs), jitter_noise=noise)
 
 
-def steps(failure, directory, num_steps="3"):
+def steps(failure, directory, num_steps="3", resume="fresh"):
     """SGD steps on the top-1 capacity layer; after each, rank 0 writes a checkpoint through
     its CheckpointWriter. ``failure``: none, or rank 1 raises / is killed (SIGKILL) in step
-    2 between its forward and its backward, while the others wait in the all-to-all."""
+    2 between its forward and its backward, while the others wait in the all-to-all.
+    ``resume``: start from the directory's checkpoint (written by a job of any D)."""
     import os
     import signal
 
     from mpi4py import MPI
 
     from tinymoe.nn.checkpoint import CheckpointWriter
+    from tinymoe.nn.serialization import load
     from tinymoe.parallel.mpi import MPIExpertParallelMoE, save_checkpoint, shard
 
     comm = MPI.COMM_WORLD
     D, rank = comm.Get_size(), comm.Get_rank()
     layer, x, cot, inputs = build("top1-capacity", D)
+    first = 1
+    if resume == "resume":  # every rank reads the whole layer, then keeps its experts
+        state, meta = load(Path(directory) / "checkpoint.npz")
+        layer.load_state_dict(state)
+        first = meta["step"] + 1
     model = MPIExpertParallelMoE(layer)
     writer = CheckpointWriter(directory, keep_last=5) if rank == 0 else None
-    for step in range(1, int(num_steps) + 1):
+    for step in range(first, int(num_steps) + 1):
         model.zero_grad()
         y, aux = model(tm.tensor(shard(x)), jitter_noise=shard(inputs["jitter_noise"]))
         if step == 2 and rank == 1 and failure == "raise":
@@ -149,6 +157,7 @@ def steps(failure, directory, num_steps="3"):
             p.data -= LR * p.grad
         save_checkpoint(model, writer, step=step)
     if rank == 0:
+        writer.close()
         print(f"{num_steps} steps done")
 
 

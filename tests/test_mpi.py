@@ -189,10 +189,13 @@ def test_experts_that_do_not_split_over_the_ranks_stop_the_job():
            "num_devices=3" in res.stderr, res.stderr
 
 
-def train_one_process(num_steps):
-    """The reference for ``mpi_ranks.steps``: the same SGD steps on the whole batch."""
-    layer, x, cot, inputs = build("top1-capacity", 2)
-    for _ in range(num_steps):
+def train_one_process(num_steps, ranks=None):
+    """The reference for ``mpi_ranks.steps``: the same SGD steps on the whole batch, step i
+    with the capacity groups of ``ranks[i]`` ranks (default 2)."""
+    ranks = ranks or [2] * num_steps
+    layer, x, cot, inputs = build("top1-capacity", ranks[0])
+    for D in ranks:
+        layer.router.group_size = T // D  # one group per rank of that step's job
         layer.zero_grad()
         y, aux = layer(tm.tensor(x), **inputs)
         loss_of(y, aux, cot).backward()
@@ -210,6 +213,22 @@ def test_training_steps_write_one_checkpoint_equal_to_one_process(tmp_path):
     assert meta["step"] == 3 and meta["num_ranks"] == 2
     for name, p in train_one_process(3).items():  # tolerance: the router's Allreduce
         np.testing.assert_allclose(state[name], p.data, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@needs_mpi
+@routers
+def test_a_run_resumes_on_a_different_number_of_ranks(tmp_path):
+    """Step 1 on 2 ranks, steps 2-3 on 4 ranks from its checkpoint (each rank of the new
+    job reads the whole layer and keeps its own experts): the one-process steps with the
+    capacity groups of 2 then 4 ranks."""
+    run_ranks(2, "steps", "none", tmp_path, 1)
+    run_ranks(4, "steps", "none", tmp_path, 3, "resume")
+    state, meta = load(tmp_path / "checkpoint.npz")
+    assert meta["step"] == 3 and meta["num_ranks"] == 4
+    assert load(tmp_path / "checkpoint-00000001.npz")[1]["num_ranks"] == 2
+    for name, p in train_one_process(3, ranks=[2, 4, 4]).items():
+        np.testing.assert_allclose(state[name], p.data, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert not (tmp_path / ".lock").exists()  # the writer closed: lock released
 
 
 @needs_mpi
