@@ -8,7 +8,6 @@ from tinymoe.models.transformer import Transformer
 
 TINY = inf.InferenceConfig(d_model=32, n_layers=1, n_heads=2, d_ff=16, num_experts=4,
                            new_tokens=3, batches=(2,), contexts=(5,), repeats=1)
-pytestmark = [pytest.mark.task8_1, pytest.mark.task8_3, pytest.mark.task6_1]
 
 
 def test_the_dense_models_match_the_moe_active_and_total_sizes():
@@ -24,6 +23,9 @@ def test_the_dense_models_match_the_moe_active_and_total_sizes():
         inf.model_config("sparse", TINY)
 
 
+@pytest.mark.task8_1
+@pytest.mark.task8_3
+@pytest.mark.task6_1
 def test_measure_reports_speed_memory_and_flops_in_a_fresh_process():
     row = inf.measure_in_child("moe", TINY, 2, 5)
     assert row["model"] == "moe" and row["batch"] == 2 and row["context"] == 5

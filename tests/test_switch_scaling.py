@@ -40,6 +40,7 @@ def test_validation_windows_cover_the_split_with_shifted_targets():
     np.testing.assert_array_equal(y.ravel(), np.arange(1, 21))
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_drop_rate_counts_tokens_over_capacity_per_group():
     balanced = np.tile(np.arange(4), 16)  # 64 tokens, every group of 8 has 2 per expert
     assert ss.drop_rate(balanced, 4, 8, 1.0) == 0.0
@@ -50,6 +51,7 @@ def test_drop_rate_counts_tokens_over_capacity_per_group():
     assert ss.drop_rate(one, 4, 64, 1.0) == pytest.approx(48 / 64)
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_a_tiny_sweep_pairs_seeds_and_summarises():
     result = ss.run(TINY, workers=1, progress=False)
     runs = result["runs"]
@@ -63,6 +65,7 @@ def test_a_tiny_sweep_pairs_seeds_and_summarises():
     assert "| 2 |" in ss.format_table(result)
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_dropless_evaluation_drops_nothing_and_the_analysis_counts_drops():
     cfg = replace(TINY, experts=(1, 4), seeds=(0,), analysis=True)
     run = ss.train_one(cfg, 4, 0)
@@ -89,6 +92,7 @@ def test_rounded_weights_round_inside_and_restore_after():
         np.testing.assert_array_equal(p.data, before[id(p)])
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_bf16_activations_round_the_logits_and_still_train():
     cfg = TransformerConfig(vocab_size=11, block_size=8, d_model=8, n_layers=2, n_heads=2,
                             d_ff=16, num_experts=2, bf16_activations=True)
@@ -105,6 +109,7 @@ def test_bf16_activations_round_the_logits_and_still_train():
         cfg.replace(dtype="float64")
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_precision_sweep_reports_every_precision_and_lr():
     cfg = replace(TINY, steps=2, eval_every=2, seeds=(0,))
     result = ss.precision_run(cfg, E=2, lrs=(1e-3,), workers=1, progress=False)
@@ -112,12 +117,14 @@ def test_precision_sweep_reports_every_precision_and_lr():
     assert "bfloat16, float32 router" in ss.format_precision(result)
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_a_balanced_router_drops_less_in_larger_groups():
     drops = ss.balanced_drops(8, group_sizes=(64, 4096), factors=(1.0, 2.0), tokens=1 << 14)
     assert drops["64"]["1.0"] > drops["4096"]["1.0"] > drops["4096"]["2.0"] >= 0.0
     assert drops["4096"]["2.0"] == 0.0  # 2x the mean is > 20 spreads above it at S/E = 512
 
 
+@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_the_reproductions_page_shows_the_recorded_tables():
     """Every number of the expert-count, capacity and precision tables on the page is the
     recorded one (or, for the balanced router, the deterministic function's)."""

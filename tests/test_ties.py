@@ -4,6 +4,7 @@ This is our own convention (a stable sort), not torch's: ``torch.topk`` promises
 for ties and on CPU returns ``[6, 5]`` for ``topk(zeros(8), 2)``.
 """
 import numpy as np
+import pytest
 
 import tinymoe as tm
 from tinymoe import ops
@@ -24,6 +25,7 @@ def test_ops_topk_all_tied_picks_the_first_k():
     np.testing.assert_array_equal(i, [3, 1, 2])
 
 
+@pytest.mark.task6_1
 def test_routers_break_ties_by_lowest_expert_index():
     probs = tm.tensor(np.full((4, 8), 1 / 8))  # every expert tied for every token
     idx, _ = topk_gates(probs, 2)
@@ -37,6 +39,7 @@ def test_routers_break_ties_by_lowest_expert_index():
     np.testing.assert_array_equal(r.expert_index[:, 0], 0)
 
 
+@pytest.mark.task6_2
 def test_expert_choice_ties_go_to_the_lowest_token_index():
     pos = expert_choice_positions(np.full((6, 2), 0.5), 2)  # (T, E) slot or -1
     taken = [sorted(np.flatnonzero(pos[:, e] >= 0).tolist()) for e in range(2)]

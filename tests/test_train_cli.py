@@ -19,7 +19,15 @@ from tinymoe.app.train import (
 from tinymoe.models.transformer import TransformerConfig
 from tinymoe.nn import serialization
 
-pytestmark = [pytest.mark.task4_1, pytest.mark.task4_2, pytest.mark.task4_3]
+# Tests that train run the Switch layer's capacity, balancing loss and z-loss (tasks 4_1-4_3);
+# the argument checks stop before any training, so they carry no task.
+TRAINS = [pytest.mark.task4_1, pytest.mark.task4_2, pytest.mark.task4_3]
+
+
+def trains(test):
+    for mark in TRAINS:
+        test = mark(test)
+    return test
 
 MODEL = TransformerConfig(block_size=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
                           num_experts=4, capacity_factor=1.0, dropout=0.1,
@@ -60,6 +68,7 @@ def stop_at(n, exc):
     return on_step
 
 
+@trains
 @pytest.mark.parametrize("kind", ["switch", "top2"])
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, data, kind):
     cfg = MODEL.replace(kind=kind)
@@ -74,6 +83,7 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, data, kind):
     assert_same_run(straight, resumed)
 
 
+@trains
 def test_resume_after_a_crash_restarts_from_the_last_periodic_checkpoint(tmp_path, data):
     straight = train(MODEL, TRAIN, out=tmp_path / "a", progress=False, data=data)
     with pytest.raises(Stop):  # a crash at step 5: steps 4 is the last checkpoint
@@ -85,6 +95,7 @@ def test_resume_after_a_crash_restarts_from_the_last_periodic_checkpoint(tmp_pat
     assert_same_run(straight, resumed)
 
 
+@trains
 def test_an_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, data, monkeypatch):
     path = checkpoint_path(tmp_path)
     write = serialization._write_npz
@@ -111,6 +122,7 @@ def test_an_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, data, mon
     assert res.history.steps[-1] == 6
 
 
+@trains
 @pytest.mark.parametrize("kind", ["switch", "top2"])
 def test_a_checkpoint_with_the_names_of_the_old_moe_layer_resumes(tmp_path, data, kind):
     """Checkpoints written before every MoE layer was one MoELayer named the router weight
@@ -140,6 +152,7 @@ def test_a_checkpoint_with_the_names_of_the_old_moe_layer_resumes(tmp_path, data
     assert_same_run(straight, resumed)
 
 
+@trains
 def test_cli_train_resume_and_sample(tmp_path, capsys):
     out = str(tmp_path / "run")
     small = ["--block-size", "16", "--d-model", "16", "--n-layers", "2", "--n-heads", "2",
@@ -167,6 +180,7 @@ def test_cli_train_resume_and_sample(tmp_path, capsys):
     assert capsys.readouterr().out == greedy  # temperature 0 ignores the seed
 
 
+@trains
 def test_generate_length_and_context(data):
     tok = data[0]
     res = train(MODEL, TRAIN.__class__(steps=2, batch_size=2, eval_every=1, eval_batches=1,
@@ -178,6 +192,7 @@ def test_generate_length_and_context(data):
         generate(res.model, tok, "A", temperature=-1)
 
 
+@trains
 def test_cli_errors(tmp_path, capsys):
     assert main_train(["--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
     assert "no checkpoint" in capsys.readouterr().out
@@ -286,6 +301,7 @@ def good_run(tmp_path, data, steps=4):
     return out, snap
 
 
+@trains
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("lr,clip", [(1e3, 1.0), (1e12, 0.0)])
 def test_a_diverging_run_stops_and_never_replaces_a_good_checkpoint(tmp_path, data, lr, clip):
@@ -304,6 +320,7 @@ def test_a_diverging_run_stops_and_never_replaces_a_good_checkpoint(tmp_path, da
     assert res.history.steps[-1] == 6 and np.isfinite(res.final_val_loss)
 
 
+@trains
 def test_divergence_names_the_step_and_the_first_non_finite_tensor(tmp_path, data):
     def poison(step, model):
         if step == 3:
@@ -317,6 +334,7 @@ def test_divergence_names_the_step_and_the_first_non_finite_tensor(tmp_path, dat
     assert tm.nn.load(checkpoint_path(tmp_path))[1]["step"] == 3
 
 
+@trains
 def test_the_cli_exits_non_zero_on_divergence(tmp_path, data, capsys):
     out, snap = good_run(tmp_path, data)
     with np.errstate(all="ignore"):
@@ -326,6 +344,7 @@ def test_the_cli_exits_non_zero_on_divergence(tmp_path, data, capsys):
     assert {p.name: p.read_bytes() for p in out.glob("*.npz")} == snap
 
 
+@trains
 def test_keep_last_and_best(tmp_path, data):
     out, _ = good_run(tmp_path, data, steps=6)
     names = sorted(p.name for p in out.iterdir())
@@ -336,6 +355,7 @@ def test_keep_last_and_best(tmp_path, data):
     assert best["val_loss"] <= min(vals)
 
 
+@trains
 def test_a_second_training_in_one_folder_is_refused(tmp_path, capsys):
     from tinymoe.nn.checkpoint import RunLock
     out = tmp_path / "run"
@@ -350,6 +370,7 @@ def test_a_second_training_in_one_folder_is_refused(tmp_path, capsys):
     assert not (out / ".lock").exists()  # the run released the lock it took over
 
 
+@trains
 def test_a_new_run_never_silently_replaces_an_old_one(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run_cli(["--out", out, "--steps", "2"] + SMALL, capsys)[0] == 0
@@ -359,6 +380,7 @@ def test_a_new_run_never_silently_replaces_an_old_one(tmp_path, capsys):
     assert rc == 0 and "deleting" in text
 
 
+@trains
 def test_resume_refuses_corrupt_and_crafted_checkpoints_clearly(tmp_path, data, capsys):
     out, _ = good_run(tmp_path, data)
     path = checkpoint_path(out)
@@ -374,6 +396,7 @@ def test_resume_refuses_corrupt_and_crafted_checkpoints_clearly(tmp_path, data, 
     assert rc == 2 and "checkpoint-00000004.npz" in text and "copy one over" in text, text
 
 
+@trains
 def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, data):
     out, _ = good_run(tmp_path, data)
     (out / ".checkpoint.npz.k1ll3d.tmp").write_bytes(b"PK half a save")
@@ -381,6 +404,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, data):
     assert not list(out.glob(".*.tmp"))
 
 
+@trains
 def test_sample_refuses_crafted_metadata_in_one_line(tmp_path, data, capsys):
     out, _ = good_run(tmp_path, data)
     path = checkpoint_path(out)
