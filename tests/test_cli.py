@@ -53,7 +53,7 @@ def test_help_lists_every_subcommand():
     proc = subprocess.run([sys.executable, "-m", "tinymoe", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    listed = set(re.findall(r"^ {4}(\w+)", proc.stdout, flags=re.M))
+    listed = set(re.findall(r"^ {4}([\w-]+)", proc.stdout, flags=re.M))
     assert set(SUBCOMMANDS) <= listed, proc.stdout
     assert set(FORWARDED) <= listed
 
