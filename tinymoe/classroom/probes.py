@@ -442,6 +442,25 @@ def _run_7_1(inp, ns):
     return res
 
 
+def _cases_7_2(rng):
+    """Counts (D, E/D, k) on one rank: random, with empty experts and whole ranks of zeros,
+    one rank and one expert, nothing at all, and top-2 with a skewed second choice."""
+    out = []
+    for D, El, k in [(3, 2, 2), (4, 1, 1), (1, 3, 2), (2, 2, 1)]:
+        send, recv = (rng.integers(0, 5, (D, El, k)) for _ in range(2))
+        recv[rng.integers(0, D), :, :] = 0  # a rank sends this rank nothing
+        send[:, rng.integers(0, El), :] = 0  # an empty expert on every rank
+        out.append({"send": send, "recv": recv})
+    out.append({"send": np.zeros((2, 2, 2), np.int64), "recv": np.zeros((2, 2, 2), np.int64)})
+    out.append({"send": np.array([[[3, 0]], [[0, 0]]]), "recv": np.array([[[1, 2]], [[0, 4]]])})
+    return out
+
+
+def _run_7_2(inp, ns):
+    from tinymoe.parallel.alltoallv import alltoallv_plan
+    return dict(alltoallv_plan(inp["send"], inp["recv"])._asdict())
+
+
 # --- lesson 02b -----------------------------------------------------------------------------------
 def _cases_2b_1(rng):
     out = []
@@ -577,6 +596,7 @@ PROBES: dict[str, Probe] = {
     "task6_2": Probe(_cases_6_2, _run_6_2, rtol=0, atol=0),
     "task6_3": Probe(_cases_6_3, _run_6_3),
     "task7_1": Probe(_cases_7_1, _run_7_1),
+    "task7_2": Probe(_cases_7_2, _run_7_2, rtol=0, atol=0),
     "task8_1": Probe(_cases_8_1, _run_8_1),
     "task8_2": Probe(_cases_8_2, _run_8_2),
     "task8_3": Probe(_cases_8_3, _run_8_3),

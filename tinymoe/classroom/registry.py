@@ -81,6 +81,9 @@ TASKS: dict[str, Task] = {
     # --- lesson 07: experts across machines ----------------------------------------------
     "task7_1": Task("expert parallelism: the all-to-all that carries tokens to their experts",
                     "lessons/07_expert_parallelism.ipynb", 3),
+    "task7_2": Task("the dropless all-to-all's plan: rows and displacements (exclusive prefix "
+                    "sums) from the exchanged counts, and the expert-major regrouping",
+                    "lessons/07_expert_parallelism.ipynb", 2),
     # --- lesson 08: MoEs in practice (Mixtral's block, inference) ------------------------
     "task8_1": Task("RMSNorm: x / sqrt(mean(x²) + eps) · weight",
                     "lessons/08_moes_in_practice.ipynb", 1),

@@ -20,7 +20,8 @@ Two ways to carry the tokens (``routing.capacity`` decides, as in the one-proces
   each rank's experts, a different number to each, so first the ranks exchange their
   (E/D,) row counts per expert (an ``Alltoall`` of integers), then ``MPI_Alltoallv`` moves
   the rows with those counts. Rows arrive source-major; a fixed permutation regroups them
-  expert-major, the layout of the grouped matmul.
+  expert-major, the layout of the grouped matmul (rows, displacements and permutation:
+  :func:`~tinymoe.parallel.alltoallv.alltoallv_plan`).
 
 The backward pass is the same collectives in reverse: an all-to-all is a permutation of
 chunks between ranks, and the gradient of a permutation is its inverse, so the gradient of
@@ -68,6 +69,7 @@ from tinymoe.dispatch.routing import Routing
 from tinymoe.moe.experts import StackedExperts, batched_ffn
 from tinymoe.moe.layer import MoELayer
 from tinymoe.nn.module import Module
+from tinymoe.parallel.alltoallv import AlltoallvPlan, alltoallv_plan
 from tinymoe.parallel.expert_parallel import check_layer, check_num_devices
 from tinymoe.tensor import Tensor, as_tensor
 
@@ -134,41 +136,40 @@ class AllToAll(Function):
         return (out,)
 
 
-def _displacements(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # exclusive sum
-
-
-def _alltoallv(comm: Any, send: np.ndarray, send_rows: np.ndarray, recv_rows: np.ndarray,
-               stats: CommStats | None = None, name: str = "alltoallv") -> np.ndarray:
-    """Rows ``send`` (N, d), ``send_rows[q]`` of them for rank q in rank order, exchanged:
-    (Σ recv_rows, d), ``recv_rows[src]`` rows from each rank in rank order."""
+def _alltoallv(comm: Any, send: np.ndarray, send_rows: np.ndarray, send_displs: np.ndarray,
+               recv_rows: np.ndarray, recv_displs: np.ndarray, stats: CommStats | None = None,
+               name: str = "alltoallv") -> np.ndarray:
+    """Rows ``send`` (N, d), ``send_rows[q]`` of them from row ``send_displs[q]`` for rank q,
+    exchanged: (Σ recv_rows, d), ``recv_rows[src]`` rows from each rank at ``recv_displs``."""
     d = send.shape[1]
     send = np.ascontiguousarray(send)
     recv = np.empty((int(recv_rows.sum()), d), dtype=send.dtype)  # (M, d)
-    sc, rc = send_rows * d, recv_rows * d  # counts in numbers, not rows
-    away = (int(sc.sum()) - int(sc[comm.Get_rank()])) * send.itemsize  # not my own rows
-    _timed(stats, name, away, comm.Alltoallv, [send, (sc, _displacements(sc))],
-           [recv, (rc, _displacements(rc))])
+    away = (int(send_rows.sum()) - int(send_rows[comm.Get_rank()])) * d * send.itemsize
+    _timed(stats, name, away, comm.Alltoallv,  # MPI counts numbers, not rows: times d
+           [send, (send_rows * d, send_displs * d)], [recv, (recv_rows * d, recv_displs * d)])
     return recv
 
 
 class AllToAllV(Function):
-    """Rows to ranks, a different number to each: ``MPI_Alltoallv``.
+    """Rows to ranks, a different number to each: ``MPI_Alltoallv`` with the rows and
+    displacements of an :class:`~tinymoe.parallel.alltoallv.AlltoallvPlan`.
 
-    ``send`` (N, d) holds ``send_rows[q]`` rows for rank q, in rank order; returns the
-    (Σ recv_rows, d) rows received, ``recv_rows[src]`` from each rank in rank order.
-    Backward: the same exchange with send and receive counts swapped.
+    ``send`` (N, d) holds ``plan.send_rows[q]`` rows for rank q, in rank order; returns the
+    (Σ recv_rows, d) rows received, ``plan.recv_rows[src]`` from each rank in rank order.
+    Backward: the same exchange with sends and receives swapped (the reverse all-to-all).
     """
 
     @staticmethod
-    def forward(ctx, send, *, comm, send_rows, recv_rows, stats=None, name="alltoallv"):
-        ctx.comm, ctx.rows, ctx.stats, ctx.name = comm, (send_rows, recv_rows), stats, name
-        return _alltoallv(comm, send, send_rows, recv_rows, stats, name)
+    def forward(ctx, send, *, comm, plan, stats=None, name="alltoallv"):
+        ctx.comm, ctx.plan, ctx.stats, ctx.name = comm, plan, stats, name
+        return _alltoallv(comm, send, plan.send_rows, plan.send_displs, plan.recv_rows,
+                          plan.recv_displs, stats, name)
 
     @staticmethod
     def backward(ctx, grad):
-        send_rows, recv_rows = ctx.rows  # the reverse direction: counts swapped
-        return (_alltoallv(ctx.comm, grad, recv_rows, send_rows, ctx.stats, ctx.name + ".grad"),)
+        p = ctx.plan  # the reverse direction: what arrived goes back where it came from
+        return (_alltoallv(ctx.comm, grad, p.recv_rows, p.recv_displs, p.send_rows,
+                           p.send_displs, ctx.stats, ctx.name + ".grad"),)
 
 
 def all_to_all(send: Any, comm: Any, stats: CommStats | None = None,
@@ -177,13 +178,10 @@ def all_to_all(send: Any, comm: Any, stats: CommStats | None = None,
     return AllToAll.apply(as_tensor(send), comm=comm, stats=stats, name=name)
 
 
-def all_to_all_v(send: Any, send_rows: np.ndarray, recv_rows: np.ndarray, comm: Any,
-                 stats: CommStats | None = None, name: str = "alltoallv") -> Tensor:
-    """Differentiable ``MPI_Alltoallv`` of rows (see :class:`AllToAllV`)."""
-    return AllToAllV.apply(as_tensor(send), comm=comm,
-                           send_rows=np.asarray(send_rows, dtype=np.int64),
-                           recv_rows=np.asarray(recv_rows, dtype=np.int64), stats=stats,
-                           name=name)
+def all_to_all_v(send: Any, plan: AlltoallvPlan, comm: Any, stats: CommStats | None = None,
+                 name: str = "alltoallv") -> Tensor:
+    """Differentiable ``MPI_Alltoallv`` of rows as ``plan`` says (see :class:`AllToAllV`)."""
+    return AllToAllV.apply(as_tensor(send), comm=comm, plan=plan, stats=stats, name=name)
 
 
 # --- agreement across ranks -----------------------------------------------------------------
@@ -330,19 +328,14 @@ class MPIExpertParallelMoE(Module):
         counts = np.empty_like(send)  # (D_src, E/D, k) rows each rank sends my experts
         _timed(self.stats, "counts", send.nbytes - send[0].nbytes, self.comm.Alltoall,
                send, counts)  # the counts exchange, before any row moves
-        send_rows, recv_rows = send.sum(axis=(1, 2)), counts.sum(axis=(1, 2))  # (D,), (D,)
-        recv = all_to_all_v(rows, send_rows, recv_rows, self.comm, self.stats,
-                            "dispatch")  # (M, d) source-major
-        start = _displacements(counts.reshape(-1)).reshape(D, El, k)  # block starts in recv
-        order = np.concatenate([np.arange(start[s, j, c], start[s, j, c] + counts[s, j, c])
-                                for j in range(El) for c in range(k) for s in range(D)]
-                               ).astype(np.int64)  # (M,) expert, choice, source (= token)
-        offsets = np.concatenate([[0], np.cumsum(counts.sum(axis=(0, 2)))]).astype(np.int64)
-        out = self.experts(recv[order], offsets)  # (M, d) grouped matmul, expert-major
-        back = out[np.argsort(order)]  # (M, d) source-major again, to send home
+        plan = alltoallv_plan(send, counts)  # rows, displacements, expert-major order
+        recv = all_to_all_v(rows, plan, self.comm, self.stats, "dispatch")  # (M, d) by source
+        out = self.experts(recv[plan.order], plan.offsets)  # (M, d) grouped matmul, by expert
+        back = out[np.argsort(plan.order)]  # (M, d) source-major again, to send home
         self.last_counts = counts.sum(axis=2)  # (D_src, E/D)
-        return all_to_all_v(back, recv_rows, send_rows, self.comm, self.stats,
-                            "combine")  # (N, d) my sorted rows
+        reverse = plan._replace(send_rows=plan.recv_rows, send_displs=plan.recv_displs,
+                                recv_rows=plan.send_rows, recv_displs=plan.send_displs)
+        return all_to_all_v(back, reverse, self.comm, self.stats, "combine")  # (N, d) mine
 
     # --- after backward ----------------------------------------------------------------------
     def expert_parameter_names(self) -> list[str]:
