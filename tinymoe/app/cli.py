@@ -47,6 +47,24 @@ def main_repro(argv: Sequence[str]) -> int:
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
 
+def main_train(argv: Sequence[str]) -> int:
+    """``tinymoe train [options]``: one process (:mod:`tinymoe.app.train`), or with
+    ``--expert-parallel D`` D MPI ranks (:mod:`tinymoe.app.train_mpi`, which needs mpi4py)."""
+    if any(a == "--expert-parallel" or a.startswith("--expert-parallel=") for a in argv):
+        from tinymoe.parallel.mpi_launch import mpi_status
+
+        ok, what = mpi_status()
+        if not ok:
+            print(f"tinymoe train: error: --expert-parallel needs MPI: {what}")
+            return 2
+        from tinymoe.app.train_mpi import main_expert_parallel
+
+        return main_expert_parallel(argv)
+    from tinymoe.app.train import main_train as train_one_process
+
+    return train_one_process(argv)
+
+
 def main_bench(argv: Sequence[str]) -> int:
     """``tinymoe bench [NAME] [options]``: run a script from the checkout's benchmarks/."""
     import runpy
@@ -101,7 +119,7 @@ REPRO = {
 # name -> (help, (module, function) taking the remaining argv)
 FORWARDED = {
     "train": ("train the tiny Switch Transformer LM (checkpoints, resume)",
-              ("tinymoe.app.train", "main_train")),
+              ("tinymoe.app.cli", "main_train")),
     "sample": ("print text sampled from a checkpoint", ("tinymoe.app.train", "main_sample")),
     "repro": ("reproduce a paper's table (vowels, hme, deep_moe, conditional, table6, gshard, "
               "switch, modern, inference, finetune, experts, render)",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -618,6 +619,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                       ("expert_dropout", float), ("dropout", float), ("init_scale", float)):
         m.add_argument("--" + name.replace("_", "-"), type=_number(typ, name), default=None,
                        help=f"default {getattr(defaults, name)}")
+    m.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="precision of the model (default float32)")
     m.add_argument("--router-dtype", choices=["float16", "bfloat16", "float32", "float64"],
                    default=None, help="precision of the router (default float32)")
     t = ap.add_argument_group("training")
@@ -629,6 +632,12 @@ def build_train_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + name.replace("_", "-"),
                        type=_number(typ, name, allow_inf=name == "divergence_factor"),
                        default=None, help=f"default {getattr(tdefaults, name)}")
+    par = ap.add_argument_group("parallel")
+    par.add_argument("--expert-parallel", type=_number(int, "expert_parallel"), default=None,
+                     metavar="D",
+                     help="train on D MPI ranks, E/D experts and B/D sequences each "
+                          "(launches mpiexec -n D unless already inside that MPI job; "
+                          "needs pip install -e \".[mpi]\"; see tinymoe.app.train_mpi)")
     return ap
 
 
@@ -667,7 +676,17 @@ def _earlier(path: Path) -> str:
 def main_train(argv: Sequence[str] | None = None) -> int:
     """``tinymoe train ...``: see ``tinymoe train --help``. Exit status 0 when done, 2 for a
     bad argument or checkpoint, 1 when the run diverged or --out is locked, 130 on Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_train_parser().parse_args(argv)
+    if args.expert_parallel is not None:  # the ranks of an MPI job, or their launcher
+        if args.expert_parallel < 1:
+            print(f"tinymoe train: error: --expert-parallel {args.expert_parallel} must be "
+                  f">= 1 (the number of MPI ranks)")
+            return 2
+        print("tinymoe train: error: --expert-parallel is run by the tinymoe command "
+              "(tinymoe.app.cli.main_train -> tinymoe.app.train_mpi), not by "
+              "tinymoe.app.train.main_train, which trains in one process")
+        return 2
     path = checkpoint_path(args.out)
     try:
         meta = None
