@@ -27,7 +27,9 @@ What it takes care of, so that every caller gets it right:
 * ``python -m mpi4py``: an uncaught exception on any rank calls ``MPI_Abort``, which ends
   every rank; a plain ``python`` rank that dies leaves the others blocked in a collective.
 * **a bounded wait**: ``timeout`` seconds, after which the whole process group of mpiexec
-  is killed and :class:`subprocess.TimeoutExpired` raised, so no caller hangs.
+  is killed and :class:`subprocess.TimeoutExpired` raised, so no caller hangs; Ctrl-C in
+  the caller terminates the job too (it runs in its own session, which the terminal's
+  SIGINT does not reach).
 """
 from __future__ import annotations
 
@@ -145,6 +147,13 @@ def launch(num_ranks: int, args: Sequence[str], *, timeout: float | None = 300,
         os.killpg(proc.pid, signal.SIGKILL)  # mpiexec's session: every rank with it
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    except KeyboardInterrupt:  # the job runs in its own session: Ctrl-C must reach it
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
