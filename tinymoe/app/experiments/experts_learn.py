@@ -152,6 +152,16 @@ class ExpertsResult:
                 "seconds": self.seconds}
 
 
+def from_record(rec: dict[str, Any]) -> ExpertsResult:
+    """The :class:`ExpertsResult` a record (``records.load("experts")``) holds."""
+    st = dict(rec["settings"])
+    m = st.pop("model")
+    model = FinetuneConfig(**{**m, "seeds": tuple(m["seeds"])})
+    cfg = ExpertsConfig(model=model, **{**st, "seeds": tuple(st["seeds"])})
+    return ExpertsResult(cfg, "--fast" in rec["command"].split(), rec["results"]["runs"],
+                         rec["results"]["seconds"])
+
+
 def run(fast: bool = False, config: ExpertsConfig | None = None, progress: bool = True
         ) -> ExpertsResult:
     cfg = config or (FAST if fast else ExpertsConfig())

@@ -310,20 +310,28 @@ def _ci(d: dict[str, float], fmt: str = ".3f", sign: bool = False) -> str:
     return f"{d['mean']:{f}}" + (f" ± {d['ci95']:{fmt}}" if d["ci95"] else "")
 
 
-def format_table(result: FinetuneResult) -> str:
-    c = result.config
+def format_table(result: FinetuneResult | dict) -> str:
+    """The table of a run, or of a record (``records.load("finetune")``)."""
+    if isinstance(result, FinetuneResult):
+        c, summ, pretrain_val = asdict(result.config), result.summary(), result.pretrain_val
+        fast, seconds = result.fast, result.seconds
+    else:
+        c, r = result["settings"], result["results"]
+        summ, pretrain_val, seconds = r["summary"], r["pretrain_val"], r["seconds"]
+        fast = "--fast" in result["command"].split()
     pre = ", ".join(f"{k} {_ci(dict(zip(('mean', 'ci95'), interval(v))))}"
-                    for k, v in result.pretrain_val.items() if v)
-    lines = [f"Fine-tuning — char LMs ({c.n_layers} blocks, d {c.d_model}; Switch: "
-             f"{c.num_experts} experts of d_ff {c.d_ff} in every block; dense: d_ff "
-             f"{c.d_ff}), {c.pretrain_steps} pre-training steps on Shakespeare (val: {pre}), "
-             f"{c.finetune_steps} fine-tuning steps on {c.finetune_chars:,} characters of the "
-             f"Devil's Dictionary (batch {c.batch_size}, lr {c.lr:g}; 'batch/4, lr x3': batch "
-             f"{c.small_batch}, lr {c.high_lr:g}); seeds {list(c.seeds)}, mean ± 95 % "
-             f"t-interval{' (fast)' if result.fast else ''}; {result.seconds:.0f} s", "",
+                    for k, v in pretrain_val.items() if v)
+    lines = [f"Fine-tuning — char LMs ({c['n_layers']} blocks, d {c['d_model']}; Switch: "
+             f"{c['num_experts']} experts of d_ff {c['d_ff']} in every block; dense: d_ff "
+             f"{c['d_ff']}), {c['pretrain_steps']} pre-training steps on Shakespeare (val: "
+             f"{pre}), {c['finetune_steps']} fine-tuning steps on {c['finetune_chars']:,} "
+             f"characters of the Devil's Dictionary (batch {c['batch_size']}, lr {c['lr']:g}; "
+             f"'batch/4, lr x3': batch {c['small_batch']}, lr {c['high_lr']:g}); seeds "
+             f"{list(c['seeds'])}, mean ± 95 % t-interval{' (fast)' if fast else ''}; "
+             f"{seconds:.0f} s", "",
              "| variant | best val (step) | val at the end | rise end - best | gap val - train "
              "| best val - plain | end val - plain |", "|---|---|---|---|---|---|---|"]
-    for name, m in result.summary().items():
+    for name, m in summ.items():
         d = m.get("minus_baseline")
         lines.append(f"| {name} | {_ci(m['best_val'])} ({m['best_step']['mean']:.0f}) | "
                      f"{_ci(m['val'])} | {_ci(m['rise'])} | {_ci(m['gap'])} | "

@@ -22,11 +22,12 @@ Two measurements, each where it is meaningful:
   base after a prefill of the largest batch and context and ``new`` decoding steps (adding
   the KV cache, the prefill's activations and temporaries). Not load-sensitive.
 * **Speed**, all three models in **one** subprocess (one thread), **interleaved**: for every
-  (batch, context), round after round, each model prefills a batch of prompts and decodes
-  ``new`` tokens one at a time with a KV cache (:mod:`tinymoe.models.generate`), in an order
-  that rotates from round to round. Background load then falls on all three alike; we
-  report the median decode tokens per second over the rounds and, for the ratios, the
-  median over rounds of the **same round's** ratio (with its smallest and largest value).
+  (batch, context) each model prefills a batch of prompts once, then, round after round,
+  decodes ``new`` tokens one at a time with a KV cache (:mod:`tinymoe.models.generate`) from
+  that prefill, in an order that rotates from round to round. Background load then falls on
+  all three alike; we report the median decode tokens per second over the rounds and, for
+  the ratios, the median over rounds of the **same round's** ratio (with its smallest and
+  largest value).
 
 Beside them: the weights' bytes (float32), the KV cache's bytes and the forward FLOPs per
 token of :mod:`tinymoe.params` (at the full context, prompt plus new tokens).
@@ -119,21 +120,32 @@ def _warm_up(name: str, cfg: InferenceConfig) -> None:
     forward_cached(warm, np.zeros((1, 2), np.int64), KVCache(warm, 1, 2))
 
 
-def decode(model: Any, cfg: InferenceConfig, batch: int, context: int,
-           rng: np.random.Generator) -> tuple[float, float, Any]:
-    """Prefill ``batch`` random prompts of ``context`` tokens, then decode ``cfg.new_tokens``
-    tokens greedily with a KV cache: ``(prefill seconds, decode seconds, cache)``."""
-    from tinymoe.models.generate import KVCache, forward_cached, sample_next
+def prefill(model: Any, cfg: InferenceConfig, batch: int, context: int,
+            rng: np.random.Generator) -> tuple[float, Any, np.ndarray]:
+    """Feed ``batch`` random prompts of ``context`` tokens through ``model`` into a fresh KV
+    cache: ``(seconds, cache, last logits (B, V))``."""
+    from tinymoe.models.generate import KVCache, forward_cached
 
     ids = rng.integers(0, cfg.vocab_size, (batch, context))  # (B, L)
     cache = KVCache(model, batch, context + cfg.new_tokens)
     t0 = time.perf_counter()
-    logits = forward_cached(model, ids, cache)[:, -1].data  # (B, V) the prefill
-    t1 = time.perf_counter()
+    logits = forward_cached(model, ids, cache)[:, -1].data  # (B, V)
+    return time.perf_counter() - t0, cache, logits
+
+
+def decode(model: Any, cfg: InferenceConfig, cache: Any, logits: np.ndarray, context: int,
+           rng: np.random.Generator) -> float:
+    """Seconds to decode ``cfg.new_tokens`` tokens greedily, one step at a time, after a
+    prefill of ``context`` tokens held in ``cache`` (rewound there first, so that every call
+    decodes the same positions; the prefill's keys and values do not change)."""
+    from tinymoe.models.generate import forward_cached, sample_next
+
+    cache.length = context
+    t0 = time.perf_counter()
     for _ in range(cfg.new_tokens):
         nxt = sample_next(logits, 0.0, rng)[:, None]  # (B, 1) greedy
         logits = forward_cached(model, nxt, cache)[:, -1].data
-    return t1 - t0, time.perf_counter() - t1, cache
+    return time.perf_counter() - t0
 
 
 def counts(name: str, cfg: InferenceConfig, model: Any = None) -> dict[str, Any]:
@@ -163,22 +175,25 @@ def measure(name: str, cfg: InferenceConfig, batch: int, context: int) -> dict[s
     base, base_now = _rss_mb(), _current_rss_mb()  # interpreter, NumPy, tinymoe, kernels
     model = Transformer(model_config(name, cfg), rng=cfg.seed).eval()
     built = _current_rss_mb()
-    prefill, dec, cache = decode(model, cfg, batch, context, np.random.default_rng(cfg.seed + 1))
+    rng = np.random.default_rng(cfg.seed + 1)
+    pre, cache, logits = prefill(model, cfg, batch, context, rng)
+    dec = decode(model, cfg, cache, logits, context, rng)
     c = counts(name, cfg, model)
     c["flops_per_token"] = c["flops_per_token"].get(str(context)) or counts(
         name, replace(cfg, contexts=(context,)), model)["flops_per_token"][str(context)]
     return {"model": name, "batch": batch, "context": context, **c,
             "kv_cache_mb": cache.nbytes / 2 ** 20,
             "decode_tokens_per_s": batch * cfg.new_tokens / dec,
-            "prefill_tokens_per_s": batch * context / prefill,
+            "prefill_tokens_per_s": batch * context / pre,
             "rss_base_mb": base, "rss_peak_mb": _rss_mb(),
             "rss_model_mb": built - base_now,  # resident after the build: the weights
             "rss_peak_extra_mb": _rss_mb() - base}  # + prefill activations, cache, temporaries
 
 
 def speed(cfg: InferenceConfig) -> list[dict[str, Any]]:
-    """Decode and prefill times of the three models, interleaved round by round in this
-    process: one row per (batch, context, model) with every round's seconds."""
+    """Decode times of the three models, interleaved round by round in this process: one
+    row per (batch, context, model) with every round's seconds (``decode_s``) and the one
+    prefill's (``prefill_s``; each model prefills once, every round decodes from there)."""
     from tinymoe.models.transformer import Transformer
 
     for name in MODELS:
@@ -189,19 +204,21 @@ def speed(cfg: InferenceConfig) -> list[dict[str, Any]]:
     rows = []
     for context in cfg.contexts:
         for batch in cfg.batches:
-            for name in MODELS:  # an untimed round: caches, allocator, branch predictors
-                decode(models[name], cfg, batch, context, rng)
-            times: dict[str, dict[str, list[float]]] = {
-                n: {"prefill_s": [], "decode_s": []} for n in MODELS}
+            state, times = {}, {}
+            for name in MODELS:
+                pre, cache, logits = prefill(models[name], cfg, batch, context, rng)
+                state[name] = (cache, logits)
+                times[name] = {"prefill_s": [pre], "decode_s": []}
+                decode(models[name], cfg, cache, logits, context, rng)  # untimed warm-up
             for r in range(cfg.repeats):
                 for i in range(len(MODELS)):
                     name = MODELS[(r + i) % len(MODELS)]  # the order rotates every round
-                    pre, dec, cache = decode(models[name], cfg, batch, context, rng)
-                    times[name]["prefill_s"].append(pre)
-                    times[name]["decode_s"].append(dec)
+                    times[name]["decode_s"].append(
+                        decode(models[name], cfg, *state[name], context, rng))
             for name in MODELS:
                 rows.append({"model": name, "batch": batch, "context": context,
-                             "kv_cache_mb": cache.nbytes / 2 ** 20, **times[name]})
+                             "kv_cache_mb": state[name][0].nbytes / 2 ** 20, **times[name]})
+            del state
     return rows
 
 
@@ -268,6 +285,18 @@ class InferenceResult:
         return {"config": asdict(self.config), "fast": self.fast, "models": self.models,
                 "speed_rows": self.speed_rows, "rows": self.rows, "ratios": ratios(self),
                 "seconds": self.seconds}
+
+
+def from_record(rec: dict[str, Any]) -> InferenceResult:
+    """The :class:`InferenceResult` a record (``records.load("inference")``) holds."""
+    st = rec["settings"]
+    cfg = InferenceConfig(**{**st, "batches": tuple(st["batches"]),
+                             "contexts": tuple(st["contexts"])})
+    r = rec["results"]
+    models = {name: {**r["counts"][name], **r["measured"]["models"][name]}
+              for name in r["counts"]}
+    return InferenceResult(cfg, "--fast" in rec["command"].split(), models,
+                           r["measured"]["rounds"], r["seconds"])
 
 
 def run(fast: bool = False, config: InferenceConfig | None = None, progress: bool = True
