@@ -76,7 +76,8 @@ def code_version() -> str:
     commit = out.stdout.strip()
     if out.returncode != 0 or len(commit) != 40:
         return tinymoe.__version__
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "tinymoe"],
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "tinymoe",
+                            ":!tinymoe/data/records"],  # the records are data, not code
                            capture_output=True, text=True, timeout=10).stdout.strip()
     return commit + ("+dirty" if dirty else "")
 
