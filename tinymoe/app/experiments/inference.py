@@ -333,7 +333,8 @@ def _over(a: float, b: float) -> float:
 def ratios(result: InferenceResult) -> list[dict[str, Any]]:
     """Per (batch, context): the MoE's decode speed over each dense model's (the median,
     smallest and largest over rounds of the same round's ratio), its FLOPs per token over
-    theirs, and its memory over theirs."""
+    theirs, and its resident memory after the build over theirs. (No ratio of peaks: the
+    peak is a high-water mark that a small model may never raise above the warm-up's.)"""
     out = []
     by = {(r["model"], r["batch"], r["context"]): r for r in result.speed_rows}
     mem = result.models
@@ -350,8 +351,6 @@ def ratios(result: InferenceResult) -> list[dict[str, Any]]:
                                       / mem[other]["flops_per_token"][str(ctx)])
             q[f"memory_vs_{short}"] = _over(mem["moe"]["rss_model_mb"],
                                             mem[other]["rss_model_mb"])
-            q[f"peak_vs_{short}"] = _over(mem["moe"]["rss_peak_extra_mb"],
-                                          mem[other]["rss_peak_extra_mb"])
         out.append(q)
     return out
 
