@@ -37,6 +37,9 @@ def test_measure_reports_speed_memory_and_flops_in_a_fresh_process():
     assert row["flops_per_token"] > 0
 
 
+@pytest.mark.task8_1
+@pytest.mark.task8_3
+@pytest.mark.task6_1
 def test_speed_interleaves_the_three_models_round_by_round():
     rows = inf.speed(TINY)
     assert [(r["model"], r["batch"], r["context"]) for r in rows] == [
