@@ -76,7 +76,8 @@ def code_version() -> str:
     commit = out.stdout.strip()
     if out.returncode != 0 or len(commit) != 40:
         return tinymoe.__version__
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "tinymoe"],
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "tinymoe",
+                            ":!tinymoe/data/records"],  # the records are data, not code
                            capture_output=True, text=True, timeout=10).stdout.strip()
     return commit + ("+dirty" if dirty else "")
 
@@ -133,8 +134,9 @@ def available() -> list[str]:
 # Long per-step curves are figures' raw data, not figures a page quotes: left out of records.
 CURVES = ("history", "load_history", "train_loss", "steps", "mse_curve", "load_curve",
           "grad_curve", "em_curve", "runs_detail")
-# Wall-clock figures: recorded, but they depend on the machine, so never compared.
-TIMINGS = ("seconds", "step_time", "ms_per_grad_epoch", "ms_per_em_epoch")
+# Wall-clock figures: recorded, but they depend on the machine, so never compared
+# ("measured": the timings and resident memory of `tinymoe repro inference`).
+TIMINGS = ("seconds", "step_time", "ms_per_grad_epoch", "ms_per_em_epoch", "measured")
 
 
 def add_record_argument(ap: Any) -> None:

@@ -15,7 +15,9 @@ and the context **word start** (a letter after a space or newline). Reported: ea
 expert's share of the tokens, its most frequent characters, the class it is most enriched
 in (``P(expert | class) / P(expert)``), and per layer how much the current character alone
 decides the expert: the mutual information ``I(char; expert)`` over ``H(expert)`` (1: the
-character decides it; 0: independent). Seeds: mean ± sd.
+character decides it; 0: independent), and the busiest expert's load over the mean. Seeds:
+mean ± half-width of the 95 % t-interval; the balancing loss's effect also paired by seed (same
+initial weights, same batches).
 """
 from __future__ import annotations
 
@@ -43,12 +45,13 @@ class ExpertsConfig:
     model: FinetuneConfig = FinetuneConfig()
     steps: int = 400
     eval_batches: int = 8
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     passage: int = 192  # characters of the coloured passage
 
 
-FAST = ExpertsConfig(model=FinetuneConfig(d_model=32, d_ff=64, num_experts=4, block_size=32),
-                     steps=60, eval_batches=2, seeds=(0,), passage=64)
+FAST = ExpertsConfig(model=FinetuneConfig(d_model=16, n_heads=2, d_ff=32, num_experts=4,
+                                          block_size=16, batch_size=8),
+                     steps=40, eval_batches=2, seeds=(0,), passage=64)
 
 
 def char_classes(prev: str, ch: str) -> list[str]:
@@ -149,6 +152,16 @@ class ExpertsResult:
                 "seconds": self.seconds}
 
 
+def from_record(rec: dict[str, Any]) -> ExpertsResult:
+    """The :class:`ExpertsResult` a record (``records.load("experts")``) holds."""
+    st = dict(rec["settings"])
+    m = st.pop("model")
+    model = FinetuneConfig(**{**m, "seeds": tuple(m["seeds"])})
+    cfg = ExpertsConfig(model=model, **{**st, "seeds": tuple(st["seeds"])})
+    return ExpertsResult(cfg, "--fast" in rec["command"].split(), rec["results"]["runs"],
+                         rec["results"]["seconds"])
+
+
 def run(fast: bool = False, config: ExpertsConfig | None = None, progress: bool = True
         ) -> ExpertsResult:
     cfg = config or (FAST if fast else ExpertsConfig())
@@ -184,9 +197,38 @@ def run(fast: bool = False, config: ExpertsConfig | None = None, progress: bool 
     return ExpertsResult(cfg, fast, runs, time.perf_counter() - start)
 
 
-def _ms(values: Sequence[float]) -> str:
-    a = np.asarray(values, dtype=float)
-    return f"{a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f}" if a.size > 1 else "")
+def _ms(values: Sequence[float], fmt: str = ".3f") -> str:
+    from tinymoe.app.experiments.finetune import interval
+
+    m, h = interval(values)
+    return f"{m:{fmt}}" + (f" ± {h:{fmt[1:] if fmt.startswith('+') else fmt}}" if h else "")
+
+
+def summary(result: ExpertsResult) -> dict[str, Any]:
+    """Per run and layer: ``val_loss``, ``mi_over_h``, ``max_over_mean`` as ``{"mean", "ci95",
+    "per_seed"}``; and ``balance_effect``: with the loss minus without, paired by seed."""
+    from tinymoe.app.experiments.finetune import interval
+
+    def stat(xs: Sequence[float]) -> dict[str, Any]:
+        m, h = interval(xs)
+        return {"mean": m, "ci95": h, "per_seed": [float(x) for x in xs]}
+
+    def per_layer(seeds: list[dict[str, Any]], key: str) -> list[list[float]]:
+        return [[s["layers"][li][key] for s in seeds] for li in range(len(seeds[0]["layers"]))]
+
+    out: dict[str, Any] = {}
+    for name, seeds in result.runs.items():
+        out[name] = {"val_loss": stat([s["val_loss"] for s in seeds]),
+                     **{k: [stat(v) for v in per_layer(seeds, k)]
+                        for k in ("mi_over_h", "max_over_mean")}}
+    on, off = (result.runs.get(n) for n in RUNS)
+    if on and off:
+        out["balance_effect"] = {
+            "val_loss": stat([a["val_loss"] - b["val_loss"] for a, b in zip(on, off)]),
+            **{k: [stat([x - y for x, y in zip(a, b)])
+                   for a, b in zip(per_layer(on, k), per_layer(off, k))]
+               for k in ("mi_over_h", "max_over_mean")}}
+    return out
 
 
 def format_table(result: ExpertsResult) -> str:
@@ -201,6 +243,13 @@ def format_table(result: ExpertsResult) -> str:
             lines.append(f"| {name} | {_ms([s['val_loss'] for s in seeds])} | {li} | "
                          f"{_ms([s['layers'][li]['mi_over_h'] for s in seeds])} | "
                          f"{_ms([s['layers'][li]['max_over_mean'] for s in seeds])} |")
+    eff = summary(result).get("balance_effect")
+    if eff:
+        lines += ["", "With the balancing loss minus without, paired by seed: val loss "
+                  f"{_ms(eff['val_loss']['per_seed'], '+.3f')}; per layer I/H "
+                  + ", ".join(_ms(x["per_seed"], "+.3f") for x in eff["mi_over_h"])
+                  + "; max/mean load "
+                  + ", ".join(_ms(x["per_seed"], "+.2f") for x in eff["max_over_mean"])]
     for name, seeds in result.runs.items():
         s = seeds[0]
         lines += ["", f"{name}, seed {s['seed']}: each expert's share, top characters "
@@ -216,18 +265,23 @@ def format_table(result: ExpertsResult) -> str:
     return "\n".join(lines)
 
 
-def figure(result: ExpertsResult, layer: int = -1) -> Any:
-    """The held-out passage coloured by expert, with and without the balancing loss."""
+def figure(result: ExpertsResult | dict, layer: int = -1) -> Any:
+    """The held-out passage coloured by expert, with and without the balancing loss;
+    ``result`` is an :class:`ExpertsResult` or a record (``records.load("experts")``)."""
     import matplotlib.pyplot as plt
 
     from tinymoe import viz
 
-    names = list(result.runs)
+    if isinstance(result, ExpertsResult):
+        runs, E = result.runs, result.config.model.num_experts
+    else:
+        runs, E = result["results"]["runs"], result["settings"]["model"]["num_experts"]
+    names = list(runs)
     fig, axes = plt.subplots(len(names), 1, figsize=(12, 3.2 * len(names)))
     for ax, name in zip(np.atleast_1d(axes), names):
-        s = result.runs[name][0]
+        s = runs[name][0]
         ex = np.asarray(s["passage_experts"])[layer]
-        viz.text_by_expert(s["passage"], ex, result.config.model.num_experts, ax=ax,
+        viz.text_by_expert(s["passage"], ex, E, ax=ax,
                            width=64, title=f"{name}: last MoE layer, seed {s['seed']}")
     fig.tight_layout()
     return fig
@@ -236,6 +290,8 @@ def figure(result: ExpertsResult, layer: int = -1) -> Any:
 def main_experts(argv: Sequence[str] | None = None) -> int:
     import argparse
 
+    from tinymoe.app import records
+
     ap = argparse.ArgumentParser(prog="tinymoe repro experts",
                                  description="Which characters each expert of a Switch "
                                              "char LM receives, with and without the "
@@ -243,7 +299,7 @@ def main_experts(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--figure", default=None)
-    ap.add_argument("--record", action="store_true")
+    records.add_record_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
@@ -255,10 +311,19 @@ def main_experts(argv: Sequence[str] | None = None) -> int:
     if args.figure:
         figure(res).savefig(args.figure, dpi=120, bbox_inches="tight")
     if args.record:
-        from tinymoe.app.experiments.inference import save_record
-        save_record("experts", ["experts", *(["--fast"] if fast else [])],
-                    list(res.config.seeds), asdict(res.config), res.to_dict()["runs"], fast)
+        print("recorded", record_result(res, ["experts", *(argv or [])]))
     return 0
+
+
+def record_result(result: ExpertsResult, argv: list[str]) -> Any:
+    """Write every seed's tables and passage, and the summary over seeds, to the records."""
+    from tinymoe.app import records
+
+    return records.record("experts", argv=argv, seeds=list(result.config.seeds),
+                          settings=asdict(result.config),
+                          results={"seconds": result.seconds, "runs": result.runs,
+                                   "summary": summary(result)},
+                          fast=result.fast)
 
 
 if __name__ == "__main__":

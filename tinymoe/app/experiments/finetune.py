@@ -17,11 +17,15 @@ factor 1.25 in training and 2.0 in evaluation as ST-MoE's fine-tuning) in every 
 its FLOP-matched dense twin (one FFN of width ``d_ff``), both pre-trained on the shipped
 Shakespeare, then fine-tuned on Bierce's *The Devil's Dictionary*
 (:func:`tinymoe.data.devils_dictionary`; 10 % held out for validation, and of the rest only
-the first ``finetune_chars`` characters, 30 KB, are trained on: small data). For each
-seed both models are pre-trained once and every fine-tuning variant starts from those
-weights, on the same batches. Measured on fixed batches, in evaluation mode: the
-fine-tuning train and validation cross-entropy (nats/char), their gap, and the best
-validation loss over fine-tuning. Several seeds; mean ± standard deviation.
+the first ``finetune_chars`` characters, 10 KB, are trained on: small data, seen about
+70 times over the fine-tuning steps, long enough for the validation loss to turn up). For
+each seed both models are pre-trained once and every fine-tuning variant starts from those
+weights, on the same batches. Measured on fixed batches, in evaluation mode, every
+``eval_every`` steps: the fine-tuning train and validation cross-entropy (nats/char). Reported:
+the best validation loss and its step (what early stopping would keep), the validation loss
+at the end, its rise above the best (the overfitting), the final train/validation gap, and
+for every remedy its difference from plain fine-tuning of the same model, paired by seed (same
+pre-trained weights, same batches). Several seeds; mean ± half-width of the 95 % t-interval.
 """
 from __future__ import annotations
 
@@ -49,21 +53,22 @@ class FinetuneConfig:
     d_ff: int = 96
     num_experts: int = 8
     block_size: int = 48
-    pretrain_steps: int = 300
+    pretrain_steps: int = 500
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 200
-    finetune_chars: int = 30_000  # the fine-tuning train set: the first 30 KB of the split
+    finetune_steps: int = 600
+    finetune_chars: int = 10_000  # the fine-tuning train set: the first 10 KB of the split
     batch_size: int = 24
     lr: float = 1e-3
     small_batch: int = 6       # the "smaller batch, higher learning rate" variants
     high_lr: float = 3e-3
-    eval_every: int = 40
+    eval_every: int = 50
     eval_batches: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
-FAST = FinetuneConfig(d_model=32, d_ff=64, num_experts=4, block_size=32, pretrain_steps=60,
-                      finetune_steps=40, eval_every=20, eval_batches=2, seeds=(0,))
+FAST = FinetuneConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, num_experts=4, block_size=16,
+                      pretrain_steps=20, finetune_steps=20, batch_size=8, small_batch=2,
+                      eval_every=10, eval_batches=1, seeds=(0,))
 
 # name -> (model, how it differs from plain fine-tuning of every parameter)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -152,8 +157,10 @@ class Curve:
     pretrain_val: float = 0.0  # Shakespeare validation loss before fine-tuning
 
     def summary(self) -> dict[str, float]:
+        best = int(np.argmin(self.val))
         return {"train": self.train[-1], "val": self.val[-1],
-                "gap": self.val[-1] - self.train[-1], "best_val": min(self.val),
+                "gap": self.val[-1] - self.train[-1], "best_val": self.val[best],
+                "best_step": self.steps[best], "rise": self.val[-1] - self.val[best],
                 "start_val": self.val[0]}
 
 
@@ -193,6 +200,18 @@ def finetune(variant: str, cfg: FinetuneConfig, seed: int, state: dict, data: di
     return curve
 
 
+BASELINE = {"dense": "dense: all params", "switch": "switch: all params"}
+MEASURES = ("train", "val", "gap", "best_val", "best_step", "rise", "start_val")
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, half-width of the 95 % t-interval)``; half-width 0 for one value."""
+    from tinymoe.app.render import ci95
+
+    a = [float(v) for v in values]
+    return float(np.mean(a)), (ci95(a) if len(a) > 1 else 0.0)
+
+
 @dataclass
 class FinetuneResult:
     config: FinetuneConfig
@@ -202,16 +221,49 @@ class FinetuneResult:
     seconds: float
 
     def table(self) -> dict[str, dict[str, list[float]]]:
-        """variant -> measure -> one value per seed."""
+        """variant -> measure -> one value per seed (in seed order)."""
         out: dict[str, dict[str, list[float]]] = {}
         for c in self.curves:
             for k, val in c.summary().items():
                 out.setdefault(c.variant, {}).setdefault(k, []).append(val)
         return out
 
+    def paired(self) -> dict[str, dict[str, list[float]]]:
+        """variant -> ``best_val``/``val`` minus the same model's plain fine-tuning, per seed
+        (negative: the remedy ends lower, i.e. helped)."""
+        t = self.table()
+        out = {}
+        for name, m in t.items():
+            base = BASELINE[VARIANTS[name]["model"]]
+            if name == base or base not in t:
+                continue
+            out[name] = {k: [a - b for a, b in zip(m[k], t[base][k])]
+                         for k in ("best_val", "val", "rise")}
+        return out
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """variant -> measure -> ``{"mean", "ci95"}``, and ``minus_baseline`` likewise."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in self.table().items():
+            out[name] = {k: dict(zip(("mean", "ci95"), interval(v))) for k, v in m.items()}
+        for name, d in self.paired().items():
+            out[name]["minus_baseline"] = {k: dict(zip(("mean", "ci95"), interval(v)))
+                                           for k, v in d.items()}
+        return out
+
+    def mean_curves(self) -> dict[str, dict[str, list[float]]]:
+        """variant -> ``steps`` and the train and validation losses averaged over seeds."""
+        out = {}
+        for name in dict.fromkeys(c.variant for c in self.curves):
+            cs = [c for c in self.curves if c.variant == name]
+            out[name] = {"at": cs[0].steps, "train": np.mean([c.train for c in cs], 0).tolist(),
+                         "val": np.mean([c.val for c in cs], 0).tolist()}
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "fast": self.fast,
                 "pretrain_val": self.pretrain_val, "table": self.table(),
+                "paired": self.paired(), "summary": self.summary(),
                 "curves": [asdict(c) for c in self.curves], "seconds": self.seconds}
 
 
@@ -253,54 +305,84 @@ def run(fast: bool = False, config: FinetuneConfig | None = None,
     return FinetuneResult(cfg, fast, curves, pre, time.perf_counter() - start)
 
 
-def _ms(values: Sequence[float]) -> str:
-    a = np.asarray(values, dtype=float)
-    return f"{a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f}" if a.size > 1 else "")
+def _ci(d: dict[str, float], fmt: str = ".3f", sign: bool = False) -> str:
+    f = ("+" if sign else "") + fmt
+    return f"{d['mean']:{f}}" + (f" ± {d['ci95']:{fmt}}" if d["ci95"] else "")
 
 
-def format_table(result: FinetuneResult) -> str:
-    c = result.config
-    pre = ", ".join(f"{k} {_ms(v)}" for k, v in result.pretrain_val.items() if v)
-    lines = [f"Fine-tuning — char LMs ({c.n_layers} blocks, d {c.d_model}; Switch: "
-             f"{c.num_experts} experts of d_ff {c.d_ff} in every block; dense: d_ff "
-             f"{c.d_ff}), {c.pretrain_steps} pre-training steps on Shakespeare (val: {pre}), "
-             f"{c.finetune_steps} fine-tuning steps on {c.finetune_chars:,} characters of the "
-             f"Devil's Dictionary (batch "
-             f"{c.batch_size}, lr {c.lr:g}; 'batch/4, lr x3': batch {c.small_batch}, lr "
-             f"{c.high_lr:g}); seeds {list(c.seeds)}, mean ± sd"
-             f"{' (fast)' if result.fast else ''}; {result.seconds:.0f} s", "",
-             "| variant | train | val (end) | gap val - train | best val |",
-             "|---|---|---|---|---|"]
-    for name, m in result.table().items():
-        lines.append(f"| {name} | {_ms(m['train'])} | {_ms(m['val'])} | {_ms(m['gap'])} | "
-                     f"{_ms(m['best_val'])} |")
+def format_table(result: FinetuneResult | dict) -> str:
+    """The table of a run, or of a record (``records.load("finetune")``)."""
+    if isinstance(result, FinetuneResult):
+        c, summ, pretrain_val = asdict(result.config), result.summary(), result.pretrain_val
+        fast, seconds = result.fast, result.seconds
+    else:
+        c, r = result["settings"], result["results"]
+        summ, pretrain_val, seconds = r["summary"], r["pretrain_val"], r["seconds"]
+        fast = "--fast" in result["command"].split()
+    pre = ", ".join(f"{k} {_ci(dict(zip(('mean', 'ci95'), interval(v))))}"
+                    for k, v in pretrain_val.items() if v)
+    lines = [f"Fine-tuning — char LMs ({c['n_layers']} blocks, d {c['d_model']}; Switch: "
+             f"{c['num_experts']} experts of d_ff {c['d_ff']} in every block; dense: d_ff "
+             f"{c['d_ff']}), {c['pretrain_steps']} pre-training steps on Shakespeare (val: "
+             f"{pre}), {c['finetune_steps']} fine-tuning steps on {c['finetune_chars']:,} "
+             f"characters of the Devil's Dictionary (batch {c['batch_size']}, lr {c['lr']:g}; "
+             f"'batch/4, lr x3': batch {c['small_batch']}, lr {c['high_lr']:g}); seeds "
+             f"{list(c['seeds'])}, mean ± 95 % t-interval{' (fast)' if fast else ''}; "
+             f"{seconds:.0f} s", "",
+             "| variant | best val (step) | val at the end | rise end - best | gap val - train "
+             "| best val - plain | end val - plain |", "|---|---|---|---|---|---|---|"]
+    for name, m in summ.items():
+        d = m.get("minus_baseline")
+        lines.append(f"| {name} | {_ci(m['best_val'])} ({m['best_step']['mean']:.0f}) | "
+                     f"{_ci(m['val'])} | {_ci(m['rise'])} | {_ci(m['gap'])} | "
+                     + (f"{_ci(d['best_val'], sign=True)} | {_ci(d['val'], sign=True)} |"
+                        if d else "(plain) | (plain) |"))
     return "\n".join(lines)
 
 
-def figure(result: FinetuneResult) -> Any:
-    """Validation loss during fine-tuning, mean over seeds, one line per variant."""
+def figure(curves: Any, title: str = "") -> Any:
+    """Train (dotted) and validation (solid) loss during fine-tuning, mean over seeds, one
+    line per variant; ``curves`` is a :class:`FinetuneResult` or its ``mean_curves()`` (as
+    recorded: ``records.load("finetune")["results"]["curves"]``)."""
     import matplotlib.pyplot as plt
 
+    means = curves.mean_curves() if isinstance(curves, FinetuneResult) else curves
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, kind in zip(axes, ("dense", "switch")):
-        for name in VARIANTS:
-            cs = [c for c in result.curves if c.variant == name]
-            if not cs or VARIANTS[name]["model"] != kind:
+        for name, m in means.items():
+            if VARIANTS[name]["model"] != kind:
                 continue
-            val = np.mean([c.val for c in cs], axis=0)
-            train = np.mean([c.train for c in cs], axis=0)
-            line, = ax.plot(cs[0].steps, val, label=name.split(": ", 1)[1])
-            ax.plot(cs[0].steps, train, ":", color=line.get_color(), lw=1)
+            line, = ax.plot(m["at"], m["val"], label=name.split(": ", 1)[1])
+            ax.plot(m["at"], m["train"], ":", color=line.get_color(), lw=1)
         ax.set_title(f"{kind}: validation (solid) and train (dotted)")
         ax.set_xlabel("fine-tuning step")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("cross-entropy (nats/char)")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
+def record_result(result: FinetuneResult, argv: list[str]) -> Any:
+    """Write the table's figures (per seed, the means with intervals, the paired
+    differences) and the mean curves of the figure to the records."""
+    from tinymoe.app import records
+
+    return records.record(
+        "finetune", argv=argv, seeds=list(result.config.seeds),
+        settings={**asdict(result.config), "variants": list(dict.fromkeys(
+            c.variant for c in result.curves))},
+        results={"seconds": result.seconds, "pretrain_val": result.pretrain_val,
+                 "per_seed": result.table(), "paired": result.paired(),
+                 "summary": result.summary(), "curves": result.mean_curves()},
+        fast=result.fast)
+
+
 def main_finetune(argv: Sequence[str] | None = None) -> int:
     import argparse
+
+    from tinymoe.app import records
 
     ap = argparse.ArgumentParser(prog="tinymoe repro finetune",
                                  description="Pre-train Switch and dense char LMs on "
@@ -310,8 +392,7 @@ def main_finetune(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     ap.add_argument("--json", default=None, help="also write the full result as JSON here")
     ap.add_argument("--figure", default=None, help="save the figure here")
-    ap.add_argument("--record", action="store_true",
-                    help="write the run to tinymoe/data/records/ (tinymoe.app.records)")
+    records.add_record_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
@@ -328,11 +409,7 @@ def main_finetune(argv: Sequence[str] | None = None) -> int:
     if args.figure:
         figure(res).savefig(args.figure, dpi=120)
     if args.record:
-        from tinymoe.app.experiments.inference import save_record
-        argv_rec = ["finetune", *(["--fast"] if fast else []),
-                    *(["--seeds", str(args.seeds)] if args.seeds else [])]
-        save_record("finetune", argv_rec, list(cfg.seeds), asdict(cfg),
-                    {"pretrain_val": res.pretrain_val, "table": res.table()}, fast)
+        print("recorded", record_result(res, ["finetune", *(argv or [])]))
     return 0
 
 
