@@ -4,8 +4,8 @@ A template is markdown with placeholders ``{{ EXPR | SPEC }}``. ``EXPR`` is a Py
 expression over the records, each under its file name with ``-`` written ``_``
 (``switch_fast`` is ``switch-fast.json``), keys read as attributes or by subscript::
 
-    {{ switch.results.runs.dense.val_loss | .3f }}            -> 2.076
-    {{ switch.results.runs['switch cf 1.25'].val_dropped | %.1f }}   -> 7.3   (× 100)
+    {{ switch.results.by_seed['0'].runs.dense.val_loss | .3f }}     -> 2.076
+    {{ switch.results.by_seed['0'].runs['switch cf 1.25'].val_dropped | %.1f }}  -> 7.3 (× 100)
     {{ hme.results.ratio | .0f }}
     {{ table6.results.settings['0,0'].val_loss - hme.results.mean.rel_err_em | .3f }}
 
