@@ -4,8 +4,8 @@ A template is markdown with placeholders ``{{ EXPR | SPEC }}``. ``EXPR`` is a Py
 expression over the records, each under its file name with ``-`` written ``_``
 (``switch_fast`` is ``switch-fast.json``), keys read as attributes or by subscript::
 
-    {{ switch.results.runs.dense.val_loss | .3f }}            -> 2.076
-    {{ switch.results.runs['switch cf 1.25'].val_dropped | %.1f }}   -> 7.3   (× 100)
+    {{ switch.results.by_seed['0'].runs.dense.val_loss | .3f }}     -> 2.076
+    {{ switch.results.by_seed['0'].runs['switch cf 1.25'].val_dropped | %.1f }}  -> 7.3 (× 100)
     {{ hme.results.ratio | .0f }}
     {{ table6.results.settings['0,0'].val_loss - hme.results.mean.rel_err_em | .3f }}
 
@@ -37,17 +37,13 @@ PAGES = {  # template -> page, relative to the checkout
 }
 PLACEHOLDER = re.compile(r"\{\{(?!\{)(.+?)\}\}(?!\})", re.S)
 
-# two-sided 97.5 % quantiles of Student's t for df = 1..30 (beyond: the normal's 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 def t975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (tabled to 30)."""
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (scipy.stats.t)."""
+    from scipy import stats
+
     if df < 1:
         raise ValueError(f"t975: df={df} must be >= 1 (a 95 % interval needs 2 values)")
-    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df  # within 0.002 above 30
+    return float(stats.t.ppf(0.975, df))
 
 
 def mean(xs: Sequence[float]) -> float:

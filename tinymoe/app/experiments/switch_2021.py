@@ -326,27 +326,50 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     }
 
 
-def record_result(result: SwitchResult, argv: list[str]) -> Any:
-    """Write ``result``'s figures (every run by name, no curves) to the records."""
-    d = result.to_dict()
+def _curve_summary(history: dict[str, Any], last: int = 100) -> dict[str, Any]:
+    """The parts of a run's curves that the page quotes: the validation losses at each
+    evaluation, and the dropped fraction over the last ``last`` steps."""
+    if not history:  # a diverged run
+        return {"val_curve": [], "train_dropped_last": "nan"}
+    steps = history["steps"]
+    end = steps[-1] if steps else 0
+    tail = [np.mean(row) for s, row in zip(steps, history["dropped"]) if s > end - last and row]
+    return {"val_curve": [float(v) for v in history["val_loss"]],
+            "train_dropped_last": float(np.mean(tail)) if tail else 0.0}
+
+
+def record_result(results: Sequence[SwitchResult], argv: list[str]) -> Any:
+    """Write the figures of one result per seed (every run by name, no curves) to the
+    records: ``results.by_seed[seed].runs[name]``."""
+    first = results[0].to_dict()
+    by_seed = {}
+    for result in results:
+        d = result.to_dict()
+        by_seed[str(result.config.train.seed)] = {
+            "seconds": result.seconds,
+            "runs": {r["name"]: {**records.compact({k: v for k, v in r.items()
+                                                     if k not in ("name", "model_config")}),
+                                 **_curve_summary(r["history"])}
+                     for r in d["runs"]}}
     return records.record(
-        "switch", argv=argv, seeds=[result.config.train.seed],
-        settings={"model": d["model"], "train": d["train"], "runs": [r.name for r in result.runs]},
-        results={"seconds": result.seconds,
-                 "runs": {r["name"]: records.compact({k: v for k, v in r.items()
-                                                       if k not in ("name", "model_config")})
-                          for r in d["runs"]}},
-        fast=result.fast)
+        "switch", argv=argv, seeds=[r.config.train.seed for r in results],
+        settings={"model": first["model"], "train": {k: v for k, v in first["train"].items()
+                                                     if k != "seed"},
+                  "runs": [r.name for r in results[0].runs]},
+        results={"seconds": sum(r.seconds for r in results), "by_seed": by_seed},
+        fast=results[0].fast)
 
 
 def main_switch(argv: Sequence[str] | None = None) -> int:
-    """``tinymoe repro switch [--fast] [--steps N] [--seed S] [--runs ...] [--json PATH]``."""
+    """``tinymoe repro switch [--fast] [--steps N] [--seeds S ...] [--runs ...] [--json PATH]``."""
     ap = argparse.ArgumentParser(prog="tinymoe repro switch",
                                  description="Switch vs dense, capacity factors and router "
                                              "precision on a tiny character LM.")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"training steps per run (default {FULL.train.steps})")
-    ap.add_argument("--seed", type=int, default=None, help="initial weights and batches")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="initial weights and batches, one full set of runs per seed "
+                         "(default: the training config's seed)")
     ap.add_argument("--fast", action="store_true", help="tiny model, few steps")
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--json", default=None, help="also write the full result as JSON here")
@@ -354,16 +377,20 @@ def main_switch(argv: Sequence[str] | None = None) -> int:
     records.add_record_argument(ap)
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
-    result = run(fast=fast, steps=args.steps, progress=not args.no_progress, runs=args.runs,
-                 seed=args.seed)
-    print(format_table(result))
+    seeds = args.seeds or [None]
+    results = [run(fast=fast, steps=args.steps, progress=not args.no_progress, runs=args.runs,
+                   seed=seed) for seed in seeds]
+    for result in results:
+        print(f"seed {result.config.train.seed}:")
+        print(format_table(result))
     if args.record:
-        print("recorded", record_result(result, ["switch", *(argv or [])]))
+        print("recorded", record_result(results, ["switch", *(argv or [])]))
     if args.json:
         import json
 
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=1)
+            json.dump([r.to_dict() for r in results] if len(results) > 1
+                      else results[0].to_dict(), f, indent=1)
     return 0
 
 

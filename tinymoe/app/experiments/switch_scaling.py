@@ -70,6 +70,7 @@ class ScalingConfig:
     batch_size: int = 16
     lr: float = 3e-3            # for every E (see ``lr_dense`` for the dense model's own)
     lr_dense: float | None = None  # None: ``lr``
+    lr_by_experts: tuple[tuple[int, float], ...] = ()  # (E, lr) pairs that override both
     warmup: int = 50
     min_lr_ratio: float = 0.1
     clip: float = 1.0
@@ -83,13 +84,23 @@ class ScalingConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["experts"], d["seeds"] = list(self.experts), list(self.seeds)
+        d["lr_by_experts"] = [list(p) for p in self.lr_by_experts]
         return d
 
+    def lr_for(self, E: int) -> float:
+        """The peak learning rate of the E-expert model (E = 1: dense)."""
+        for e, lr in self.lr_by_experts:
+            if int(e) == int(E):
+                return float(lr)
+        return float(self.lr_dense) if E == 1 and self.lr_dense else float(self.lr)
 
-# d 64, 4 layers, a Switch FFN in every block (moe_every 1), expert d_ff 256, context 64,
-# 16 x 64 characters per step, capacity factor 1.25 in training.
+
+# d 64, 4 layers, a Switch FFN in every other block (moe_every 2, Switch-Base's layout; with
+# one in every block, E = 32 fell behind dense: every layer's router splits the 1,024 tokens
+# of a step 32 ways), expert d_ff 256, context 64, 16 x 64 characters per step, capacity
+# factor 1.25 in training.
 MODEL = TransformerConfig(vocab_size=65, block_size=64, d_model=64, n_layers=4, n_heads=4,
-                          d_ff=256, num_experts=8, moe_every=1, capacity_factor=1.25)
+                          d_ff=256, num_experts=8, moe_every=2, capacity_factor=1.25)
 FULL = ScalingConfig(MODEL)
 FAST = ScalingConfig(
     TransformerConfig(vocab_size=65, block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
@@ -277,7 +288,7 @@ def train_one(cfg: ScalingConfig, E: int, seed: int, lr: float | None = None,
 
     tok, train_ids, val_ids = load_data()
     mcfg = _model_config(cfg, E, tok.vocab_size, **model_changes)
-    lr = lr if lr is not None else (cfg.lr_dense if E == 1 and cfg.lr_dense else cfg.lr)
+    lr = lr if lr is not None else cfg.lr_for(E)
     model = Transformer(mcfg, rng=seed)
     keep = [m.router.W_r for m in model.moe_layers if mcfg.router_dtype != "bfloat16"]
     opt = tm.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -409,13 +420,27 @@ def _mean_capacity(caps: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "max_load": float(np.mean([c["max_load"] for c in caps]))}
 
 
-def run(cfg: ScalingConfig = FULL, workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """The sweep: every E x every seed; returns ``{"settings", "runs", "summary"}``."""
+def run(cfg: ScalingConfig = FULL, workers: int = 1, progress: bool = True,
+        lrs: Sequence[float] = ()) -> dict[str, Any]:
+    """The sweep: every E x every seed at each E's learning rate
+    (:meth:`ScalingConfig.lr_for`); returns ``{"settings", "runs", "summary", "seconds"}``.
+    With ``lrs``, the learning-rate sweep instead: every E x seed x lr, summarised per lr
+    (``"by_lr"``: lr -> E -> mean validation loss over the seeds)."""
     start = time.perf_counter()
-    jobs = [(cfg, E, s, None, {}) for s in cfg.seeds for E in cfg.experts]
+    if not lrs:
+        jobs = [(cfg, E, s, None, {}) for s in cfg.seeds for E in cfg.experts]
+        runs = run_jobs(jobs, workers, progress)
+        return {"settings": cfg.to_dict(), "runs": [asdict(r) for r in runs],
+                "summary": summarize(runs, cfg.experts, cfg.seeds),
+                "seconds": time.perf_counter() - start}
+    jobs = [(cfg, E, s, float(lr), {}) for lr in lrs for s in cfg.seeds for E in cfg.experts]
     runs = run_jobs(jobs, workers, progress)
-    return {"settings": cfg.to_dict(), "runs": [asdict(r) for r in runs],
-            "summary": summarize(runs, cfg.experts, cfg.seeds),
+    by_lr = {f"{lr:g}": {str(E): float(np.mean([r.val_loss for r in runs
+                                                 if r.lr == float(lr) and r.E == E]))
+                         for E in cfg.experts} for lr in lrs}
+    best = {str(E): min(by_lr, key=lambda k: by_lr[k][str(E)]) for E in cfg.experts}
+    return {"settings": {**cfg.to_dict(), "lrs": [float(x) for x in lrs]},
+            "runs": [asdict(r) for r in runs], "by_lr": by_lr, "summary": {"best_lr": best},
             "seconds": time.perf_counter() - start}
 
 
@@ -442,6 +467,20 @@ def format_table(result: dict[str, Any]) -> str:
         reach = ", ".join("—" if s is None else f"{s:.0f}" for s in row.get("steps_to_dense", []))
         lines.append(f"| {E} | {row['mean']:.4f} | {d} | {reach} | "
                      f"{100 * np.mean(row['train_dropped']):.1f}% |")
+    return "\n".join(lines)
+
+
+def format_lr_sweep(result: dict[str, Any]) -> str:
+    """Markdown: mean validation loss per (lr, E), the best lr of each E in bold."""
+    by_lr, best = result["by_lr"], result["summary"]["best_lr"]
+    Es = list(next(iter(by_lr.values())))
+    lines = [f"Learning-rate sweep, seeds {result['settings']['seeds']}: mean validation loss "
+             "(dropless, full split).", "",
+             "| lr | " + " | ".join("dense" if E == "1" else f"E {E}" for E in Es) + " |",
+             "|---" * (1 + len(Es)) + "|"]
+    for lr, row in by_lr.items():
+        lines.append(f"| {lr} | " + " | ".join(
+            (f"**{row[E]:.4f}**" if best[E] == lr else f"{row[E]:.4f}") for E in Es) + " |")
     return "\n".join(lines)
 
 
@@ -535,52 +574,19 @@ def records_folder() -> Any:
 
 def record_result(result: dict[str, Any], argv: Sequence[str], name: str = "switch_scaling",
                   fast: bool = False) -> Any:
-    """Write the result with :func:`tinymoe.app.records.record` when that module exists,
-    else the same keys to ``tinymoe/data/records/{name}[-fast].json``; returns the path."""
-    results = {"summary": result["summary"], "runs": result["runs"],
-               "seconds": result["seconds"]}
-    seeds = list(result["settings"]["seeds"])
-    try:
-        from tinymoe.app.records import record
-    except ImportError:
-        import platform
-        import subprocess
+    """Write the sweep with :func:`tinymoe.app.records.record`; returns the path."""
+    from tinymoe.app.records import record
 
-        import tinymoe
-
-        try:
-            version = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                     text=True, check=True,
-                                     cwd=os.path.dirname(__file__)).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            version = tinymoe.__version__
-        path = records_folder() / f"{name}{'-fast' if fast else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"name": name, "command": "tinymoe repro " + " ".join(argv),
-               "code_version": version, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                              time.gmtime()),
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "numpy": np.__version__},
-               "seeds": seeds, "settings": result["settings"], "results": results}
-        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        return path
-    return record(name, argv=list(argv), seeds=seeds, settings=result["settings"],
-                  results=results, fast=fast)
+    results = {k: result[k] for k in ("summary", "runs", "seconds", "by_lr") if k in result}
+    return record(name, argv=list(argv), seeds=list(result["settings"]["seeds"]),
+                  settings=result["settings"], results=results, fast=fast)
 
 
 def load_recorded(name: str = "switch_scaling", fast: bool = False) -> dict[str, Any]:
     """A recorded sweep as ``{"settings", "summary", "runs", "seconds", "command"}``."""
-    try:
-        from tinymoe.app.records import load
-    except ImportError:
-        path = records_folder() / f"{name}{'-fast' if fast else ''}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"load_recorded: no recorded run {path.name}; make it "
-                                    f"with `tinymoe repro {name} --record"
-                                    f"{' --fast' if fast else ''}`") from None
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    else:
-        doc = load(name, fast=fast)
+    from tinymoe.app.records import load
+
+    doc = load(name, fast=fast)
     return {"settings": doc["settings"], "command": doc["command"], **doc["results"]}
 
 
@@ -627,6 +633,11 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-by-experts", nargs="*", default=None, metavar="E=LR",
+                    help="a learning rate per number of experts, e.g. 1=3e-3 32=1e-2")
+    ap.add_argument("--lrs", type=float, nargs="*", default=None,
+                    help="the learning-rate sweep: every E x seed at each of these "
+                         "(record it with --name switch_scaling_lr)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     ap.add_argument("--record", action="store_true", help="write the recorded result")
     ap.add_argument("--name", default="switch_scaling",
@@ -641,9 +652,19 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
                 ("lr", args.lr)) if v is not None}
     if "experts" in changes and 1 not in changes["experts"]:
         raise SystemExit("tinymoe repro switch_scaling: --experts must include 1 (dense)")
+    if args.lr_by_experts is not None:
+        try:
+            changes["lr_by_experts"] = tuple((int(e), float(v)) for e, v in
+                                             (p.split("=") for p in args.lr_by_experts))
+        except ValueError:
+            raise SystemExit("tinymoe repro switch_scaling: --lr-by-experts takes E=LR "
+                             f"pairs such as 1=3e-3 8=5e-3, got {args.lr_by_experts}") from None
+    if args.lrs:
+        changes["analysis"] = False
     cfg = replace(cfg, **changes)
-    result = run(cfg, workers=args.workers, progress=not args.no_progress)
-    print(format_table(result))
+    result = run(cfg, workers=args.workers, progress=not args.no_progress,
+                 lrs=tuple(args.lrs or ()))
+    print(format_lr_sweep(result) if args.lrs else format_table(result))
     if cfg.analysis:
         print()
         print(format_capacity(result))

@@ -230,7 +230,7 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 def t975(df: int) -> float:
-    """97.5 % quantile of Student's t (tabled in :mod:`tinymoe.app.render`)."""
+    """97.5 % quantile of Student's t (:func:`tinymoe.app.render.t975`, from scipy)."""
     from tinymoe.app.render import t975 as table
 
     return table(df)
