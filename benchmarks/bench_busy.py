@@ -11,7 +11,9 @@ step (forward + backward, float32, d 256, d_ff 1,024, E = 8, cf 1.25; the builde
 benchmarks/bench_switch_layer.py: tinymoe, NumPy by hand, PyTorch eager at 2 threads), and
 the tour (``python -m tinymoe tour``, ``--fast`` with ``--tour fast``) in a child process.
 The idle measurement is taken first and again last; the idle time is the faster of the two
-and their spread is reported.
+and their spread is reported. The NumPy-by-hand version shares this process's OpenBLAS, so
+it follows the thread count tinymoe chose (``--threads 2`` fixes the count instead: the
+behaviour before tinymoe.threads, for comparison).
 
 Definitions (P cores; N busy processes; u = the threads the implementation runs on when
 the machine is idle: P for all of them here, as tinymoe's and NumPy's thread pools default
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_switch_layer as sl  # noqa: E402  (imports PyTorch first, then tinymoe)
 from _common import machine, table  # noqa: E402
+from bench_lm_step import machine_text, write_result  # noqa: E402
 
 import tinymoe as tm  # noqa: E402
 
@@ -179,10 +182,11 @@ def verdicts(summary: dict, what: str) -> list[str]:
     return lines
 
 
-def render(result: dict) -> str:
-    """The Markdown section of docs/benchmarks.md for one or more runs of this benchmark."""
+def render(record: dict) -> str:
+    """The Markdown section of docs/benchmarks.md for benchmarks/results/busy.json (its
+    ``results``: one entry per measurement, "switch" and/or "tour")."""
     parts = []
-    for what, res in result["runs"].items():
+    for what, res in record["results"].items():
         rows = []
         for name, e in res["summary"].items():
             rows.append([name, f"{e['idle_seconds'] * 1e3:,.0f}", "0", "1.00", "-", "-",
@@ -191,10 +195,11 @@ def render(result: dict) -> str:
                 rows.append([name, f"{v['seconds'] * 1e3:,.0f}", n, f"{v['slowdown']:.2f}",
                              f"{v['fair_share']:.2f}", f"{v['vs_fair_share']:.2f}",
                              f"{v['cores_used']:.2f}"])
-        head = ("Switch-layer step (T = {:,})".format(res["tokens"]) if what == "switch"
-                else f"tour ({'--fast' if res['fast'] else 'full'})")
-        parts += [f"{head}: `{res['command']}`, {result['machine']}, {res['threads']}; "
-                  f"load average before {res['load_start']:.2f}.", "",
+        head = ("Switch-layer step (T = {:,})".format(res["tokens"])
+                if what.startswith("switch") else f"tour ({'--fast' if res['fast'] else 'full'})")
+        parts += [f"{head}: `{res['command']}`, {machine_text(record['machine'])}, "
+                  f"{res['threads']}, {res.get('date', '')}; load average before "
+                  f"{res['load_start']:.2f}.", "",
                   table(["implementation", "ms", "busy processes", "slowdown",
                          "fair share", "slowdown / fair share", "cores used"], rows), ""]
         parts += [f"- {v}" for v in res["verdicts"]] + [""]
@@ -214,8 +219,15 @@ def main(argv=None) -> None:
     ap.add_argument("--tour", choices=("fast", "full"), default="full")
     ap.add_argument("--quick", action="store_true", help="T = 1,024, 3 repeats, tour --fast")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--idle-once", action="store_true",
+                    help="measure idle only before the loads (not again after): shorter")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="tinymoe.set_num_threads(N) first: a fixed count, as before the "
+                         "adaptive policy (results stored as e.g. 'switch-fixed2')")
     ap.add_argument("--out", default=str(RESULTS), help="JSON results (merged by --what)")
     args = ap.parse_args(argv)
+    if args.threads:
+        tm.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.repeats, args.tour = 1024, 3, "fast"
     torch = None if args.no_torch else sl.TORCH
@@ -229,14 +241,14 @@ def main(argv=None) -> None:
         print(f"agreement (T = 512): {', '.join(sl.check_agreement(torch=torch))} agree")
     whats = ["switch", "tour"] if args.what == "both" else [args.what]
     out_path = Path(args.out) if args.out else None
-    result = json.loads(out_path.read_text()) if out_path and out_path.exists() else {}
-    result.update(machine=machine(), cores=cores)
-    result.setdefault("runs", {})
+    old = json.loads(out_path.read_text()) if out_path and out_path.exists() else {}
+    results = dict(old.get("results", {}))  # the other measurement's last run is kept
+    first_load = os.getloadavg()[0]
     for what in whats:
         loads = args.busy or ([2, 4] if what == "switch" else [4])
         load_start = os.getloadavg()[0]
         runs = []
-        for n in [0, *loads, 0]:
+        for n in [0, *loads] + ([] if args.idle_once else [0]):
             with BusyLoad(n):
                 times = time_switch(args.tokens, args.repeats, torch) if what == "switch" \
                     else time_tour(args.tour == "fast")
@@ -245,21 +257,27 @@ def main(argv=None) -> None:
                 f"{k} {v['seconds'] * 1e3:,.0f} ms ({v['cores_used']:.2f} cores)"
                 for k, v in times.items()), flush=True)
         summary = summarise(runs, cores)
-        res = {"command": command, "tokens": args.tokens, "fast": args.tour == "fast",
-               "repeats": args.repeats, "load_start": load_start,
+        res = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "tokens": args.tokens, "fast": args.tour == "fast", "repeats": args.repeats,
+               "load_start": load_start,
                "threads": f"tinymoe threads {tm.threads.describe()['mode']}",
                "runs": runs, "summary": summary}
         res["verdicts"] = verdicts(summary, what)
-        result["runs"][what] = res
+        results[what + (f"-fixed{args.threads}" if args.threads else "")] = res
         for line in res["verdicts"]:
             print(line)
-    print()
-    print(render({"machine": result["machine"],
-                  "runs": {w: result["runs"][w] for w in whats}}))
+    settings = {"cores": cores, "tokens": args.tokens, "repeats": args.repeats,
+                "tour": args.tour, "measured": sorted(results)}
+    keys = [w + (f"-fixed{args.threads}" if args.threads else "") for w in whats]
+    record = {"machine": machine(), "results": {k: results[k] for k in keys}}
     if out_path:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {out_path}")
+        path = write_result(out_path.stem, sys.argv[1:] if argv is None else argv, settings,
+                            results, load_start=first_load, folder=out_path.parent)
+        record = json.loads(path.read_text())
+        record["results"] = {k: results[k] for k in keys}
+        print(f"\nwrote {path}")
+    print()
+    print(render(record))
 
 
 if __name__ == "__main__":

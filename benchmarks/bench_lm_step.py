@@ -54,6 +54,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 
+try:  # the shared result writer (benchmarks/results/NAME.json), where it exists
+    from _common import write_result  # noqa: E402
+except ImportError:  # the same record, written here
+    def write_result(name, argv, settings, results, load_start=None, folder=None):
+        import datetime
+        args = sys.argv[1:] if argv is None else list(argv)
+        record = {"name": name, "command": " ".join(["python", f"benchmarks/bench_{name}.py",
+                                                     *args]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+                      "%Y-%m-%d %H:%M UTC"),
+                  "machine": machine(), "load_average": {"start": load_start,
+                                                         "end": os.getloadavg()[0]},
+                  "settings": settings, "results": results}
+        folder = Path(folder) if folder else ROOT / "benchmarks" / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return path
+
 # PyTorch first, as in bench_switch_layer.py: its OpenMP keeps its own defaults.
 TORCH = None if "--no-torch" in sys.argv else try_torch()
 
@@ -394,14 +413,22 @@ def summarise(times: dict) -> dict:
     return {"fastest_torch": best, "ratio_vs_fastest_torch": times["tinymoe"] / torch_times[best]}
 
 
-def render(result: dict) -> str:
-    """The Markdown section of docs/benchmarks.md for this benchmark's JSON."""
+def machine_text(m) -> str:
+    if isinstance(m, str):
+        return m
+    return ", ".join(f"{k} {v}" for k, v in m.items() if v and not isinstance(v, dict))
+
+
+def render(record: dict) -> str:
+    """The Markdown section of docs/benchmarks.md for benchmarks/results/lm_step.json."""
+    result, settings = record["results"], record["settings"]
     tr = result["training"]
+    load = record.get("load_average", {}).get("start")
     lines = [f"One training step of the tiny Switch LM (batch {tr['batch']} x "
              f"{tr['tokens_per_step'] // tr['batch']} tokens), tinymoe vs the same model in "
-             f"PyTorch eager (nanoGPT style, fused AdamW), medians of {result['repeats']} "
-             f"interleaved rounds; `{result['command']}` on {result['machine']} "
-             f"(load average {result['load_start']:.2f} at start).", ""]
+             f"PyTorch eager (nanoGPT style, fused AdamW), medians of {settings['repeats']} "
+             f"interleaved rounds; `{record['command']}` on {machine_text(record['machine'])}"
+             f" ({record.get('date', '')}; load average {load} at start).", ""]
     rows = []
     for n, s in tr["seconds"].items():
         rows.append([n, f"{s * 1e3:.1f}", f"{tr['tokens_per_s'][n]:,.0f}",
@@ -453,11 +480,12 @@ def main(argv=None) -> None:
     batch = 4 if args.quick else args.batch
     repeats = args.repeats or (3 if args.quick else 9)
     new = 16 if args.quick else args.new
-    result = {"command": "python benchmarks/bench_lm_step.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "machine": machine(),
-        "load_start": os.getloadavg()[0], "repeats": repeats,
-        "config": make_config().to_dict(), "lr": LR, "weight_decay": WEIGHT_DECAY}
-    print(f"machine: {result['machine']}; load average {result['load_start']:.2f}")
+    settings = {"config": make_config().to_dict(), "lr": LR, "weight_decay": WEIGHT_DECAY,
+                "batch": batch, "repeats": repeats, "new_tokens": new,
+                "tinymoe_threads": tm.threads.describe()["mode"]}
+    load_start = os.getloadavg()[0]
+    result: dict = {}
+    print(f"machine: {machine()}; load average {load_start:.2f}")
     if torch is not None:
         result["agreement"] = check_agreement(torch)
         print(f"agreement: {result['agreement']}")
@@ -468,27 +496,33 @@ def main(argv=None) -> None:
     print("training step: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in
                                        tr["seconds"].items())
           + (f"; tinymoe / {tr['fastest_torch']} = {tr['ratio_vs_fastest_torch']:.2f}"
-             if "fastest_torch" in tr else ""))
+             if "fastest_torch" in tr else ""), flush=True)
     if not (args.quick or args.no_memory):
         impls = ["tinymoe"] + (["torch"] if torch is not None else [])
         result["memory"] = {n: measure_memory(n, batch) for n in impls}
         print("memory: " + ", ".join(f"{n} {m['peak_mib']:.0f} MiB" for n, m in
-                                     result["memory"].items() if m))
+                                     result["memory"].items() if m), flush=True)
     result["generation"] = []
     for b in (1, 16):
         g = time_generation(torch, b, 16, new, max(3, repeats // 2))
         g.update(summarise(g["seconds"]))
         result["generation"].append(g)
         print(f"generation batch {b}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in
-                                                    g["tokens_per_s"].items()))
-    result["load_end"] = os.getloadavg()[0]
+                                                    g["tokens_per_s"].items()), flush=True)
     result["seconds_total"] = time.perf_counter() - t0
-    print()
-    print(render(result))
+    argv_used = sys.argv[1:] if argv is None else list(argv)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+        out = Path(args.out)
+        path = write_result(out.stem, argv_used, settings, result, load_start=load_start,
+                            folder=out.parent)
+        record = json.loads(path.read_text())
+        print(f"\nwrote {path}")
+    else:
+        record = {"command": "python benchmarks/bench_lm_step.py " + " ".join(argv_used),
+                  "machine": machine(), "settings": settings, "results": result,
+                  "load_average": {"start": load_start}}
+    print()
+    print(render(record))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tinymoe import ops, threads, validate
+from tinymoe import ops, validate
 from tinymoe.autograd import Function
 from tinymoe.dispatch.functions import as_dtype
 from tinymoe.nn.dropout import Dropout
@@ -63,7 +63,6 @@ class GroupedLinear(Function):
                              f"= {(E, d_out)}")
         o = check_offsets(offsets, x.shape[0], E, "grouped_linear")
         out = np.empty((x.shape[0], d_out), dtype=np.result_type(x, W))  # (N, d_out)
-        threads.num_threads()  # BLAS threads for the cores free now (tinymoe.threads)
         for e in range(E):
             lo, hi = o[e], o[e + 1]
             out[lo:hi] = x[lo:hi] @ W[e] + b[e]  # (n_e, d_out)
@@ -79,7 +78,6 @@ class GroupedLinear(Function):
         dx = np.empty_like(x) if need_x else None  # (N, d_in)
         dW = np.zeros_like(W) if need_W else None  # (E, d_in, d_out)
         db = np.zeros((W.shape[0], W.shape[2]), dtype=grad.dtype) if need_b else None
-        threads.num_threads()
         for e in range(W.shape[0]):
             lo, hi = o[e], o[e + 1]
             g = grad[lo:hi]  # (n_e, d_out)
