@@ -404,6 +404,45 @@ def time_generation(torch, batch: int, prompt_len: int, new: int, repeats: int) 
             "tokens_per_s": {n: batch * new / s for n, s in t.items()}}
 
 
+PROFILE_GROUPS = (  # (label, substrings of the profiled function's file or name)
+    ("matrix products (BLAS)", ("ops/linalg.py", "/moe/experts.py")),
+    ("GELU (erf, exp)", ("ops/special.py", "ops/activations.py", "ufunc/dufunc.py")),
+    ("softmax, log-softmax", ("ops/softmax.py",)),
+    ("other element-wise ops", ("ops/elementwise.py", "ops/shape.py", "ops/indexing.py")),
+    ("reductions (sum, mean, max)", ("ops/reductions.py", "'reduce'", "_methods.py")),
+    ("routing and dispatch", ("/dispatch/", "/moe/")),
+    ("AdamW", ("optim.py",)),
+    ("autograd bookkeeping", ("autograd.py", "tensor.py", "nn/module.py")),
+)
+
+
+def profile_training(batch: int, steps: int = 3) -> list[dict]:
+    """CPU seconds per step (all threads) of tinymoe's training step by kind of work
+    (cProfile's own time per function, grouped by file), largest first."""
+    import cProfile
+    import pstats
+
+    cfg = make_config()
+    model, opt = tinymoe_model(cfg)
+    ids, targets = make_batch(cfg, batch)
+    for _ in range(2):
+        tinymoe_step(model, opt, ids, targets)
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    for _ in range(steps):
+        tinymoe_step(model, opt, ids, targets)
+    prof.disable()
+    groups: dict[str, float] = {}
+    for (file, line, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+        where = f"{file}:{line}({name})".replace("\\", "/")
+        label = next((lab for lab, keys in PROFILE_GROUPS if any(k in where for k in keys)),
+                     "everything else")
+        groups[label] = groups.get(label, 0.0) + tottime / steps
+    total = sum(groups.values())
+    return [{"what": k, "ms": v * 1e3, "share": v / total}
+            for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+
+
 def summarise(times: dict) -> dict:
     """The faster PyTorch thread count, and tinymoe's time relative to it."""
     torch_times = {n: s for n, s in times.items() if n.startswith("torch")}
@@ -452,6 +491,13 @@ def render(record: dict) -> str:
     lines += ["", "Greedy generation with a KV cache (tokens/s = batch x new tokens / s):", "",
               table(["batch", "prompt", "new", "implementation", "tokens/s",
                      "time vs fastest torch"], grow)]
+    prof = result.get("profile")
+    if prof:
+        lines += ["", "Where tinymoe's step goes (cProfile's own time per function, CPU ms "
+                      "per step over all threads; the profiler inflates the Python-heavy "
+                      "rows):", "",
+                  table(["work", "ms", "share"], [[p["what"], f"{p['ms']:.1f}",
+                                                   f"{p['share']:.0%}"] for p in prof])]
     ag = result.get("agreement")
     if ag:
         lines += ["", f"Agreement (checked before timing): first-step loss {ag['loss_tinymoe']:.6f}"
@@ -502,6 +548,10 @@ def main(argv=None) -> None:
         result["memory"] = {n: measure_memory(n, batch) for n in impls}
         print("memory: " + ", ".join(f"{n} {m['peak_mib']:.0f} MiB" for n, m in
                                      result["memory"].items() if m), flush=True)
+    if not args.quick:
+        result["profile"] = profile_training(batch)
+        print("profile (CPU ms per step): " + ", ".join(
+            f"{p['what']} {p['ms']:.0f}" for p in result["profile"]), flush=True)
     result["generation"] = []
     for b in (1, 16):
         g = time_generation(torch, b, 16, new, max(3, repeats // 2))
