@@ -126,8 +126,22 @@ def time_tour(fast: bool) -> dict:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        stages = tour_stage_seconds(Path(out) / "report.md")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"tour": {"seconds": wall, "cores_used": cpu / wall}}
+    return {"tour": {"seconds": wall, "cores_used": cpu / wall, "stages": stages}}
+
+
+def tour_stage_seconds(report: Path) -> dict[str, float]:
+    """``{stage: seconds}`` from the table of the tour's report.md (first and last column)."""
+    out = {}
+    for line in report.read_text(encoding="utf-8").splitlines()[4:]:  # title, blank, header
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2:
+            try:
+                out[cells[0]] = float(cells[-1])
+            except ValueError:
+                continue
+    return out
 
 
 def fair_share(n_busy: int, threads: int, cores: int) -> float:
@@ -203,10 +217,33 @@ def render(record: dict) -> str:
                   table(["implementation", "ms", "busy processes", "slowdown",
                          "fair share", "slowdown / fair share", "cores used"], rows), ""]
         parts += [f"- {v}" for v in res["verdicts"]] + [""]
+        stage_rows = tour_stage_rows(res)
+        if stage_rows:
+            parts += ["Per stage (seconds from the tour's own report):", "",
+                      table(["stage", "idle s"] + [f"{n} busy: s (slowdown)" for n in
+                                                   stage_rows[0][2]],
+                            [[st, f"{idle:.1f}"] + [f"{t:.1f} ({t / idle:.1f}x)"
+                                                    for t in loaded.values()]
+                             for st, idle, loaded in stage_rows]), ""]
     parts.append("Slowdown = time with N busy processes / idle time; fair share = max(1, (N + "
                  "u) / P), u = P = the threads each implementation uses idle, P the cores; "
                  "cores used = CPU time / wall time.")
     return "\n".join(parts)
+
+
+def tour_stage_rows(res: dict) -> list[tuple[str, float, dict[str, float]]]:
+    """(stage, idle seconds (faster idle run), {busy count: seconds}) for a tour run."""
+    runs = [r for r in res["runs"] if r["times"].get("tour", {}).get("stages")]
+    idle = [r["times"]["tour"]["stages"] for r in runs if r["busy"] == 0]
+    if not idle:
+        return []
+    rows = []
+    for stage in idle[0]:
+        best = min(i.get(stage, float("inf")) for i in idle)
+        loaded = {str(r["busy"]): r["times"]["tour"]["stages"].get(stage, float("nan"))
+                  for r in runs if r["busy"]}
+        rows.append((stage, max(best, 1e-9), loaded))
+    return rows
 
 
 def main(argv=None) -> None:
