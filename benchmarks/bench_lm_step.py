@@ -282,7 +282,7 @@ def torch_generate(torch, lm, ids: np.ndarray, new: int) -> np.ndarray:
 
 
 # --- correctness first --------------------------------------------------------------------
-def check_agreement(torch, batch: int = 2, rtol: float = 2e-4) -> dict:
+def check_agreement(torch, batch: int = 2, new: int = 32, rtol: float = 2e-4) -> dict:
     """Loss, gradients and updated weights of one step, and greedy tokens, must agree."""
     cfg = make_config()
     model, opt = tinymoe_model(cfg)
@@ -311,8 +311,8 @@ def check_agreement(torch, batch: int = 2, rtol: float = 2e-4) -> dict:
     model.eval()
     lm.eval()
     prompt = make_batch(cfg, 2, seed=5)[0][:, :16]
-    mine = generate(model, prompt, 32, temperature=0)
-    theirs = torch_generate(torch, lm, prompt, 32)
+    mine = generate(model, prompt, new, temperature=0)
+    theirs = torch_generate(torch, lm, prompt, new)
     same = float(np.mean(mine == theirs))
     if same < 1.0:
         raise AssertionError(f"bench_lm_step: greedy tokens agree at {same:.0%} of positions")
