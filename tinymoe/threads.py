@@ -141,9 +141,8 @@ def num_threads() -> int:
     if last is not None and now > last[0]:
         others = ((busy - last[1]) - (sample[2] - last[2])) / (now - last[0])
         n = choose(p.cores, others)
-        if n != p.current or p._blas_set is None:
-            _set_blas(n)
-            p.current = n if p.adaptive else p.cores
+        _set_blas(n)  # (a ctypes call or two; also notices a count set by someone else)
+        p.current = n if p.adaptive else p.cores
     return p.current
 
 
