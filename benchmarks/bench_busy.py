@@ -194,9 +194,12 @@ def verdicts(summary: dict, what: str) -> list[str]:
     if what == "tour" and "4" in summary.get("tour", {}).get("loads", {}):
         t = summary["tour"]["loads"]["4"]
         ok = t["vs_fair_share"] <= 1.5
+        strict = t["slowdown"] / t["fair_share_measured_u"]
         lines.append(f"tour under 4 busy processes: slowdown {t['slowdown']:.2f}x, fair share "
                      f"{t['fair_share']:.2f}x, ratio {t['vs_fair_share']:.2f} (target <= 1.5: "
-                     f"{'met' if ok else 'NOT met'})")
+                     f"{'met' if ok else 'NOT met'}); with u = the cores it used idle, fair "
+                     f"share {t['fair_share_measured_u']:.2f}x, ratio {strict:.2f} "
+                     f"({'met' if strict <= 1.5 else 'NOT met'})")
     return lines
 
 
