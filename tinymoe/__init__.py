@@ -19,11 +19,13 @@ from tinymoe.ops import methods as _methods  # noqa: F401  (gives Tensor its ops
 from tinymoe.autograd import Function, enable_grad, is_grad_enabled, no_grad, unbroadcast
 from tinymoe.gradcheck import GradcheckError, GradcheckReport, gradcheck
 from tinymoe.tensor import Tensor, tensor
+from tinymoe.threads import set_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = ["Tensor", "tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled",
-           "unbroadcast", "gradcheck", "GradcheckError", "GradcheckReport", "functional",
+           "unbroadcast", "set_num_threads", "gradcheck", "GradcheckError", "GradcheckReport",
+           "functional",
            "nn", "optim", "moe", "data", "viz", "dispatch", "losses", "models", "params",
            "parallel", "testing", "conformance"]
 

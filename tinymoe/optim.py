@@ -83,13 +83,20 @@ def adam_update(param: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarra
         m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)     undo the bias towards 0
         p <- p - lr m_hat / (sqrt(v_hat) + eps)
     """
+    # the operations of the formulas above in their order, in two temporaries instead of eight
     m *= beta1
     m += (1 - beta1) * grad
     v *= beta2
-    v += (1 - beta2) * grad * grad
-    m_hat = m / (1 - beta1 ** t)
-    v_hat = v / (1 - beta2 ** t)
-    param -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    g2 = (1 - beta2) * grad
+    g2 *= grad
+    v += g2
+    step = np.divide(m, 1 - beta1 ** t)  # m_hat
+    denom = np.divide(v, 1 - beta2 ** t)  # v_hat
+    np.sqrt(denom, out=denom)
+    denom += eps
+    step *= lr
+    step /= denom
+    param -= step
 
 
 # --- the optimizers -----------------------------------------------------------------------------

@@ -26,7 +26,8 @@ the tail of each expert's buffer, so whole pages of them are never touched at al
 zeros into ``np.empty`` instead would fault in and fill every page: ~10 % slower).
 
 Problems smaller than ``PARALLEL_MIN_ELEMENTS`` run on one thread: waking a second thread
-costs more than copying a few kilobytes (the bits are the same either way). Unless you set
+costs more than copying a few kilobytes (the bits are the same either way); larger ones on
+at most the cores that other processes leave free (:mod:`tinymoe.threads`). Unless you set
 it yourself, importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` for Numba's OpenMP
 threads: with libgomp's default (spin, then sleep) a parallel call on a machine whose cores
 are busy with other processes waited ~12 ms for a time slice (docs/benchmarks.md).
@@ -45,6 +46,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from tinymoe import threads
 from tinymoe.dispatch._checks import (check_buffer, check_capacity, check_expert_index,
                                       check_k, check_matrix, check_order, check_position,
                                       check_rows, check_weight)
@@ -272,12 +274,18 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 
 @contextlib.contextmanager
 def _threads_for(num_elements: int) -> Iterator[None]:
-    """One thread for small problems (same bits either way: no row has two writers)."""
-    if num_elements >= PARALLEL_MIN_ELEMENTS or numba.config.DISABLE_JIT:
+    """One thread for small problems, at most :func:`tinymoe.threads.num_threads` (the
+    cores other processes leave free) for large ones; same bits either way (no row has
+    two writers)."""
+    if numba.config.DISABLE_JIT:
         yield
         return
     before = numba.get_num_threads()
-    numba.set_num_threads(1)
+    n = min(before, threads.num_threads()) if num_elements >= PARALLEL_MIN_ELEMENTS else 1
+    if n == before:
+        yield
+        return
+    numba.set_num_threads(n)
     try:
         yield
     finally:

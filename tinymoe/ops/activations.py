@@ -41,7 +41,12 @@ class GELU(Function):
     @staticmethod
     def backward(ctx, grad):
         a, cdf = ctx.saved
-        return (grad * (cdf + a * normal_pdf_array(a)),)
+        d = normal_pdf_array(a) * a  # a phi(a), then in place: + Phi(a), times grad
+        if not isinstance(d, np.ndarray) or np.result_type(d, cdf, grad) != d.dtype:
+            return (grad * (cdf + d),)
+        d += cdf
+        d *= grad
+        return (d,)
 
 
 class Tanh(Function):

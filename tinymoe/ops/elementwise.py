@@ -254,6 +254,7 @@ class Where(Function):
     @staticmethod
     def backward(ctx, grad):
         sa, sb = ctx.shapes
+        need_a, need_b = ctx.needs_input_grad
         zero = np.zeros((), dtype=grad.dtype)
-        return (unbroadcast(np.where(ctx.cond, grad, zero), sa),
-                unbroadcast(np.where(ctx.cond, zero, grad), sb))
+        return (unbroadcast(np.where(ctx.cond, grad, zero), sa) if need_a else None,
+                unbroadcast(np.where(ctx.cond, zero, grad), sb) if need_b else None)

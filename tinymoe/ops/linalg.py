@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinymoe import threads
 from tinymoe.autograd import Function, unbroadcast
 
 
@@ -32,6 +33,7 @@ def _check(a: np.ndarray, b: np.ndarray) -> None:
 
 def _matmul_grads(ctx, a: np.ndarray, b: np.ndarray, grad: np.ndarray):
     """(dA, dB) of out = a @ b for the inputs that need them (None for the others)."""
+    threads.num_threads()  # BLAS threads for the cores free now (tinymoe.threads)
     a2 = a[None, :] if a.ndim == 1 else a  # (1, k) for a vector on the left
     b2 = b[:, None] if b.ndim == 1 else b  # (k, 1) for a vector on the right
     g = grad
@@ -52,6 +54,7 @@ class MatMul(Function):
     def forward(ctx, a, b):
         _check(a, b)
         ctx.save_for_backward(a, b)
+        threads.num_threads()  # BLAS threads for the cores free now (tinymoe.threads)
         return a @ b
 
     @staticmethod
@@ -68,6 +71,7 @@ class Linear(Function):
         _check(a, b)
         ctx.save_for_backward(a, b)
         ctx.bias_shape = bias.shape
+        threads.num_threads()  # BLAS threads for the cores free now (tinymoe.threads)
         out = a @ b
         if (np.broadcast_shapes(out.shape, bias.shape) == out.shape
                 and np.result_type(out, bias) == out.dtype):

@@ -25,8 +25,12 @@ def logsumexp_array(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def softmax_array(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = x - np.max(x, axis=axis, keepdims=True)
+    if not np.issubdtype(e.dtype, np.inexact):
+        e = e.astype(np.float64)  # integers: exp gives float64, as np.exp would
+    np.exp(e, out=e)  # in place: one array of x's size instead of three
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def _check_axis(op: str, x: np.ndarray, axis: int) -> None:
@@ -46,7 +50,11 @@ class Softmax(Function):
     @staticmethod
     def backward(ctx, grad):
         (s,) = ctx.saved
-        return (s * (grad - np.sum(grad * s, axis=ctx.axis, keepdims=True)),)
+        gs = grad * s
+        dot = np.sum(gs, axis=ctx.axis, keepdims=True)  # sum_j g_j s_j
+        np.subtract(grad, dot, out=gs)  # reuse the product's array
+        gs *= s
+        return (gs,)
 
 
 class LogSoftmax(Function):

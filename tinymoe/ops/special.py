@@ -38,11 +38,22 @@ def erf_array(x: np.ndarray) -> np.ndarray:
 
 
 def normal_pdf_array(x: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    """exp(-x²/2) / sqrt(2 pi), computed in one new array."""
+    out = -0.5 * x
+    if not isinstance(out, np.ndarray):  # a 0-d input gives a NumPy scalar
+        return np.exp(out * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    out *= x
+    np.exp(out, out=out)
+    out *= 1.0 / math.sqrt(2.0 * math.pi)
+    return out
 
 
 def normal_cdf_array(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + erf_array(x * (1.0 / math.sqrt(2.0))))
+    """(1 + erf(x / sqrt 2)) / 2, in one new array besides erf's."""
+    out = erf_array(x * (1.0 / math.sqrt(2.0)))
+    out += 1.0
+    out *= 0.5
+    return out
 
 
 class Erf(Function):

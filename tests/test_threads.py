@@ -1,0 +1,75 @@
+"""The thread policy (tinymoe.threads): adapts to free cores unless the user chose.
+
+No timings here: each check runs a fresh interpreter with a given environment and reads
+the policy tinymoe settled on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinymoe import threads
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = """
+import json, numpy as np, tinymoe as tm
+from tinymoe import threads
+{action}
+x = tm.tensor(np.ones((64, 64), np.float32), requires_grad=True)
+(x @ x).sum().backward()
+info = threads.describe()
+blas = threads._openblas()
+info["blas"] = blas[1]() if blas else None
+print(json.dumps(info))
+"""
+
+
+def run_probe(env_updates: dict[str, str], action: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARS}
+    env.update(env_updates)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", PROBE.format(action=action)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("var", ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                 "NUMBA_NUM_THREADS", "TINYMOE_NUM_THREADS"])
+def test_user_env_vars_are_kept(var):
+    info = run_probe({var: "1"})
+    assert info["mode"] == "environment"
+    assert info["user_vars"] == [var]
+    if var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") and info["blas"] is not None:
+        assert info["blas"] == 1  # OpenBLAS read the user's count, and tinymoe left it
+
+
+def test_set_num_threads_fixes_both_pools():
+    info = run_probe({}, "tm.set_num_threads(1)")
+    assert info["mode"] == "fixed" and info["threads"] == 1
+    if info["blas"] is not None:
+        assert info["blas"] == 1
+
+
+def test_no_user_choice_means_adaptive():
+    info = run_probe({})
+    if info["cores"] > 1 and Path("/proc/stat").exists():
+        assert info["mode"] == "adaptive"
+        assert 1 <= info["threads"] <= info["cores"]
+
+
+def test_choose_counts_the_free_cores():
+    assert threads.choose(2, 0.1) == 2   # idle
+    assert threads.choose(2, 1.0) == 1   # one core taken
+    assert threads.choose(2, 2.0) == 1   # both taken: still one thread
+    assert threads.choose(8, 3.2) == 5
+    assert threads.choose(4, -0.3) == 4  # sampling noise never exceeds the cores
+
+
+def test_set_num_threads_rejects_bad_counts():
+    with pytest.raises(ValueError, match="set_num_threads"):
+        threads.set_num_threads(0)
