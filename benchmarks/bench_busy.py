@@ -13,8 +13,10 @@ threads; the verdict compares with the PyTorch version fastest on the idle machi
 the tour (``python -m tinymoe tour``, ``--fast`` with ``--tour fast``) in a child process.
 The idle measurement is taken first and again last; the idle time is the faster of the two
 and their spread is reported. The NumPy-by-hand version shares this process's OpenBLAS, so
-it follows the thread count tinymoe chose (``--threads 2`` fixes the count instead: the
-behaviour before tinymoe.threads, for comparison).
+it follows tinymoe's thread count: by default every core (tinymoe's default, which keeps
+seeded runs bit-for-bit repeatable); ``--threads auto`` measures the adaptive policy of
+:mod:`tinymoe.threads` (``TINYMOE_NUM_THREADS=auto``, in the tour's child too) and stores
+its results under ``switch-auto`` / ``tour-auto``; ``--threads 1`` a fixed count.
 
 Definitions (P cores; N busy processes; u = the threads the implementation runs on when
 the machine is idle: P for all of them here, as tinymoe's and NumPy's thread pools default
@@ -272,13 +274,24 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--idle-once", action="store_true",
                     help="measure idle only before the loads (not again after): shorter")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="tinymoe.set_num_threads(N) first: a fixed count, as before the "
-                         "adaptive policy (results stored as e.g. 'switch-fixed2')")
+    ap.add_argument("--threads", default=None,
+                    help="'auto' (TINYMOE_NUM_THREADS=auto: adapt to the free cores, also in "
+                         "the tour's process; results stored as 'switch-auto') or N "
+                         "(tinymoe.set_num_threads(N): a fixed count, stored as "
+                         "'switch-fixed2'); default: tinymoe's default, all cores")
     ap.add_argument("--out", default=str(RESULTS), help="JSON results (merged by --what)")
     args = ap.parse_args(argv)
-    if args.threads:
-        tm.set_num_threads(args.threads)
+    suffix = ""
+    if args.threads == "auto":
+        os.environ["TINYMOE_NUM_THREADS"] = "auto"  # the tour's child process adapts too
+        tm.set_num_threads("auto")
+        suffix = "-auto"
+    elif args.threads:
+        try:
+            tm.set_num_threads(int(args.threads))
+        except ValueError:
+            ap.error(f"--threads takes 'auto' or a count >= 1, got {args.threads!r}")
+        suffix = f"-fixed{args.threads}"
     if args.quick:
         args.tokens, args.repeats, args.tour = 1024, 3, "fast"
     torch = None if args.no_torch else sl.TORCH
@@ -314,12 +327,12 @@ def main(argv=None) -> None:
                "threads": f"tinymoe threads {tm.threads.describe()['mode']}",
                "runs": runs, "summary": summary}
         res["verdicts"] = verdicts(summary, what)
-        results[what + (f"-fixed{args.threads}" if args.threads else "")] = res
+        results[what + suffix] = res
         for line in res["verdicts"]:
             print(line)
     settings = {"cores": cores, "tokens": args.tokens, "repeats": args.repeats,
                 "tour": args.tour, "measured": sorted(results)}
-    keys = [w + (f"-fixed{args.threads}" if args.threads else "") for w in whats]
+    keys = [w + suffix for w in whats]
     record = {"machine": machine(), "results": {k: results[k] for k in keys}}
     if out_path:
         path = write_result(out_path.stem, sys.argv[1:] if argv is None else argv, settings,

@@ -55,10 +55,19 @@ def test_set_num_threads_fixes_both_pools():
         assert info["blas"] == 1
 
 
-def test_no_user_choice_means_adaptive():
+def test_no_user_choice_means_all_cores_so_seeded_runs_repeat():
     info = run_probe({})
+    assert info["mode"] == "all cores"
+    assert info["threads"] == info["cores"]
+
+
+@pytest.mark.parametrize("how", ["env", "call"])
+def test_auto_adapts_to_the_free_cores(how):
+    info = (run_probe({"TINYMOE_NUM_THREADS": "auto"}) if how == "env"
+            else run_probe({}, 'tm.set_num_threads("auto")'))
     if info["cores"] > 1 and Path("/proc/stat").exists():
         assert info["mode"] == "adaptive"
+        assert info["user_vars"] == []
         assert 1 <= info["threads"] <= info["cores"]
 
 

@@ -8,8 +8,10 @@ early spin (OpenBLAS yields in a loop) instead of computing. Measured on 2 cores
 jobs keeping the load average near 6: one Switch-layer step (T = 4,096) took 885-1,064 ms
 with two OpenBLAS threads and 327-472 ms with one (benchmarks/bench_busy.py measures it).
 
-So, unless you choose yourself, tinymoe picks the thread count from the cores that are
-actually free:
+By default tinymoe leaves both pools at their usual size (all cores), so that a seeded run
+gives the same bits every time on a machine. With ``TINYMOE_NUM_THREADS=auto`` in the
+environment (or ``tinymoe.set_num_threads("auto")``) it instead picks the thread count from
+the cores that are actually free:
 
     others = (CPU time all processes used - CPU time this process used) / elapsed time
     threads = max(1, min(cores, round(cores - others)))
@@ -19,7 +21,7 @@ all cores). Numba's kernels run on ``min(threads, Numba's own setting)`` threads
 OpenBLAS that NumPy loaded is set to ``threads`` whenever the choice changes (this is
 process-wide, so NumPy code of your own follows it too).
 
-You keep your choice when:
+In either mode you keep your own choice when:
 
 - any of ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``,
   ``NUMBA_NUM_THREADS`` or ``TINYMOE_NUM_THREADS`` is set when tinymoe is imported;
@@ -27,11 +29,12 @@ You keep your choice when:
 - you change OpenBLAS's count yourself (e.g. with threadpoolctl): tinymoe notices that
   the count is no longer the one it set, and stops adapting.
 
-The price: OpenBLAS's float32 products differ in the last bits between one and two threads
-(measured: a Switch-layer step's gradients by up to 4e-6, three training steps of the tiny
-LM's weights by up to 1e-4), so without a fixed count a run's last digits depend on the
-load, as they already depend on the machine. Set a count (any of the above) when you need
-bit-for-bit repeats; Numba's kernels give the same bits on any number of threads.
+Why adapting is not the default: OpenBLAS's float32 products differ in the last bits between
+one and two threads (measured: a Switch-layer step's gradients by up to 4e-6, three training
+steps of the tiny LM's weights by up to 1e-4), so under ``auto`` a run's last digits depend
+on the load, and a few hundred training steps turn that into differences in the third
+digit of a loss — enough to break the comparison of a rerun with its recorded result.
+Numba's kernels give the same bits on any number of threads.
 """
 from __future__ import annotations
 
@@ -50,9 +53,11 @@ _SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
 class _Policy:
     def __init__(self) -> None:
         self.cores = os.cpu_count() or 1
-        self.user_vars = sorted(v for v in USER_VARS if os.environ.get(v))
+        auto = os.environ.get("TINYMOE_NUM_THREADS", "").strip().lower() == "auto"
+        self.user_vars = sorted(v for v in USER_VARS if os.environ.get(v)
+                                and not (v == "TINYMOE_NUM_THREADS" and auto))
         self.fixed: int | None = None  # set_num_threads(n)
-        self.adaptive = not self.user_vars and self.cores > 1
+        self.adaptive = auto and not self.user_vars and self.cores > 1
         self.current = self.cores
         self._last_sample: tuple[float, float, float] | None = None
         self._next = 0.0
@@ -152,10 +157,16 @@ def num_threads() -> int:
     return p.current
 
 
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads for OpenBLAS and Numba from now on (no more adapting to load)."""
+def set_num_threads(n: int | str) -> None:
+    """Use ``n`` threads for OpenBLAS and Numba from now on; ``"auto"``: adapt to the cores
+    other processes leave free (see the module docstring for the price)."""
+    if n == "auto":
+        _POLICY.fixed, _POLICY._blas_set = None, None
+        _POLICY.adaptive = _POLICY.cores > 1
+        _POLICY._next = 0.0
+        return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"set_num_threads: n must be an integer >= 1, got {n!r}")
+        raise ValueError(f"set_num_threads: n must be an integer >= 1 or 'auto', got {n!r}")
     _POLICY.fixed = n
     _POLICY.adaptive = False
     blas = _openblas()
