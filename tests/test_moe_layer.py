@@ -330,3 +330,82 @@ def test_table6_experiment_runs_end_to_end(capsys):
     t6.figure_load(res)
     assert t6.main_table6(["--fast", "--steps", "2", "--no-progress"]) == 0
     assert "Table 6" in capsys.readouterr().out
+
+
+# --- capacity buffers: only the filled slots are multiplied --------------------------------------
+@pytest.mark.parametrize("relu", [False, True])
+def test_buffer_linear_filled_rows_only_and_gradcheck(relu):
+    from tinymoe.moe.experts import BufferLinear, buffer_linear
+    rng = np.random.default_rng(7)
+    rows = np.array([2, 0, 4])  # expert 1 has no tokens, expert 2 a full buffer
+    x = tm.tensor(rng.standard_normal((3, 4, 3)), requires_grad=True)
+    W = tm.tensor(rng.standard_normal((3, 3, 5)), requires_grad=True)
+    b = tm.tensor(rng.standard_normal((3, 5)), requires_grad=True)
+    out = buffer_linear(x, W, b, rows, relu=relu).numpy()  # (E, C, d_out)
+    for e, n in enumerate(rows):
+        want = x.numpy()[e, :n] @ W.numpy()[e] + b.numpy()[e]
+        np.testing.assert_allclose(out[e, :n], np.maximum(want, 0) if relu else want)
+        assert not out[e, n:].any()  # padding slots: 0
+    tm.gradcheck(lambda x, W, b: BufferLinear.apply(x, W, b, rows=rows, relu=relu), [x, W, b])
+    with pytest.raises(ValueError, match=r"buffer_linear: rows \[2, 0, 5\] must lie in"):
+        buffer_linear(x, W, b, np.array([2, 0, 5]))
+    with pytest.raises(ValueError, match="buffer_linear: rows must be"):
+        buffer_linear(x, W, b, np.array([2, 0]))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_stacked_experts_skip_padding_same_results_on_filled_slots(activation):
+    rng = np.random.default_rng(8)
+    ex = StackedExperts(3, 4, 6, activation, dtype=F64, rng=rng)
+    for p in (ex.b1, ex.b2):
+        p.data = rng.standard_normal(p.shape)
+    rows = np.array([3, 1, 0])
+    buf = rng.standard_normal((3, 5, 4))
+    for e, n in enumerate(rows):
+        buf[e, n:] = 0  # what dispatch leaves in the empty slots
+    g = rng.standard_normal((3, 5, 4))
+    grads = []
+    for r in (None, rows):
+        for p in ex.parameters():
+            p.grad = None
+        xt = tm.tensor(buf, requires_grad=True)
+        out = ex(xt, rows=r)
+        upstream = g.copy()
+        for e, n in enumerate(rows):
+            upstream[e, n:] = 0  # combine reads no empty slot
+        (out * tm.Tensor(upstream)).sum().backward()
+        grads.append((out.numpy(), xt.grad, [p.grad.copy() for p in ex.parameters()]))
+    (full, dx_full, dp_full), (part, dx_part, dp_part) = grads
+    for e, n in enumerate(rows):
+        np.testing.assert_allclose(part[e, :n], full[e, :n], rtol=1e-12)
+        assert not part[e, n:].any()
+    np.testing.assert_allclose(dx_part, dx_full, rtol=1e-12, atol=1e-14)
+    for a, b in zip(dp_part, dp_full):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_filled_rows_is_one_past_the_highest_kept_slot():
+    from tinymoe.dispatch.routing import Routing
+    expert = np.array([[0, 2], [0, 1], [2, 0], [0, 2]])  # (T, k)
+    position = np.array([[0, 3], [1, -1], [2, 2], [-1, 0]])  # -1: dropped; slot 0 of a group
+    r = Routing(expert, np.ones((4, 2)), position, np.array([3, 0, 3]), 3, 4)
+    np.testing.assert_array_equal(r.filled_rows, [3, 0, 4])
+
+
+def test_ffn_kernels_match_numpy():
+    from tinymoe.moe.ffn_kernels import CHUNK, bias_relu_, relu_grad_bias_sum
+    rng = np.random.default_rng(9)
+    for dtype in (np.float32, np.float64, np.float16):
+        o = rng.standard_normal((2 * CHUNK + 5, 7)).astype(dtype)
+        b = rng.standard_normal(7).astype(dtype)
+        for relu in (False, True):
+            want = o + b
+            want = np.maximum(want, 0) if relu else want
+            np.testing.assert_array_equal(bias_relu_(o.copy(), b, relu), want)
+        out = np.maximum(o, 0)
+        grad = rng.standard_normal(o.shape).astype(dtype)
+        g_pre, db = relu_grad_bias_sum(grad, out)
+        np.testing.assert_array_equal(g_pre, grad * (out > 0))
+        assert db.dtype == dtype
+        np.testing.assert_allclose(db, (grad * (out > 0)).astype(F64).sum(0),
+                                   rtol=1e-3 if dtype == np.float16 else 1e-6)
