@@ -395,17 +395,22 @@ def test_filled_rows_is_one_past_the_highest_kept_slot():
 def test_ffn_kernels_match_numpy():
     from tinymoe.moe.ffn_kernels import CHUNK, bias_relu_, relu_grad_bias_sum
     rng = np.random.default_rng(9)
+    rows = np.array([2 * CHUNK + 5, 0, 3])  # several chunks, an empty expert, a short one
     for dtype in (np.float32, np.float64, np.float16):
-        o = rng.standard_normal((2 * CHUNK + 5, 7)).astype(dtype)
-        b = rng.standard_normal(7).astype(dtype)
+        o = rng.standard_normal((3, 2 * CHUNK + 6, 7)).astype(dtype)
+        b = rng.standard_normal((3, 7)).astype(dtype)
         for relu in (False, True):
-            want = o + b
-            want = np.maximum(want, 0) if relu else want
-            np.testing.assert_array_equal(bias_relu_(o.copy(), b, relu), want)
+            got = bias_relu_(o.copy(), b, rows, relu)
+            for e, n in enumerate(rows):
+                want = o[e, :n] + b[e]
+                np.testing.assert_array_equal(got[e, :n], np.maximum(want, 0) if relu else want)
+                np.testing.assert_array_equal(got[e, n:], o[e, n:])  # padding untouched
         out = np.maximum(o, 0)
         grad = rng.standard_normal(o.shape).astype(dtype)
-        g_pre, db = relu_grad_bias_sum(grad, out)
-        np.testing.assert_array_equal(g_pre, grad * (out > 0))
-        assert db.dtype == dtype
-        np.testing.assert_allclose(db, (grad * (out > 0)).astype(F64).sum(0),
-                                   rtol=1e-3 if dtype == np.float16 else 1e-6)
+        g_pre, db = relu_grad_bias_sum(grad, out, rows)
+        assert db.dtype == dtype and db.shape == (3, 7)
+        for e, n in enumerate(rows):
+            want = grad[e, :n] * (out[e, :n] > 0)
+            np.testing.assert_array_equal(g_pre[e, :n], want)
+            np.testing.assert_allclose(db[e], want.astype(F64).sum(0),
+                                       rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)

@@ -132,10 +132,9 @@ class BufferLinear(Function):
                              f"= {(E, d_out)}")
         n = check_filled_rows(rows, E, x.shape[1], "buffer_linear")
         out = np.zeros((E, x.shape[1], d_out), dtype=np.result_type(x, W, b))  # (E, C, d_out)
-        for e in range(E):
-            o = out[e, :n[e]]  # (n_e, d_out), a view: the product lands in place
-            np.matmul(x[e, :n[e]], W[e], out=o)
-            bias_relu_(o, b[e], relu)  # o = max(o + b, 0): one pass (ffn_kernels)
+        for e in range(E):  # (n_e, d_out) rows of out, a view: the product lands in place
+            np.matmul(x[e, :n[e]], W[e], out=out[e, :n[e]])
+        bias_relu_(out, b, n, relu)  # out = max(out + b, 0) on the filled rows: one pass
         ctx.save_for_backward(x, W, out if relu else None)
         ctx.rows = n
         return out
@@ -148,20 +147,20 @@ class BufferLinear(Function):
         dx = np.zeros(x.shape, grad.dtype) if need_x else None  # (E, C, d_in), 0 in padding
         dW = np.zeros(W.shape, grad.dtype) if need_W else None  # (E, d_in, d_out)
         db = np.zeros((W.shape[0], W.shape[2]), grad.dtype) if need_b else None  # (E, d_out)
+        if out is not None:  # through the ReLU, and db, in one pass: (E, C, d_out), (E, d_out)
+            grad, g_sum = relu_grad_bias_sum(grad, out, n)
+            if need_b:
+                db[...] = g_sum
         for e in range(W.shape[0]):
             if n[e] == 0:
                 continue  # an expert with no tokens: zero gradients
             g = grad[e, :n[e]]  # (n_e, d_out)
-            if out is not None:  # through the ReLU, and db, in one pass: (n_e, d_out), (d_out,)
-                g, g_sum = relu_grad_bias_sum(g, out[e, :n[e]])
-            elif need_b:
-                g_sum = g.sum(axis=0)  # (d_out,)
             if need_x:
                 np.matmul(g, W[e].T, out=dx[e, :n[e]])  # (n_e, d_in)
             if need_W:
                 np.matmul(x[e, :n[e]].T, g, out=dW[e])  # (d_in, d_out)
-            if need_b:
-                db[e] = g_sum
+            if need_b and out is None:
+                g.sum(axis=0, out=db[e])  # (d_out,)
         return dx, dW, db
 
 
