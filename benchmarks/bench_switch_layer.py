@@ -498,8 +498,8 @@ def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> di
         entry["ratio_vs_fastest_torch"] = impls["tinymoe"]["ms"] / impls[fastest]["ms"]
     if profile:
         prof = op_profile(steps["tinymoe"])
-        ffn = prof["ops"].get("BufferLinear", {})
-        ffn_ms = ffn.get("forward_ms", 0.0) + ffn.get("backward_ms", 0.0)
+        ffn_ms = sum(v["forward_ms"] + v["backward_ms"] for k, v in prof["ops"].items()
+                     if k in ("BufferFFN", "BufferLinear"))
         prof["expert_ffn_ms"] = ffn_ms
         prof["expert_ffn_gflops"] = flops / (ffn_ms / 1e3) / 1e9 if ffn_ms else None
         entry["profile"] = prof
@@ -544,6 +544,13 @@ def summary(entry: dict) -> str:
 
 # --- the page -------------------------------------------------------------------------------
 TARGET_TIME, LIMIT_TIME, TARGET_PEAK, TARGET_MEMORY = 0.8, 1.0, 0.7, 1.0
+PHASES = {"BufferFFN": "expert FFNs: matmuls, bias, ReLU",
+          "BufferLinear": "expert layers: matmul, bias", "Dispatch": "dispatch",
+          "Combine": "combine", "MatMul": "router logits x W_r",
+          "Softmax": "router softmax", "LogSumExp": "z-loss (logsumexp)",
+          "TakeAlongAxis": "gate p_i*", "capacity_positions": "capacity positions",
+          "Mean": "balancing loss (means)", "Mul": "products (losses, y * g)",
+          "Sum": "sums (losses, y * g)"}
 
 
 def _met(ok: bool) -> str:
@@ -605,13 +612,15 @@ def render(result: dict) -> str:
             inside += tot
             if tot < 0.05 * step / 100:
                 continue
-            rows.append([name, f"{v['forward_ms']:.1f}", f"{v['backward_ms']:.1f}",
+            label = f"{PHASES[name]} ({name})" if name in PHASES else name
+            rows.append([label, f"{v['forward_ms']:.1f}", f"{v['backward_ms']:.1f}",
                          f"{tot / step:.1%}"])
         rows.append(["outside the ops (routing bookkeeping, graph walk, Python)", "", "",
                      f"{max(step - inside, 0.0) / step:.1%}"])
         out += [f"Where the tinymoe step goes at T = {e['T']:,} ({step:.1f} ms per step "
                 f"while profiled; each op's forward and backward timed):", "",
-                table(["op", "forward ms", "backward ms", "share of the step"], rows), ""]
+                table(["phase (op)", "forward ms", "backward ms", "share of the step"], rows),
+                ""]
     targets = []
     for e in sizes:
         if not e.get("fastest_torch"):

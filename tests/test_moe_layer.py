@@ -393,24 +393,41 @@ def test_filled_rows_is_one_past_the_highest_kept_slot():
 
 
 def test_ffn_kernels_match_numpy():
-    from tinymoe.moe.ffn_kernels import CHUNK, bias_relu_, relu_grad_bias_sum
+    from tinymoe.moe.ffn_kernels import bias_relu_, relu_grad_
     rng = np.random.default_rng(9)
-    rows = np.array([2 * CHUNK + 5, 0, 3])  # several chunks, an empty expert, a short one
     for dtype in (np.float32, np.float64, np.float16):
-        o = rng.standard_normal((3, 2 * CHUNK + 6, 7)).astype(dtype)
-        b = rng.standard_normal((3, 7)).astype(dtype)
+        o = rng.standard_normal((37, 7)).astype(dtype)
+        b = rng.standard_normal(7).astype(dtype)
         for relu in (False, True):
-            got = bias_relu_(o.copy(), b, rows, relu)
-            for e, n in enumerate(rows):
-                want = o[e, :n] + b[e]
-                np.testing.assert_array_equal(got[e, :n], np.maximum(want, 0) if relu else want)
-                np.testing.assert_array_equal(got[e, n:], o[e, n:])  # padding untouched
-        out = np.maximum(o, 0)
+            want = o + b
+            np.testing.assert_array_equal(bias_relu_(o.copy(), b, relu),
+                                          np.maximum(want, 0) if relu else want)
+        h = np.maximum(o, 0)
         grad = rng.standard_normal(o.shape).astype(dtype)
-        g_pre, db = relu_grad_bias_sum(grad, out, rows)
-        assert db.dtype == dtype and db.shape == (3, 7)
-        for e, n in enumerate(rows):
-            want = grad[e, :n] * (out[e, :n] > 0)
-            np.testing.assert_array_equal(g_pre[e, :n], want)
-            np.testing.assert_allclose(db[e], want.astype(F64).sum(0),
-                                       rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
+        g = grad.copy()
+        db = relu_grad_(g, h)
+        np.testing.assert_array_equal(g, grad * (h > 0))
+        assert db.dtype == dtype and db.shape == (7,)
+        np.testing.assert_allclose(db, (grad * (h > 0)).astype(F64).sum(0),
+                                   rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
+
+
+def test_buffer_ffn_equals_two_buffer_linears_and_gradchecks():
+    from tinymoe.moe.experts import BufferFFN, buffer_linear
+    rng = np.random.default_rng(10)
+    rows = np.array([3, 0, 4])
+    x = tm.tensor(rng.standard_normal((3, 4, 3)), requires_grad=True)
+    W1 = tm.tensor(rng.standard_normal((3, 3, 5)), requires_grad=True)
+    b1 = tm.tensor(rng.standard_normal((3, 5)), requires_grad=True)
+    W2 = tm.tensor(rng.standard_normal((3, 5, 2)), requires_grad=True)
+    b2 = tm.tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    fused = BufferFFN.apply(x, W1, b1, W2, b2, rows=rows).numpy()
+    two = buffer_linear(buffer_linear(x, W1, b1, rows, relu=True), W2, b2, rows).numpy()
+    np.testing.assert_allclose(fused, two, rtol=1e-12)
+    tm.gradcheck(lambda x, W1, b1, W2, b2: BufferFFN.apply(x, W1, b1, W2, b2, rows=rows),
+                 [x, W1, b1, W2, b2])
+    frozen = tm.tensor(W1.numpy())  # an input without a gradient
+    tm.gradcheck(lambda x, W2: BufferFFN.apply(x, frozen, b1.numpy(), W2, b2.numpy(),
+                                               rows=rows), [x, W2])
+    with pytest.raises(ValueError, match="buffer_ffn: buffers"):
+        BufferFFN.apply(x, W2, b1, W2, b2, rows=rows)

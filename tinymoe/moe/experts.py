@@ -26,7 +26,7 @@ import numpy as np
 from tinymoe import ops, validate
 from tinymoe.autograd import Function
 from tinymoe.dispatch.functions import as_dtype
-from tinymoe.moe.ffn_kernels import bias_relu_, relu_grad_bias_sum
+from tinymoe.moe.ffn_kernels import bias_relu_, relu_grad_
 from tinymoe.nn.dropout import Dropout
 from tinymoe.nn.init import RNGLike, as_rng, lecun_normal, switch_init
 from tinymoe.nn.module import Module, ModuleList, Parameter
@@ -132,9 +132,10 @@ class BufferLinear(Function):
                              f"= {(E, d_out)}")
         n = check_filled_rows(rows, E, x.shape[1], "buffer_linear")
         out = np.zeros((E, x.shape[1], d_out), dtype=np.result_type(x, W, b))  # (E, C, d_out)
-        for e in range(E):  # (n_e, d_out) rows of out, a view: the product lands in place
-            np.matmul(x[e, :n[e]], W[e], out=out[e, :n[e]])
-        bias_relu_(out, b, n, relu)  # out = max(out + b, 0) on the filled rows: one pass
+        for e in range(E):
+            o = out[e, :n[e]]  # (n_e, d_out), a view: the product lands in place
+            np.matmul(x[e, :n[e]], W[e], out=o)
+            bias_relu_(o, b[e], relu)  # o = max(o + b, 0): one pass (ffn_kernels)
         ctx.save_for_backward(x, W, out if relu else None)
         ctx.rows = n
         return out
@@ -147,26 +148,95 @@ class BufferLinear(Function):
         dx = np.zeros(x.shape, grad.dtype) if need_x else None  # (E, C, d_in), 0 in padding
         dW = np.zeros(W.shape, grad.dtype) if need_W else None  # (E, d_in, d_out)
         db = np.zeros((W.shape[0], W.shape[2]), grad.dtype) if need_b else None  # (E, d_out)
-        if out is not None:  # through the ReLU, and db, in one pass: (E, C, d_out), (E, d_out)
-            grad, g_sum = relu_grad_bias_sum(grad, out, n)
-            if need_b:
-                db[...] = g_sum
         for e in range(W.shape[0]):
             if n[e] == 0:
                 continue  # an expert with no tokens: zero gradients
             g = grad[e, :n[e]]  # (n_e, d_out)
+            if out is not None:  # through the ReLU, and db, in one pass (a copy of g)
+                g = np.array(g)
+                g_sum = relu_grad_(g, out[e, :n[e]])
+            elif need_b:
+                g_sum = g.sum(axis=0)  # (d_out,)
             if need_x:
                 np.matmul(g, W[e].T, out=dx[e, :n[e]])  # (n_e, d_in)
             if need_W:
                 np.matmul(x[e, :n[e]].T, g, out=dW[e])  # (d_in, d_out)
-            if need_b and out is None:
-                g.sum(axis=0, out=db[e])  # (d_out,)
+            if need_b:
+                db[e] = g_sum
         return dx, dW, db
 
 
 def buffer_linear(x: Any, W: Any, b: Any, rows: np.ndarray, relu: bool = False) -> Tensor:
     """Each expert's filled slots times its own matrix, ReLU optional (see BufferLinear)."""
     return BufferLinear.apply(x, W, b, rows=rows, relu=relu)
+
+
+class BufferFFN(Function):
+    """E ReLU FFN experts on the filled slots of capacity buffers, expert after expert::
+
+        h[e, :n_e] = max(x[e, :n_e] @ W1[e] + b1[e], 0)        (n_e, d_ff), saved
+        out[e, :n_e] = h[e, :n_e] @ W2[e] + b2[e]             (n_e, d_out), 0 past n_e
+
+    The same numbers as two :class:`BufferLinear` (the first with ``relu=True``), as one op
+    so that backward also runs expert by expert: ``dh = g W2^T`` is one expert's (n_e, d_ff)
+    block, masked by ``[h > 0]`` in place and used at once for ``dW1 = x^T dh``,
+    ``db1 = Σ_rows dh`` and ``dx = dh W1^T``. No (E, C, d_ff) gradient array exists: the
+    backward needs one block of it at a time, still in cache when it is used.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W1, b1, W2, b2, *, rows):
+        E, d, f = W1.shape
+        if x.ndim != 3 or x.shape[0] != E or x.shape[2] != d or W2.shape[:2] != (E, f) \
+                or b1.shape != (E, f) or b2.shape != (E, W2.shape[2]):
+            raise ValueError(f"buffer_ffn: buffers {x.shape}, W1 {W1.shape}, b1 {b1.shape}, "
+                             f"W2 {W2.shape}, b2 {b2.shape} do not fit: expected (E, C, d), "
+                             f"(E, d, d_ff), (E, d_ff), (E, d_ff, d_out), (E, d_out)")
+        n = check_filled_rows(rows, E, x.shape[1], "buffer_ffn")
+        dt = np.result_type(x, W1, b1, W2, b2)
+        h = np.zeros((E, x.shape[1], f), dtype=dt)  # (E, C, d_ff)
+        out = np.zeros((E, x.shape[1], W2.shape[2]), dtype=dt)  # (E, C, d_out)
+        for e in range(E):
+            he, oe = h[e, :n[e]], out[e, :n[e]]  # (n_e, d_ff), (n_e, d_out) views
+            np.matmul(x[e, :n[e]], W1[e], out=he)
+            bias_relu_(he, b1[e], True)
+            np.matmul(he, W2[e], out=oe)
+            bias_relu_(oe, b2[e], False)
+        ctx.save_for_backward(x, W1, W2, h)
+        ctx.rows = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W1, W2, h = ctx.saved
+        n = ctx.rows
+        nx, nW1, nb1, nW2, nb2 = ctx.needs_input_grad
+        E, dt = W1.shape[0], grad.dtype
+        dx = np.zeros(x.shape, dt) if nx else None  # (E, C, d), 0 in padding
+        dW1 = np.zeros(W1.shape, dt) if nW1 else None  # (E, d, d_ff)
+        db1 = np.zeros((E, W1.shape[2]), dt) if nb1 else None  # (E, d_ff)
+        dW2 = np.zeros(W2.shape, dt) if nW2 else None  # (E, d_ff, d_out)
+        db2 = np.zeros((E, W2.shape[2]), dt) if nb2 else None  # (E, d_out)
+        for e in range(E):
+            m = n[e]
+            if m == 0:
+                continue  # an expert with no tokens: zero gradients
+            g = grad[e, :m]  # (n_e, d_out)
+            if nW2:
+                np.matmul(h[e, :m].T, g, out=dW2[e])  # (d_ff, d_out)
+            if nb2:
+                db2[e] = g.sum(axis=0)
+            if not (nx or nW1 or nb1):
+                continue
+            dh = g @ W2[e].T  # (n_e, d_ff): this expert's block only
+            s = relu_grad_(dh, h[e, :m])  # dh <- dh · [h > 0] in place; Σ_rows dh
+            if nb1:
+                db1[e] = s
+            if nW1:
+                np.matmul(x[e, :m].T, dh, out=dW1[e])  # (d, d_ff)
+            if nx:
+                np.matmul(dh, W1[e].T, out=dx[e, :m])  # (n_e, d)
+        return dx, dW1, db1, dW2, db2
 
 
 def batched_ffn(x: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, activation: str,
@@ -176,11 +246,14 @@ def batched_ffn(x: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, activ
     ``h = act(x @ W1 + b1)`` (E, n, d_ff) ("EGCM,EMH->EGCH"), expert dropout on h, then
     ``h @ W2 + b2``; each ``@ ... +`` is one :func:`~tinymoe.ops.linear` (the bias added into
     the product's array). The weights may be any E of the experts' (expert parallelism).
-    ``rows`` (E,): expert e computes only its first ``rows[e]`` slots
-    (:func:`buffer_linear`, ReLU fused into the first product), the rest of its output is 0.
+    ``rows`` (E,): expert e computes only its first ``rows[e]`` slots, the rest of its output
+    is 0 (:class:`BufferFFN` for ReLU experts without active dropout, else two
+    :func:`buffer_linear`).
     """
     if rows is not None:
         relu = activation == "relu"
+        if relu and (dropout is None or dropout.p == 0.0 or not dropout.training):
+            return BufferFFN.apply(x, W1, b1, W2, b2, rows=rows)  # (E, n, d), 0 past rows[e]
         h = buffer_linear(x, W1, b1, rows, relu=relu)  # (E, n, d_ff), 0 past rows[e]
         if not relu:
             h = ACTIVATIONS[activation](h)  # gelu(0) = 0: the padding stays 0
