@@ -120,6 +120,41 @@ def mlp_torch(torch, X, Y, W1, b1, W2, b2, lr):
     return step
 
 
+def check_agreement(torch=None, rtol: float = 1e-4) -> list[str]:
+    """Every implementation computes the same numbers before anything is timed: the chain's
+    gradient wrt its input, and the losses of two MLP steps (the second after one update)."""
+    rng = np.random.default_rng(1)
+    x0, a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
+    chains = {"tinymoe": chain_tinymoe(20, x0, a, b), "NumPy by hand": chain_numpy(20, x0, a, b)}
+    B, d, h = 64, 16, 32
+    X, Y = (rng.standard_normal((B, d)).astype(np.float32) for _ in range(2))
+    W1 = (rng.standard_normal((d, h)) / np.sqrt(d)).astype(np.float32)
+    W2 = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
+    b1, b2 = 0.1 * np.ones(h, np.float32), 0.1 * np.ones(d, np.float32)
+    mlps = {"tinymoe": mlp_tinymoe(X, Y, W1, b1, W2, b2, 0.5),
+            "NumPy by hand": mlp_numpy(X, Y, W1, b1, W2, b2, 0.5)}
+    if torch is not None:
+        chains["PyTorch eager"] = chain_torch(torch, 20, x0, a, b)
+        mlps["PyTorch eager"] = mlp_torch(torch, X, Y, W1, b1, W2, b2, 0.5)
+
+    def arr(v):
+        v = v.detach() if hasattr(v, "detach") else v  # a PyTorch loss
+        return np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float64)
+
+    want_g = arr(chains["tinymoe"]())
+    want_l = [arr(mlps["tinymoe"]()) for _ in range(2)]
+    for name in chains:
+        got_g = arr(chains[name]())
+        got_l = [arr(mlps[name]()) for _ in range(2)] if name != "tinymoe" else want_l
+        for what, got, want in (("chain gradient", got_g, want_g),
+                                ("MLP losses", np.array(got_l), np.array(want_l))):
+            err = float(np.max(np.abs(got - want)))
+            if err > rtol * (float(np.max(np.abs(want))) or 1.0):
+                raise AssertionError(f"bench_autograd: {name} disagrees with tinymoe on "
+                                     f"{what}: max |diff| {err:.3g}")
+    return list(chains)
+
+
 def timed(fns: dict, torch, reps: int) -> dict:
     """Interleaved medians (seconds); the PyTorch entry at 1 and 2 threads."""
     prepare = {}
@@ -148,7 +183,9 @@ def render(result: dict) -> str:
     out = [f"Command: `{result['command']}`, {result['date']}, load average "
            f"{result['load_average']['start']} at the start and "
            f"{result['load_average']['end']} at the end. Machine: "
-           f"{machine_line(result['machine'])}.", ""]
+           f"{machine_line(result['machine'])}."
+           + (f" Checked first: {', '.join(r['agreement'])} compute the same chain gradient "
+              f"and MLP losses." if r.get("agreement") else ""), ""]
     for key, unit, title in (("per_op", "µs per op", r["per_op_title"]),
                              ("mlp", "ms per step", r["mlp_title"])):
         part = r[key]
@@ -179,6 +216,8 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     load_start = load_average()
     torch = try_torch()
+    agree = check_agreement(torch)
+    print(f"agreement check: {', '.join(agree)} agree")
     rng = np.random.default_rng(0)
     reps = 3 if args.quick else 9
 
@@ -215,7 +254,7 @@ def main(argv=None) -> str:
                         f"float32, forward + backward ({n_ops} ops)",
         "mlp_title": f"MLP training step: float32, batch {B}, {d}-{h}-{d}, ReLU, MSE, SGD "
                      f"(forward + backward + update)",
-        "per_op": per_op_res, "mlp": mlp_res}
+        "per_op": per_op_res, "mlp": mlp_res, "agreement": agree}
     settings = {"repeats": reps, "n_links": n_links, "batch": B, "d": d, "hidden": h}
     record = {"command": "python benchmarks/bench_autograd.py"
               + (" --quick" if args.quick else ""), "date": "(not written)",

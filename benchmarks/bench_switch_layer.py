@@ -563,7 +563,8 @@ def render(result: dict) -> str:
     out = [f"Command: `{result['command']}`, {result['date']}, load average "
            f"{result['load_average']['start']} at the start and "
            f"{result['load_average']['end']} at the end. Machine: "
-           f"{machine_line(result['machine'])}.", ""]
+           f"{machine_line(result['machine'])}. Checked first (T = 512): "
+           f"{', '.join(LABELS[n] for n in result['results']['agreement'])} agree.", ""]
     rows = []
     for e in sizes:
         fastest = e.get("fastest_torch")
