@@ -395,9 +395,11 @@ def test_filled_rows_is_one_past_the_highest_kept_slot():
 def test_ffn_kernels_match_numpy():
     from tinymoe.moe.ffn_kernels import bias_relu_, relu_grad_
     rng = np.random.default_rng(9)
-    for dtype in (np.float32, np.float64, np.float16):
-        o = rng.standard_normal((37, 7)).astype(dtype)
-        b = rng.standard_normal(7).astype(dtype)
+    # one thread for 37 x 7; Numba's threads for 300 x 300 (>= PARALLEL_MIN_ELEMENTS)
+    for dtype, shape in [(np.float32, (37, 7)), (np.float64, (37, 7)),
+                         (np.float16, (37, 7)), (np.float32, (300, 300))]:
+        o = rng.standard_normal(shape).astype(dtype)
+        b = rng.standard_normal(shape[1]).astype(dtype)
         for relu in (False, True):
             want = o + b
             np.testing.assert_array_equal(bias_relu_(o.copy(), b, relu),
@@ -407,7 +409,7 @@ def test_ffn_kernels_match_numpy():
         g = grad.copy()
         db = relu_grad_(g, h)
         np.testing.assert_array_equal(g, grad * (h > 0))
-        assert db.dtype == dtype and db.shape == (7,)
+        assert db.dtype == dtype and db.shape == (shape[1],)
         np.testing.assert_allclose(db, (grad * (h > 0)).astype(F64).sum(0),
                                    rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
 
