@@ -433,3 +433,22 @@ def test_buffer_ffn_equals_two_buffer_linears_and_gradchecks():
                                                rows=rows), [x, W2])
     with pytest.raises(ValueError, match="buffer_ffn: buffers"):
         BufferFFN.apply(x, W2, b1, W2, b2, rows=rows)
+
+
+def test_buffer_ffn_frees_hidden_blocks_unless_the_graph_is_retained():
+    from tinymoe.moe.experts import BufferFFN
+    rng = np.random.default_rng(11)
+    rows = np.array([2, 3])
+    x = tm.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    W1 = tm.tensor(rng.standard_normal((2, 4, 5)), requires_grad=True)
+    b1, W2, b2 = np.zeros((2, 5)), rng.standard_normal((2, 5, 4)), np.zeros((2, 4))
+    out = BufferFFN.apply(x, W1, b1, W2, b2, rows=rows)
+    node = out._node
+    out.sum().backward(retain_graph=True)
+    first = x.grad.copy()
+    assert all(h is not None for h in node.hidden)  # kept for a second backward
+    out.sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * first)
+    assert node.hidden == [None, None]  # freed expert by expert
+    with pytest.raises(RuntimeError, match="already freed"):
+        out.sum().backward()

@@ -181,7 +181,9 @@ class BufferFFN(Function):
     so that backward also runs expert by expert: ``dh = g W2^T`` is one expert's (n_e, d_ff)
     block, masked by ``[h > 0]`` in place and used at once for ``dW1 = x^T dh``,
     ``db1 = Σ_rows dh`` and ``dx = dh W1^T``. No (E, C, d_ff) gradient array exists: the
-    backward needs one block of it at a time, still in cache when it is used.
+    backward needs one block of it at a time, still in cache when it is used. The hidden
+    activations are kept as one (n_e, d_ff) array per expert (no padding), and backward
+    frees each expert's as soon as it is done with it (unless the graph is retained).
     """
 
     @staticmethod
@@ -194,22 +196,23 @@ class BufferFFN(Function):
                              f"(E, d, d_ff), (E, d_ff), (E, d_ff, d_out), (E, d_out)")
         n = check_filled_rows(rows, E, x.shape[1], "buffer_ffn")
         dt = np.result_type(x, W1, b1, W2, b2)
-        h = np.zeros((E, x.shape[1], f), dtype=dt)  # (E, C, d_ff)
         out = np.zeros((E, x.shape[1], W2.shape[2]), dtype=dt)  # (E, C, d_out)
+        hs = []  # one (n_e, d_ff) array per expert: backward frees each once used
         for e in range(E):
-            he, oe = h[e, :n[e]], out[e, :n[e]]  # (n_e, d_ff), (n_e, d_out) views
+            he, oe = np.empty((n[e], f), dtype=dt), out[e, :n[e]]  # (n_e, d_ff), (n_e, d_out)
             np.matmul(x[e, :n[e]], W1[e], out=he)
             bias_relu_(he, b1[e], True)
             np.matmul(he, W2[e], out=oe)
             bias_relu_(oe, b2[e], False)
-        ctx.save_for_backward(x, W1, W2, h)
-        ctx.rows = n
+            hs.append(he)
+        ctx.save_for_backward(x, W1, W2)
+        ctx.hidden, ctx.rows = hs, n
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, W1, W2, h = ctx.saved
-        n = ctx.rows
+        x, W1, W2 = ctx.saved
+        hs, n = ctx.hidden, ctx.rows
         nx, nW1, nb1, nW2, nb2 = ctx.needs_input_grad
         E, dt = W1.shape[0], grad.dtype
         dx = np.zeros(x.shape, dt) if nx else None  # (E, C, d), 0 in padding
@@ -221,15 +224,17 @@ class BufferFFN(Function):
             m = n[e]
             if m == 0:
                 continue  # an expert with no tokens: zero gradients
-            g = grad[e, :m]  # (n_e, d_out)
+            g, h = grad[e, :m], hs[e]  # (n_e, d_out), (n_e, d_ff)
+            if not ctx.retain_graph:
+                hs[e] = None  # freed when this expert is done (as the graph frees `saved`)
             if nW2:
-                np.matmul(h[e, :m].T, g, out=dW2[e])  # (d_ff, d_out)
+                np.matmul(h.T, g, out=dW2[e])  # (d_ff, d_out)
             if nb2:
                 db2[e] = g.sum(axis=0)
             if not (nx or nW1 or nb1):
                 continue
             dh = g @ W2[e].T  # (n_e, d_ff): this expert's block only
-            s = relu_grad_(dh, h[e, :m])  # dh <- dh · [h > 0] in place; Σ_rows dh
+            s = relu_grad_(dh, h)  # dh <- dh · [h > 0] in place; Σ_rows dh
             if nb1:
                 db1[e] = s
             if nW1:
