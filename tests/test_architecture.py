@@ -222,7 +222,7 @@ PAPER_YEARS = {
 # The shared pieces, named for what they are (no paper's year).
 SHARED = {"tinymoe.moe.layer", "tinymoe.moe.experts", "tinymoe.moe.capacity",
           "tinymoe.moe.router_weight", "tinymoe.moe.precision", "tinymoe.moe.aux_losses",
-          "tinymoe.moe.swiglu"}
+          "tinymoe.moe.swiglu", "tinymoe.moe.ffn_kernels"}
 
 
 def package_graph():

@@ -55,7 +55,19 @@ def test_switch_layer_agreement_check_catches_a_wrong_implementation(switch_benc
 
 
 @pytest.mark.torch
-def test_switch_layer_torch_version_matches_tinymoe(switch_bench):
+def test_switch_layer_torch_versions_match_tinymoe(switch_bench):
     torch = pytest.importorskip("torch")
     assert switch_bench.check_agreement(T=512, d=32, d_ff=64, E=8, torch=torch) == [
-        "tinymoe", "numpy", "torch"]
+        "tinymoe", "numpy", "torch-buffer", "torch-sorted"]
+
+
+@pytest.mark.torch
+def test_switch_layer_hf_layer_matches_tinymoe(switch_bench):
+    # HF's SwitchTransformersSparseMLP: one sequence of T tokens (its capacity is per
+    # sequence), dropped tokens output 0 (transformers 5.x), no expert biases (ours are 0).
+    torch = pytest.importorskip("torch")
+    hf = switch_bench.try_hf()
+    if hf is None:
+        pytest.skip("transformers not installed")
+    assert switch_bench.check_agreement(T=512, d=32, d_ff=64, E=8, torch=torch, hf=hf)[-1] \
+        == "hf"

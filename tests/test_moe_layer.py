@@ -330,3 +330,125 @@ def test_table6_experiment_runs_end_to_end(capsys):
     t6.figure_load(res)
     assert t6.main_table6(["--fast", "--steps", "2", "--no-progress"]) == 0
     assert "Table 6" in capsys.readouterr().out
+
+
+# --- capacity buffers: only the filled slots are multiplied --------------------------------------
+@pytest.mark.parametrize("relu", [False, True])
+def test_buffer_linear_filled_rows_only_and_gradcheck(relu):
+    from tinymoe.moe.experts import BufferLinear, buffer_linear
+    rng = np.random.default_rng(7)
+    rows = np.array([2, 0, 4])  # expert 1 has no tokens, expert 2 a full buffer
+    x = tm.tensor(rng.standard_normal((3, 4, 3)), requires_grad=True)
+    W = tm.tensor(rng.standard_normal((3, 3, 5)), requires_grad=True)
+    b = tm.tensor(rng.standard_normal((3, 5)), requires_grad=True)
+    out = buffer_linear(x, W, b, rows, relu=relu).numpy()  # (E, C, d_out)
+    for e, n in enumerate(rows):
+        want = x.numpy()[e, :n] @ W.numpy()[e] + b.numpy()[e]
+        np.testing.assert_allclose(out[e, :n], np.maximum(want, 0) if relu else want)
+        assert not out[e, n:].any()  # padding slots: 0
+    tm.gradcheck(lambda x, W, b: BufferLinear.apply(x, W, b, rows=rows, relu=relu), [x, W, b])
+    with pytest.raises(ValueError, match=r"buffer_linear: rows \[2, 0, 5\] must lie in"):
+        buffer_linear(x, W, b, np.array([2, 0, 5]))
+    with pytest.raises(ValueError, match="buffer_linear: rows must be"):
+        buffer_linear(x, W, b, np.array([2, 0]))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_stacked_experts_skip_padding_same_results_on_filled_slots(activation):
+    rng = np.random.default_rng(8)
+    ex = StackedExperts(3, 4, 6, activation, dtype=F64, rng=rng)
+    for p in (ex.b1, ex.b2):
+        p.data = rng.standard_normal(p.shape)
+    rows = np.array([3, 1, 0])
+    buf = rng.standard_normal((3, 5, 4))
+    for e, n in enumerate(rows):
+        buf[e, n:] = 0  # what dispatch leaves in the empty slots
+    g = rng.standard_normal((3, 5, 4))
+    grads = []
+    for r in (None, rows):
+        for p in ex.parameters():
+            p.grad = None
+        xt = tm.tensor(buf, requires_grad=True)
+        out = ex(xt, rows=r)
+        upstream = g.copy()
+        for e, n in enumerate(rows):
+            upstream[e, n:] = 0  # combine reads no empty slot
+        (out * tm.Tensor(upstream)).sum().backward()
+        grads.append((out.numpy(), xt.grad, [p.grad.copy() for p in ex.parameters()]))
+    (full, dx_full, dp_full), (part, dx_part, dp_part) = grads
+    for e, n in enumerate(rows):
+        np.testing.assert_allclose(part[e, :n], full[e, :n], rtol=1e-12)
+        assert not part[e, n:].any()
+    np.testing.assert_allclose(dx_part, dx_full, rtol=1e-12, atol=1e-14)
+    for a, b in zip(dp_part, dp_full):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_filled_rows_is_one_past_the_highest_kept_slot():
+    from tinymoe.dispatch.routing import Routing
+    expert = np.array([[0, 2], [0, 1], [2, 0], [0, 2]])  # (T, k)
+    position = np.array([[0, 3], [1, -1], [2, 2], [-1, 0]])  # -1: dropped; slot 0 of a group
+    r = Routing(expert, np.ones((4, 2)), position, np.array([3, 0, 3]), 3, 4)
+    np.testing.assert_array_equal(r.filled_rows, [3, 0, 4])
+
+
+def test_ffn_kernels_match_numpy():
+    from tinymoe.moe.ffn_kernels import bias_relu_, relu_grad_
+    rng = np.random.default_rng(9)
+    # one thread for 37 x 7; Numba's threads for 300 x 300 (>= PARALLEL_MIN_ELEMENTS)
+    for dtype, shape in [(np.float32, (37, 7)), (np.float64, (37, 7)),
+                         (np.float16, (37, 7)), (np.float32, (300, 300))]:
+        o = rng.standard_normal(shape).astype(dtype)
+        b = rng.standard_normal(shape[1]).astype(dtype)
+        for relu in (False, True):
+            want = o + b
+            np.testing.assert_array_equal(bias_relu_(o.copy(), b, relu),
+                                          np.maximum(want, 0) if relu else want)
+        h = np.maximum(o, 0)
+        grad = rng.standard_normal(o.shape).astype(dtype)
+        g = grad.copy()
+        db = relu_grad_(g, h)
+        np.testing.assert_array_equal(g, grad * (h > 0))
+        assert db.dtype == dtype and db.shape == (shape[1],)
+        np.testing.assert_allclose(db, (grad * (h > 0)).astype(F64).sum(0),
+                                   rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
+
+
+def test_buffer_ffn_equals_two_buffer_linears_and_gradchecks():
+    from tinymoe.moe.experts import BufferFFN, buffer_linear
+    rng = np.random.default_rng(10)
+    rows = np.array([3, 0, 4])
+    x = tm.tensor(rng.standard_normal((3, 4, 3)), requires_grad=True)
+    W1 = tm.tensor(rng.standard_normal((3, 3, 5)), requires_grad=True)
+    b1 = tm.tensor(rng.standard_normal((3, 5)), requires_grad=True)
+    W2 = tm.tensor(rng.standard_normal((3, 5, 2)), requires_grad=True)
+    b2 = tm.tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    fused = BufferFFN.apply(x, W1, b1, W2, b2, rows=rows).numpy()
+    two = buffer_linear(buffer_linear(x, W1, b1, rows, relu=True), W2, b2, rows).numpy()
+    np.testing.assert_allclose(fused, two, rtol=1e-12)
+    tm.gradcheck(lambda x, W1, b1, W2, b2: BufferFFN.apply(x, W1, b1, W2, b2, rows=rows),
+                 [x, W1, b1, W2, b2])
+    frozen = tm.tensor(W1.numpy())  # an input without a gradient
+    tm.gradcheck(lambda x, W2: BufferFFN.apply(x, frozen, b1.numpy(), W2, b2.numpy(),
+                                               rows=rows), [x, W2])
+    with pytest.raises(ValueError, match="buffer_ffn: buffers"):
+        BufferFFN.apply(x, W2, b1, W2, b2, rows=rows)
+
+
+def test_buffer_ffn_frees_hidden_blocks_unless_the_graph_is_retained():
+    from tinymoe.moe.experts import BufferFFN
+    rng = np.random.default_rng(11)
+    rows = np.array([2, 3])
+    x = tm.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    W1 = tm.tensor(rng.standard_normal((2, 4, 5)), requires_grad=True)
+    b1, W2, b2 = np.zeros((2, 5)), rng.standard_normal((2, 5, 4)), np.zeros((2, 4))
+    out = BufferFFN.apply(x, W1, b1, W2, b2, rows=rows)
+    node = out._node
+    out.sum().backward(retain_graph=True)
+    first = x.grad.copy()
+    assert all(h is not None for h in node.hidden)  # kept for a second backward
+    out.sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * first)
+    assert node.hidden == [None, None]  # freed expert by expert
+    with pytest.raises(RuntimeError, match="already freed"):
+        out.sum().backward()

@@ -115,6 +115,7 @@ class Context:
         self.out_dtype: np.dtype | None = None
         self.output: weakref.ref | None = None  # the output tensor, for retain_grad()
         self.freed = False
+        self.retain_graph = False  # set by backward(): may its backward free what it saved?
 
     def save_for_backward(self, *values: Any) -> None:
         self.saved = values

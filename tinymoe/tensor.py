@@ -244,6 +244,7 @@ def backpropagate(root: Tensor, grad: np.ndarray, retain_graph: bool = False) ->
                 f"backward: the graph through {node.fn.__name__} was already freed by an earlier "
                 f"backward(); pass retain_graph=True to the first backward() to "
                 f"backpropagate through the same graph twice")
+        node.retain_graph = retain_graph  # False: backward may free saved arrays as it goes
         in_grads = node.fn.backward(node, g)
         del g
         if not isinstance(in_grads, tuple):

@@ -76,6 +76,10 @@ def main_bench(argv: Sequence[str]) -> int:
         print("tinymoe bench: no benchmarks/ folder next to the package; the benchmarks ship "
               "with the source checkout (pip install -e . from a clone)", file=sys.stderr)
         return 2
+    if argv and argv[0] == "render":  # docs/benchmarks.md from benchmarks/results/
+        sys.argv = [str(folder / "render.py"), *argv[1:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in scripts:
         print("usage: tinymoe bench NAME [--quick]\n\nbenchmarks: " + ", ".join(scripts))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -363,6 +363,16 @@ def _stacked_experts(rng):
     return (lambda rows, *ps: experts(rows, offsets)), inputs, options
 
 
+@register("2020 StackedExperts on capacity buffers (filled slots only)")
+def _buffer_experts(rng):
+    experts = moe.StackedExperts(3, 3, 5, "relu", dtype=F64, rng=rng)
+    for b in (experts.b1, experts.b2):
+        b.data = 0.1 * rng.standard_normal(b.shape)
+    rows = np.array([2, 0, 4])  # expert 1 has no tokens, expert 2 a full buffer of 4
+    inputs, options = module_inputs(experts, buffers=leaf(rng.standard_normal((3, 4, 3))))
+    return (lambda buffers, *ps: experts(buffers, rows=rows)), inputs, options
+
+
 def _noisy_gates(layer: Any) -> list[Any]:
     return [m for m in layer.modules() if isinstance(m, moe.NoisyTopKGate)]
 

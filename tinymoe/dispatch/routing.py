@@ -94,6 +94,15 @@ class Routing:
         """The sum of ``aux_losses`` (None when the router defines none)."""
         return sum_losses(self.aux_losses.values())
 
+    @property
+    def filled_rows(self) -> np.ndarray:
+        """(E,) one past the highest slot a kept choice holds in each expert's buffer (0 for
+        an expert with none): the slots from there to C are padding (capacity mode)."""
+        rows = np.zeros(self.num_experts, dtype=np.int64)
+        kept = self.position >= 0  # (T, k)
+        np.maximum.at(rows, self.expert_index[kept], self.position[kept] + 1)
+        return rows
+
     def sorted_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """``(order (N,), offsets (E+1,))`` of the kept pairs grouped by expert, computed once."""
         if self._sorted is None:

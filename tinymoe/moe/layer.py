@@ -91,7 +91,11 @@ class MoELayer(Module):
             raise TypeError(f"MoELayer: the router returned {type(r).__name__}, not a Routing")
         buf = dispatch(kernel_dtype(x2), r)  # (E, C, d) buffers, or (N, d) rows by expert
         offsets = None if r.capacity is not None else r.offsets  # (E+1,) for sorted rows
-        out = self.experts(buf, offsets)  # same layout, every expert on its tokens
+        if offsets is None and isinstance(self.experts, StackedExperts):
+            # (E,) filled slots per buffer: the padding past them is not multiplied
+            out = self.experts(buf, rows=r.filled_rows)  # (E, C, d)
+        else:
+            out = self.experts(buf, offsets)  # same layout, every expert on its tokens
         y = as_dtype(combine(kernel_dtype(out), r), x.dtype)  # (T, d) Σ_j w_tj E_{e_tj}(x_t)
         for expert in self.shared:
             y = y + expert(x2)  # (T, d) shared experts: every token, unweighted
