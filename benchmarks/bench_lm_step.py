@@ -54,24 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 
-try:  # the shared result writer (benchmarks/results/NAME.json), where it exists
-    from _common import write_result  # noqa: E402
-except ImportError:  # the same record, written here
-    def write_result(name, argv, settings, results, load_start=None, folder=None):
-        import datetime
-        args = sys.argv[1:] if argv is None else list(argv)
-        record = {"name": name, "command": " ".join(["python", f"benchmarks/bench_{name}.py",
-                                                     *args]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-                      "%Y-%m-%d %H:%M UTC"),
-                  "machine": machine(), "load_average": {"start": load_start,
-                                                         "end": os.getloadavg()[0]},
-                  "settings": settings, "results": results}
-        folder = Path(folder) if folder else ROOT / "benchmarks" / "results"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        return path
+from _common import write_result  # noqa: E402
 
 # PyTorch first, as in bench_switch_layer.py: its OpenMP keeps its own defaults.
 TORCH = None if "--no-torch" in sys.argv else try_torch()
