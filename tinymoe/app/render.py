@@ -102,8 +102,28 @@ def namespace(folder: Path | None = None) -> dict[str, Any]:
     folder = records.RECORDS if folder is None else folder
     ns: dict[str, Any] = {p.stem.replace("-", "_"): Rec(json.loads(
         p.read_text(encoding="utf-8"))) for p in sorted(folder.glob("*.json"))}
-    ns.update(mean=mean, sd=sd, ci95=ci95)
+    ns.update(mean=mean, sd=sd, ci95=ci95, **TABLES)
     return ns
+
+
+def _sweep(rec: dict) -> dict:
+    """A recorded expert-count sweep as the dict its formatters take."""
+    return {"settings": rec["settings"], **rec["results"]}
+
+
+def _scaling(name: str) -> Any:
+    def table(rec: dict) -> str:
+        from tinymoe.app.experiments import switch_scaling
+
+        return getattr(switch_scaling, name)(_sweep(rec))
+    return table
+
+
+# Tables that an experiment formats itself, rendered from its record:
+# ``{{ scaling_table(switch_scaling) }}``
+TABLES = {"scaling_table": _scaling("format_table"),
+          "capacity_table": _scaling("format_capacity"),
+          "lr_sweep_table": _scaling("format_lr_sweep")}
 
 
 SAFE_BUILTINS = {"abs": abs, "min": min, "max": max, "len": len, "sum": sum, "round": round,
