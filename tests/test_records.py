@@ -101,19 +101,18 @@ FAST_RECORDS = [s.removesuffix("-fast") for s in records.available() if s.endswi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAST_RECORDS)
-def test_fast_rerun_matches_its_record(name, tmp_path, monkeypatch, capsys):
-    """CI re-runs the fast setting of every reproduction and compares it with its record."""
+def test_fast_rerun_matches_its_record(name, tmp_path):
+    """CI re-runs the fast setting of every reproduction, in the pinned numeric environment
+    it was recorded in (:data:`tinymoe.app.records.PINNED_ENV`), and compares."""
     import shlex
-
-    from tinymoe.app.cli import main_repro
 
     shipped = records.load(name, fast=True)
     argv = shlex.split(shipped["command"])[2:]
     assert "--fast" in argv and "--record" in argv, shipped["command"]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(records, "RECORDS", tmp_path)
-    assert main_repro(argv) == 0
+    assert shipped["machine"].get("pinned"), f"{name}: record it with {shipped['command']!r}"
+    assert records.run_pinned(argv, records_dir=tmp_path) == 0  # as it was recorded
     fresh = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert fresh["machine"]["pinned"]
     assert fresh["settings"] == shipped["settings"]
     assert fresh["seeds"] == shipped["seeds"]
     diffs = records.differences(shipped["results"], fresh["results"], rtol=RTOL, atol=ATOL)

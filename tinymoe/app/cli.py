@@ -43,6 +43,12 @@ def main_repro(argv: Sequence[str]) -> int:
             print(f"\ntinymoe repro: unknown reproduction {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    from tinymoe.app import records
+
+    if "--fast" in argv and "--record" in argv and not records.pinned():
+        # a fast record is what CI re-runs on whatever CPU it gets: make it in the pinned
+        # numeric environment (one thread, the same code paths on every x86-64 CPU)
+        return records.run_pinned(list(argv))
     module, func, _ = REPRO[argv[0]]
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 

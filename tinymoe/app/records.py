@@ -20,6 +20,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,35 @@ import numpy as np
 import tinymoe
 import tinymoe.data
 
-RECORDS = Path(tinymoe.data.__file__).parent / "records"
+RECORDS = Path(os.environ.get("TINYMOE_RECORDS") or Path(tinymoe.data.__file__).parent / "records")
+
+# The numeric environment of every fast record, recorded and re-run in it: one thread, and on
+# x86-64 the AVX2 code paths of OpenBLAS, NumPy and Numba whatever the CPU, so that a rerun
+# on an AVX-512 Intel core adds its floats in the same order as an AVX2 AMD core. Without it
+# a short training run of a chaotic setting (a step size near the edge of stability) drifts
+# by percents between CPUs from last-bit differences alone (measured: the 1991 fast run's
+# mean epochs 258 on one machine kind, 274 on another).
+_AVX512 = ("AVX512F AVX512CD AVX512VL AVX512BW AVX512DQ AVX512_KNL AVX512_KNM AVX512_SKX "
+           "AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR AVX512_FP16")
+PINNED_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "NUMBA_NUM_THREADS": "1", "TINYMOE_PINNED": "1"}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    PINNED_ENV.update({"OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": _AVX512,
+                       "NUMBA_CPU_NAME": "haswell"})
+
+
+def pinned() -> bool:
+    """Whether this process runs in :data:`PINNED_ENV` (set before NumPy was imported)."""
+    return all(os.environ.get(k) == v for k, v in PINNED_ENV.items())
+
+
+def run_pinned(argv: list[str], records_dir: Path | None = None) -> int:
+    """``tinymoe repro *argv`` in a child process under :data:`PINNED_ENV` (its records go
+    to ``records_dir`` when given); returns the child's exit status."""
+    env = {**os.environ, **PINNED_ENV}
+    if records_dir is not None:
+        env["TINYMOE_RECORDS"] = str(records_dir)
+    return subprocess.run([sys.executable, "-m", "tinymoe", "repro", *argv], env=env).returncode
 
 
 def _path(name: str, fast: bool) -> Path:
@@ -90,7 +119,19 @@ def machine() -> dict:
     except ImportError:  # pragma: no cover - numba is a dependency
         numba_version = "not installed"
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count() or 0, "numpy": np.__version__, "numba": numba_version}
+            "cpu_count": os.cpu_count() or 0, "numpy": np.__version__, "numba": numba_version,
+            "cpu": _cpu_model(), "pinned": pinned()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def record(name: str, *, argv: list[str], seeds: list[int], settings: dict, results: dict,
