@@ -123,7 +123,16 @@ def _scaling(name: str) -> Any:
 # ``{{ scaling_table(switch_scaling) }}``
 TABLES = {"scaling_table": _scaling("format_table"),
           "capacity_table": _scaling("format_capacity"),
-          "lr_sweep_table": _scaling("format_lr_sweep")}
+          "lr_sweep_table": _scaling("format_lr_sweep"),
+          "balanced_table": lambda: _balanced("format_balanced")(),
+          "balanced_drops": lambda E: _balanced("balanced_drops")(E)}
+
+
+def _balanced(name: str) -> Any:
+    """The drop rates of a perfectly balanced router: computed (seeded, exact), not run."""
+    from tinymoe.app.experiments import switch_scaling
+
+    return getattr(switch_scaling, name)
 
 
 SAFE_BUILTINS = {"abs": abs, "min": min, "max": max, "len": len, "sum": sum, "round": round,
