@@ -194,19 +194,25 @@ def _torch_result(y, loss, xt, p: dict) -> dict:
             **{k: t.grad.numpy() for k, t in p.items() if t.grad is not None}}
 
 
-def torch_buffer_step(torch, p: dict, x: np.ndarray, g: np.ndarray) -> dict:
-    """Capacity buffers: one-hot cumsum positions, index_copy in, baddbmm, index_copy back."""
-    F = torch.nn.functional
+def _torch_route(torch, p: dict, x: np.ndarray, g: np.ndarray) -> tuple:
+    """The router part shared by the PyTorch versions: fresh leaves, softmax, top-1.
+    Returns ``(x, g, logits (T, E), probs (T, E), gate (T,), idx (T,))``."""
     for t in p.values():
         t.grad = None
     xt = torch.from_numpy(x).requires_grad_()
-    gt = torch.from_numpy(g)
-    T, d = xt.shape
-    E = p["W_r"].shape[1]
-    C = capacity(T, E)
     logits = xt @ p["W_r"]                               # (T, E)
     probs = torch.softmax(logits, dim=-1)
     gate, idx = probs.max(dim=-1)                        # (T,)
+    return xt, torch.from_numpy(g), logits, probs, gate, idx
+
+
+def torch_buffer_step(torch, p: dict, x: np.ndarray, g: np.ndarray) -> dict:
+    """Capacity buffers: one-hot cumsum positions, index_copy in, baddbmm, index_copy back."""
+    F = torch.nn.functional
+    xt, gt, logits, probs, gate, idx = _torch_route(torch, p, x, g)
+    T, d = xt.shape
+    E = p["W_r"].shape[1]
+    C = capacity(T, E)
     onehot = F.one_hot(idx, E)                           # (T, E)
     pos = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # (T,)
     kept = torch.nonzero(pos < C).squeeze(1)             # (n,)
@@ -224,16 +230,10 @@ def torch_buffer_step(torch, p: dict, x: np.ndarray, g: np.ndarray) -> dict:
 # --- PyTorch eager: sorted by expert --------------------------------------------------------
 def torch_sorted_step(torch, p: dict, x: np.ndarray, g: np.ndarray) -> dict:
     """Grouped by sorting: argsort by expert, the first C of each kept, one addmm per slice."""
-    for t in p.values():
-        t.grad = None
-    xt = torch.from_numpy(x).requires_grad_()
-    gt = torch.from_numpy(g)
+    xt, gt, logits, probs, gate, idx = _torch_route(torch, p, x, g)
     T, d = xt.shape
     E = p["W_r"].shape[1]
     C = capacity(T, E)
-    logits = xt @ p["W_r"]                               # (T, E)
-    probs = torch.softmax(logits, dim=-1)
-    gate, idx = probs.max(dim=-1)                        # (T,)
     order = torch.argsort(idx, stable=True)              # (T,) by expert, sequence order within
     counts = torch.bincount(idx, minlength=E)            # (E,)
     starts = torch.cumsum(counts, 0) - counts            # (E,) first row of each expert

@@ -1,7 +1,12 @@
-"""Shared pytest set-up: task markers from the registry, hypothesis profile, headless plots."""
+"""Shared pytest set-up: task markers from the registry, hypothesis profile, headless plots,
+and the benchmark scripts as modules."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -19,3 +24,20 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {task.title} ({task.points} pts)")
     config.addinivalue_line("markers", "slow: long-running (notebooks, reproductions)")
     config.addinivalue_line("markers", "torch: cross-checks against PyTorch (skipped without it)")
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(name)``: ``benchmarks/bench_NAME.py`` imported as a module (the
+    benchmarks are scripts, not a package)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def load(name: str):
+        path = root / "benchmarks" / f"bench_{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

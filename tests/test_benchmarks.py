@@ -4,8 +4,6 @@ numbers as tinymoe before anything is timed. (No timing is asserted anywhere.)
 The Switch layer runs the code of three classroom tasks (capacity positions, the balancing
 loss, the z-loss), so its tests carry those tasks' markers.
 """
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.task4_1, pytest.mark.task4_2, pytest.mark.task4_3]
 
 
-def load_benchmark(name: str):
-    path = ROOT / "benchmarks" / f"bench_{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def switch_bench():
+def switch_bench(load_benchmark):
     return load_benchmark("switch_layer")
 
 

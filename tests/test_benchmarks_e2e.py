@@ -4,7 +4,6 @@
 The LM step runs a Switch layer (capacity positions, the balancing loss, the z-loss) and
 KV-cache generation (cached attention), so its test carries those tasks' markers.
 """
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,22 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_benchmark(name: str):
-    path = ROOT / "benchmarks" / f"bench_{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def lm_bench():
+def lm_bench(load_benchmark):
     return load_benchmark("lm_step")
 
 
 @pytest.fixture(scope="module")
-def busy_bench():
+def busy_bench(load_benchmark):
     return load_benchmark("busy")
 
 
