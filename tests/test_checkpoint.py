@@ -263,6 +263,16 @@ def test_writer_checks_keep_last():
 
 
 def test_sigint_during_a_save_lets_it_finish_then_interrupts(tmp_path, monkeypatch):
+    # a job started in the background of a non-interactive shell inherits SIGINT ignored;
+    # Ctrl-C's Python handler is what this test is about, so install it for the test
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_during_a_save(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _sigint_during_a_save(tmp_path, monkeypatch):
     real = serialization._write_npz
 
     def write_then_ctrl_c(f, content):

@@ -29,7 +29,8 @@ PRELOAD = ("__future__", "abc", "argparse", "ast", "bisect", "collections", "col
            "traceback", "types", "typing", "warnings", "weakref", "zipfile", "numpy",
            "numpy.linalg", "numpy.random", "numpy.fft", "numpy.testing", "numpy.lib.stride_tricks",
            "encodings.cp437", "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
-           "encodings.idna", "unicodedata")
+           "encodings.idna", "unicodedata",
+           "numba")  # tinymoe imports it (dispatch and FFN kernels); loaded before the drop
 
 
 def _short(text, n=MESSAGE_CHARS):
