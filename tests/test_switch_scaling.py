@@ -133,8 +133,14 @@ def test_the_reproductions_page_shows_the_recorded_tables():
     page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
         encoding="utf-8")
     assert ss.format_table(ss.load_recorded("switch_scaling", fast=True)) in page
-    full = ss.load_recorded("switch_scaling")
-    assert ss.format_table(full) in page
-    assert ss.format_capacity(full) in page
+    for name in ("switch_scaling_lr", "switch_scaling_lr_high"):
+        assert ss.format_lr_sweep(ss.load_recorded(name)) in page
+    assert ss.format_capacity(ss.load_recorded("switch_scaling_every_block")) in page
+    try:
+        full = ss.load_recorded("switch_scaling")
+    except FileNotFoundError:  # the five-seed sweep: the page says it is not recorded yet
+        assert "five-seed sweep is not recorded yet" in page
+    else:
+        assert ss.format_table(full) in page and ss.format_capacity(full) in page
     assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
     assert ss.format_balanced() in page

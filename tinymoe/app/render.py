@@ -124,6 +124,7 @@ def _scaling(name: str) -> Any:
 TABLES = {"scaling_table": _scaling("format_table"),
           "capacity_table": _scaling("format_capacity"),
           "lr_sweep_table": _scaling("format_lr_sweep"),
+          "precision_table": _scaling("format_precision"),
           "balanced_table": lambda: _balanced("format_balanced")(),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E)}
 
