@@ -103,6 +103,12 @@ def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
     rounding, a few 1e-16). Everything else is computed row by row, or by an expert over
     the same rows in the same order (the dropless rows are regrouped into the one-process
     order), and the factors D and 1/D of the job's loss are powers of two, exact.
+
+    In capacity mode the outputs and the input and expert gradients agree to 1e-14 (relative)
+    rather than bit for bit: an expert multiplies only the filled rows of its buffer, which on
+    one process is one block of n_e rows and over MPI one block per source rank; BLAS picks
+    its kernels by the number of rows, and a row can come out one unit in the last place
+    apart (seen: 2 of 192 outputs on 4 ranks).
     """
     run_ranks(D, "equal", tmp_path / "out.npz")
     got = np.load(tmp_path / "out.npz")
@@ -115,12 +121,15 @@ def test_layer_on_D_ranks_equals_one_process(D, tmp_path):
         assert r.counts[-1] == 0, case  # an empty expert
         if r.capacity is not None:
             assert r.dropped_choices.sum() > 0, case  # the capacity bites
-        np.testing.assert_array_equal(got[f"{case}/y"], y.numpy(), err_msg=case)
-        np.testing.assert_array_equal(got[f"{case}/dx"], xt.grad, err_msg=case)
+        same = (np.testing.assert_array_equal if r.capacity is None else
+                lambda a, b, err_msg: np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-17,
+                                                                 err_msg=err_msg))
+        same(got[f"{case}/y"], y.numpy(), err_msg=case)
+        same(got[f"{case}/dx"], xt.grad, err_msg=case)
         for name, p in layer.named_parameters():
             g = got[f"{case}/grad/{name}"]
             if name.startswith("experts."):
-                np.testing.assert_array_equal(g, p.grad, err_msg=f"{case} {name}")
+                same(g, p.grad, err_msg=f"{case} {name}")
             else:  # replicated: D partial sums added by the Allreduce
                 np.testing.assert_allclose(g, p.grad, rtol=1e-12, atol=1e-14,
                                            err_msg=f"{case} {name}")
