@@ -117,14 +117,12 @@ def test_precision_sweep_reports_every_precision_and_lr():
     assert "bfloat16, float32 router" in ss.format_precision(result)
 
 
-@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_a_balanced_router_drops_less_in_larger_groups():
     drops = ss.balanced_drops(8, group_sizes=(64, 4096), factors=(1.0, 2.0), tokens=1 << 14)
     assert drops["64"]["1.0"] > drops["4096"]["1.0"] > drops["4096"]["2.0"] >= 0.0
     assert drops["4096"]["2.0"] == 0.0  # 2x the mean is > 20 spreads above it at S/E = 512
 
 
-@pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_the_reproductions_page_shows_the_recorded_tables():
     """Every number of the expert-count, capacity and precision tables on the page is the
     recorded one (or, for the balanced router, the deterministic function's)."""
