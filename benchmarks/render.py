@@ -98,14 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="write nothing; exit 1 if the page differs from its rendering")
     args = ap.parse_args(argv)
-    text = render()
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
-            print("out of date (run `python -m benchmarks.render`): docs/benchmarks.md")
-            return 1
-        return 0
-    PAGE.write_text(text, encoding="utf-8")
-    print("wrote docs/benchmarks.md")
+    from tinymoe.app.render import write_or_check
+
+    if not write_or_check(PAGE, render(), args.check):
+        print("out of date (run `python -m benchmarks.render`): docs/benchmarks.md")
+        return 1
     return 0
 
 

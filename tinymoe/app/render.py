@@ -186,20 +186,22 @@ def main_render(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="write nothing; exit 1 if a page differs from its rendering")
     args = ap.parse_args(argv)
-    stale = []
-    for template, page in PAGES.items():
-        text = render_page(template)
-        target = ROOT / page
-        if args.check:
-            if not target.exists() or target.read_text(encoding="utf-8") != text:
-                stale.append(page)
-        else:
-            target.write_text(text, encoding="utf-8")
-            print(f"wrote {page}")
+    stale = [page for template, page in PAGES.items()
+             if not write_or_check(ROOT / page, render_page(template), args.check)]
     if stale:
         print("out of date (run `tinymoe repro render`): " + ", ".join(stale))
         return 1
     return 0
+
+
+def write_or_check(target: Path, text: str, check: bool) -> bool:
+    """Write ``text`` to ``target`` (saying so), or with ``check`` only compare; returns
+    whether the page is (now) its rendering."""
+    if check:
+        return target.exists() and target.read_text(encoding="utf-8") == text
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target.relative_to(ROOT)}")
+    return True
 
 
 if __name__ == "__main__":
