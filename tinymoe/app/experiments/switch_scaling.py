@@ -96,14 +96,16 @@ class ScalingConfig:
 
 
 # d 64, 4 layers, a Switch FFN in every other block (moe_every 2, Switch-Base's layout; with
-# one in every block, E = 32 fell behind dense: every layer's router splits the 1,024 tokens
-# of a step 32 ways), expert d_ff 256, context 64, 16 x 64 characters per step, capacity
-# factor 1.25 in training.
+# one in every block, E = 32 fell behind dense: every layer's router splits the tokens of a
+# step 32 ways), expert d_ff 256, context 64, capacity factor 1.25 in training.
 MODEL = TransformerConfig(vocab_size=65, block_size=64, d_model=64, n_layers=4, n_heads=4,
                           d_ff=256, num_experts=8, moe_every=2, capacity_factor=1.25)
-# lr 1e-2: the best of 1e-3, 3e-3, 1e-2, 3e-2 for dense, E = 8 and E = 32 alike (the
-# recorded sweeps switch_scaling_lr and switch_scaling_lr_high)
-FULL = ScalingConfig(MODEL, lr=1e-2)
+# 64 x 64 characters per step (one routing group of 4,096 tokens: 128 per expert at E = 32,
+# where the 16 x 64 batches of the learning-rate sweeps gave 32 and dropped 30 % of the
+# tokens), 400 steps (the same 1.6M characters as 1,600 steps of 16), lr 1e-2: the best of
+# 1e-3, 3e-3, 1e-2, 3e-2 for dense, E = 8 and E = 32 alike at batch 16 (the recorded sweeps
+# switch_scaling_lr and switch_scaling_lr_high; switch_scaling_lr_b64 checks it at batch 64)
+FULL = ScalingConfig(MODEL, lr=1e-2, batch_size=64, steps=400, eval_every=50)
 FAST = ScalingConfig(
     TransformerConfig(vocab_size=65, block_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                       num_experts=4, moe_every=1, capacity_factor=1.25),
@@ -656,7 +658,7 @@ TOUR = ScalingConfig(
 
 def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro switch_scaling [--fast] [--seeds ...] [--experts ...] [--steps N]
-    [--workers W] [--record] [--json PATH]``."""
+    [--batch-size B] [--workers W] [--record] [--json PATH]``."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -667,6 +669,8 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--experts", type=int, nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per step (one routing group per step)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lr-by-experts", nargs="*", default=None, metavar="E=LR",
                     help="a learning rate per number of experts, e.g. 1=3e-3 32=1e-2")
@@ -684,7 +688,7 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     cfg = FAST if fast else FULL
     changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in
                (("seeds", args.seeds), ("experts", args.experts), ("steps", args.steps),
-                ("lr", args.lr)) if v is not None}
+                ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     if "experts" in changes and 1 not in changes["experts"]:
         raise SystemExit("tinymoe repro switch_scaling: --experts must include 1 (dense)")
     if args.lr_by_experts is not None:
