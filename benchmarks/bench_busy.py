@@ -5,7 +5,7 @@
     python benchmarks/bench_busy.py --quick                   # T = 1,024, tour --fast
 
 The benchmark starts its own load: N background processes that each spin a core
-(``while True: pass``), started before a measurement and stopped (by their process ids)
+(a loop that spins until its parent exits), started before a measurement and stopped (by their process ids)
 after it. For each load it measures, in this one process and interleaved, one Switch-layer
 step (forward + backward, float32, d 256, d_ff 1,024, E = 8, cf 1.25; the builders of
 benchmarks/bench_switch_layer.py: tinymoe, NumPy by hand, its PyTorch eager versions at 2
@@ -60,7 +60,9 @@ from bench_lm_step import machine_text, write_result  # noqa: E402
 import tinymoe as tm  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "busy.json"
-SPIN = "while True:\n    pass\n"
+# a spinner stops by itself once its parent is gone (re-parented), so that a benchmark killed
+# from outside leaves no busy process behind
+SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
 
 
 class BusyLoad:
@@ -262,7 +264,19 @@ def tour_stage_rows(res: dict) -> list[tuple[str, float, dict[str, float]]]:
     return rows
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``) exits through Python, so the busy processes and the tour's child
+    are stopped by their ``with`` blocks instead of left running."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> None:
+    _stop_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--what", choices=("switch", "tour", "both"), default="both")
     ap.add_argument("--busy", type=int, nargs="+", default=None,
