@@ -126,7 +126,14 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "lr_sweep_table": _scaling("format_lr_sweep"),
           "precision_table": _scaling("format_precision"),
           "balanced_table": lambda: _balanced("format_balanced")(),
-          "balanced_drops": lambda E: _balanced("balanced_drops")(E)}
+          "balanced_drops": lambda E: _balanced("balanced_drops")(E),
+          "explore_table": lambda rec: _vowels("format_exploration")(rec)}
+
+
+def _vowels(name: str) -> Any:
+    from tinymoe.app.experiments import vowels_1991
+
+    return getattr(vowels_1991, name)
 
 
 def _balanced(name: str) -> Any:

@@ -512,6 +512,38 @@ def best_step_size(table: dict[float, list[int | None]]) -> float:
     return min(ok, key=ok.get)
 
 
+def record_exploration(tables: dict[str, dict[float, list[int | None]]], argv: list[str]
+                       ) -> Any:
+    """Write the step-size exploration (``--explore --record``) as ``vowels-explore``: per
+    system and step size the epochs to criterion from each start (None: never reached),
+    their mean when every start reached it, and the chosen step size."""
+    results = {system: {"epochs": {f"{eps:g}": v for eps, v in table.items()},
+                        "mean": {f"{eps:g}": (float(np.mean(v)) if all(e is not None for e in v)
+                                               else None) for eps, v in table.items()},
+                        "best": best_step_size(table)}
+               for system, table in tables.items()}
+    return records.record("vowels-explore", argv=argv, seeds=list(EXPLORE_SEEDS),
+                          settings={"grid": list(EXPLORE_GRID), "seeds": list(EXPLORE_SEEDS),
+                                    "criterion": CRITERION, "max_epochs": 10_000},
+                          results=results)
+
+
+def format_exploration(rec: Any) -> str:
+    """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
+    record (— : some start never reached it), the chosen step size in bold."""
+    results, grid = rec["results"], [f"{eps:g}" for eps in rec["settings"]["grid"]]
+    lines = ["| ε | " + " | ".join(grid) + " |", "|---" * (1 + len(grid)) + "|"]
+    for system, row in results.items():
+        best = f"{row['best']:g}"
+        cells = []
+        for eps in grid:
+            m = row["mean"][eps]
+            text = "—" if m is None else f"{m:.0f}"
+            cells.append(f"**{text}**" if eps == best else text)
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- tour and CLI --------------------------------------------------------------------------------
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     """One line for ``tinymoe tour``: ME4 vs BP6, 2 seeds (fast) or 5."""
@@ -590,9 +622,13 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     if args.explore:
-        for system in SYSTEMS:
+        tables = {}
+        for system in ("ME4", "ME8", "BP6", "BP12"):
             table = explore(system, progress=not args.no_progress)
+            tables[system] = table
             print(system, {k: v for k, v in table.items()}, "->", best_step_size(table))
+        if args.record:
+            print("recorded", record_exploration(tables, ["vowels", *(argv or [])]))
         return 0
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     for s in systems:
