@@ -346,3 +346,19 @@ def test_vowel_script_helpers():
         v.run(seeds=1, systems=("ME2",), progress=False)
     t, df = v.pooled_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     assert df == 4 and t == pytest.approx(-3 / np.sqrt(2 / 3))
+
+
+def test_the_step_size_exploration_is_recorded_and_rendered(tmp_path, monkeypatch):
+    from tinymoe.app import records
+    from tinymoe.app.experiments import vowels_1991 as v
+
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    tables = {"ME4": {1.0: [10, 12], 2.0: [5, None], 4.0: [8, 10]},
+              "BP6": {1.0: [30, 32], 2.0: [20, 22], 4.0: [None, None]}}
+    path = v.record_exploration(tables, ["vowels", "--explore", "--record"])
+    rec = records.load("vowels-explore")
+    assert path.exists() and rec["results"]["ME4"]["best"] == 4.0
+    assert rec["results"]["ME4"]["mean"]["2"] is None  # a start never reached the criterion
+    text = v.format_exploration(rec)
+    assert "| ME4 | 11 | — | **9** |" in text
+    assert "| BP6 | 31 | **21** | — |" in text

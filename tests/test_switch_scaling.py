@@ -65,6 +65,16 @@ def test_a_tiny_sweep_pairs_seeds_and_summarises():
     assert "| 2 |" in ss.format_table(result)
 
 
+def test_dropless_training_drops_no_token_and_keeps_the_flops():
+    cfg = replace(TINY, experts=(1, 4), seeds=(0,), dropless=True)
+    assert ss._model_config(cfg, 4, 65).capacity_factor == 4.0  # C = S: cf = E
+    assert ss._model_config(cfg, 1, 65).kind == "dense"
+    run = ss.train_one(cfg, 4, 0)
+    assert run.train_dropped == 0.0 and np.isfinite(run.val_loss)
+    dropping = ss.train_one(replace(cfg, dropless=False), 4, 0)
+    assert dropping.train_dropped > 0.0  # the same tiny run at cf 1.25 drops tokens
+
+
 @pytest.mark.task4_1  # routes through the capacity of task 4_1
 def test_dropless_evaluation_drops_nothing_and_the_analysis_counts_drops():
     cfg = replace(TINY, experts=(1, 4), seeds=(0,), analysis=True)

@@ -523,7 +523,8 @@ def record_exploration(tables: dict[str, dict[float, list[int | None]]], argv: l
                         "best": best_step_size(table)}
                for system, table in tables.items()}
     return records.record("vowels-explore", argv=argv, seeds=list(EXPLORE_SEEDS),
-                          settings={"grid": list(EXPLORE_GRID), "seeds": list(EXPLORE_SEEDS),
+                          settings={"grid": sorted({eps for t in tables.values() for eps in t}),
+                                    "seeds": list(EXPLORE_SEEDS),
                                     "criterion": CRITERION, "max_epochs": 10_000},
                           results=results)
 
@@ -537,7 +538,7 @@ def format_exploration(rec: Any) -> str:
         best = f"{row['best']:g}"
         cells = []
         for eps in grid:
-            m = row["mean"][eps]
+            m = row["mean"].get(eps)
             text = "—" if m is None else f"{m:.0f}"
             cells.append(f"**{text}**" if eps == best else text)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
