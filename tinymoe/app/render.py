@@ -127,7 +127,18 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "precision_table": _scaling("format_precision"),
           "balanced_table": lambda: _balanced("format_balanced")(),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E),
-          "explore_table": lambda rec: _vowels("format_exploration")(rec)}
+          "explore_table": lambda rec: _vowels("format_exploration")(rec),
+          "best_lr": lambda E, *recs: _best_lr(str(E), recs)}
+
+
+def _best_lr(E: str, recs: Sequence[dict]) -> tuple[float, float]:
+    """``(lr, mean validation loss)`` of the best learning rate for E experts over the
+    learning-rate sweeps ``recs`` (their ``by_lr`` tables merged)."""
+    merged: dict[str, Any] = {}
+    for rec in recs:
+        merged.update(rec["results"]["by_lr"])
+    best = min(merged, key=lambda lr: merged[lr][E])
+    return float(best), float(merged[best][E])
 
 
 def _vowels(name: str) -> Any:
