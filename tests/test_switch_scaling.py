@@ -141,14 +141,18 @@ def test_the_reproductions_page_shows_the_recorded_tables():
     page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
         encoding="utf-8")
     assert ss.format_table(ss.load_recorded("switch_scaling", fast=True)) in page
-    for name in ("switch_scaling_lr", "switch_scaling_lr_high"):
-        assert ss.format_lr_sweep(ss.load_recorded(name)) in page
+    from tinymoe.app import render
+    from tinymoe.app.records import load
+
+    for pair in (("switch_scaling_lr", "switch_scaling_lr_high"),
+                 ("switch_scaling_lr_b64", "switch_scaling_lr_b64_more")):
+        table = render.TABLES["lr_sweeps_table"](*(render.Rec(load(n)) for n in pair))
+        assert table in page
+        by_lr = {**load(pair[0])["results"]["by_lr"], **load(pair[1])["results"]["by_lr"]}
+        for lr, row in by_lr.items():  # every recorded loss is in the merged table
+            assert all(f"{v:.4f}" in table for v in row.values()), lr
     assert ss.format_capacity(ss.load_recorded("switch_scaling_every_block")) in page
-    try:
-        full = ss.load_recorded("switch_scaling")
-    except FileNotFoundError:  # the five-seed sweep: the page says it is not recorded yet
-        assert "five-seed sweep is not recorded yet" in page
-    else:
-        assert ss.format_table(full) in page and ss.format_capacity(full) in page
+    full = ss.load_recorded("switch_scaling")
+    assert ss.format_table(full) in page and ss.format_capacity(full) in page
     assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
     assert ss.format_balanced() in page

@@ -128,7 +128,24 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "balanced_table": lambda: _balanced("format_balanced")(),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E),
           "explore_table": lambda rec: _vowels("format_exploration")(rec),
-          "best_lr": lambda E, *recs: _best_lr(str(E), recs)}
+          "best_lr": lambda E, *recs: _best_lr(str(E), recs),
+          "lr_sweeps_table": lambda *recs: _lr_sweeps_table(recs)}
+
+
+def _lr_sweeps_table(recs: Sequence[dict]) -> str:
+    """One learning-rate table from several sweeps of the same models (rows by rate), the
+    best rate of each model over all of them in bold."""
+    from tinymoe.app.experiments import switch_scaling
+
+    merged: dict[str, Any] = {}
+    for rec in recs:
+        merged.update(rec["results"]["by_lr"])
+    by_lr = {lr: merged[lr] for lr in sorted(merged, key=float)}
+    Es = list(next(iter(by_lr.values())))
+    best = {E: min(by_lr, key=lambda lr: by_lr[lr][E]) for E in Es}
+    seeds = sorted({s for rec in recs for s in rec["settings"]["seeds"]})
+    return switch_scaling.format_lr_sweep({"settings": {"seeds": seeds}, "by_lr": by_lr,
+                                           "summary": {"best_lr": best}})
 
 
 def _best_lr(E: str, recs: Sequence[dict]) -> tuple[float, float]:
