@@ -4,19 +4,20 @@
     python benchmarks/bench_busy.py --what tour --busy 4      # the full tour, idle vs 4 busy
     python benchmarks/bench_busy.py --quick                   # T = 1,024, tour --fast
 
-The benchmark starts its own load: N background processes that each spin a core
-(a loop that spins until its parent exits), started before a measurement and stopped (by their process ids)
-after it. For each load it measures, in this one process and interleaved, one Switch-layer
-step (forward + backward, float32, d 256, d_ff 1,024, E = 8, cf 1.25; the builders of
-benchmarks/bench_switch_layer.py: tinymoe, NumPy by hand, its PyTorch eager versions at 2
-threads; the verdict compares with the PyTorch version fastest on the idle machine), and
-the tour (``python -m tinymoe tour``, ``--fast`` with ``--tour fast``) in a child process.
-The idle measurement is taken first and again last; the idle time is the faster of the two
-and their spread is reported. The NumPy-by-hand version shares this process's OpenBLAS, so
-it follows tinymoe's thread count: by default every core (tinymoe's default, which keeps
-seeded runs bit-for-bit repeatable); ``--threads auto`` measures the adaptive policy of
-:mod:`tinymoe.threads` (``TINYMOE_NUM_THREADS=auto``, in the tour's child too) and stores
-its results under ``switch-auto`` / ``tour-auto``; ``--threads 1`` a fixed count.
+The benchmark starts its own load: N background processes that each spin a core (a loop that
+spins until its parent exits), started before a measurement and stopped (by their process
+ids) after it. For each load it measures, in this one process and interleaved, one
+Switch-layer step (forward + backward, float32, d 256, d_ff 1,024, E = 8, cf 1.25; the
+builders of benchmarks/bench_switch_layer.py: tinymoe, NumPy by hand, its PyTorch eager
+versions at 2 threads; the verdict compares with the PyTorch version fastest on the idle
+machine), and the tour (``python -m tinymoe tour``, ``--fast`` with ``--tour fast``) in a
+child process. The idle measurement is taken first and again last; the idle time is the
+faster of the two and their spread is reported. The NumPy-by-hand version shares this
+process's OpenBLAS, so it follows tinymoe's thread count: by default every core (tinymoe's
+default, which keeps seeded runs bit-for-bit repeatable); ``--threads auto`` measures the
+adaptive policy of :mod:`tinymoe.threads` (``TINYMOE_NUM_THREADS=auto``, in the tour's child
+too) and stores its results under ``switch-auto`` / ``tour-auto``; ``--threads 1`` a fixed
+count.
 
 Definitions (P cores; N busy processes; u = the threads the implementation runs on when
 the machine is idle: P for all of them here, as tinymoe's and NumPy's thread pools default
