@@ -127,7 +127,7 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "precision_table": _scaling("format_precision"),
           "balanced_table": lambda: _balanced("format_balanced")(),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E),
-          "explore_table": lambda rec: _vowels("format_exploration")(rec),
+          "explore_table": lambda rec: explore_table(rec),
           "best_lr": lambda E, *recs: _best_lr(str(E), recs),
           "lr_sweeps_table": lambda *recs: _lr_sweeps_table(recs)}
 
@@ -158,10 +158,21 @@ def _best_lr(E: str, recs: Sequence[dict]) -> tuple[float, float]:
     return float(best), float(merged[best][E])
 
 
-def _vowels(name: str) -> Any:
-    from tinymoe.app.experiments import vowels_1991
+def explore_table(rec: Any) -> str:
+    """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
+    record (— : some start never reached it), the chosen step size in bold."""
+    results, grid = rec["results"], [f"{eps:g}" for eps in rec["settings"]["grid"]]
+    lines = ["| ε | " + " | ".join(grid) + " |", "|---" * (1 + len(grid)) + "|"]
+    for system, row in results.items():
+        best = f"{row['best']:g}"
+        cells = []
+        for eps in grid:
+            m = row["mean"].get(eps)
+            text = "—" if m is None else f"{m:.0f}"
+            cells.append(f"**{text}**" if eps == best else text)
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-    return getattr(vowels_1991, name)
 
 
 def _balanced(name: str) -> Any:

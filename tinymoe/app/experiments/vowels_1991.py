@@ -528,18 +528,10 @@ def record_exploration(tables: dict[str, dict[float, list[int | None]]], argv: l
 
 def format_exploration(rec: Any) -> str:
     """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
-    record (— : some start never reached it), the chosen step size in bold."""
-    results, grid = rec["results"], [f"{eps:g}" for eps in rec["settings"]["grid"]]
-    lines = ["| ε | " + " | ".join(grid) + " |", "|---" * (1 + len(grid)) + "|"]
-    for system, row in results.items():
-        best = f"{row['best']:g}"
-        cells = []
-        for eps in grid:
-            m = row["mean"].get(eps)
-            text = "—" if m is None else f"{m:.0f}"
-            cells.append(f"**{text}**" if eps == best else text)
-        lines.append(f"| {system} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    record (:func:`tinymoe.app.render.explore_table`)."""
+    from tinymoe.app.render import explore_table
+
+    return explore_table(rec)
 
 
 # --- tour and CLI --------------------------------------------------------------------------------
