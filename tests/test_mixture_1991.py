@@ -349,7 +349,7 @@ def test_vowel_script_helpers():
 
 
 def test_the_step_size_exploration_is_recorded_and_rendered(tmp_path, monkeypatch):
-    from tinymoe.app import records
+    from tinymoe.app import records, render
     from tinymoe.app.experiments import vowels_1991 as v
 
     monkeypatch.setattr(records, "RECORDS", tmp_path)
@@ -359,6 +359,6 @@ def test_the_step_size_exploration_is_recorded_and_rendered(tmp_path, monkeypatc
     rec = records.load("vowels-explore")
     assert path.exists() and rec["results"]["ME4"]["best"] == 4.0
     assert rec["results"]["ME4"]["mean"]["2"] is None  # a start never reached the criterion
-    text = v.format_exploration(rec)
+    text = render.explore_table(rec)
     assert "| ME4 | 11 | — | **9** |" in text
     assert "| BP6 | 31 | **21** | — |" in text

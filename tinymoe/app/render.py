@@ -119,43 +119,33 @@ def _scaling(name: str) -> Any:
     return table
 
 
-# Tables that an experiment formats itself, rendered from its record:
-# ``{{ scaling_table(switch_scaling) }}``
-TABLES = {"scaling_table": _scaling("format_table"),
-          "capacity_table": _scaling("format_capacity"),
-          "lr_sweep_table": _scaling("format_lr_sweep"),
-          "precision_table": _scaling("format_precision"),
-          "balanced_table": lambda: _balanced("format_balanced")(),
-          "balanced_drops": lambda E: _balanced("balanced_drops")(E),
-          "explore_table": lambda rec: explore_table(rec),
-          "best_lr": lambda E, *recs: _best_lr(str(E), recs),
-          "lr_sweeps_table": lambda *recs: _lr_sweeps_table(recs)}
+def _merged_by_lr(recs: Sequence[dict]) -> dict[str, Any]:
+    """The ``by_lr`` tables (lr -> E -> mean validation loss) of several learning-rate
+    sweeps of the same models, as one table ordered by rate."""
+    merged: dict[str, Any] = {}
+    for rec in recs:
+        merged.update(rec["results"]["by_lr"])
+    return {lr: merged[lr] for lr in sorted(merged, key=float)}
 
 
-def _lr_sweeps_table(recs: Sequence[dict]) -> str:
+def _lr_sweeps_table(*recs: dict) -> str:
     """One learning-rate table from several sweeps of the same models (rows by rate), the
     best rate of each model over all of them in bold."""
     from tinymoe.app.experiments import switch_scaling
 
-    merged: dict[str, Any] = {}
-    for rec in recs:
-        merged.update(rec["results"]["by_lr"])
-    by_lr = {lr: merged[lr] for lr in sorted(merged, key=float)}
-    Es = list(next(iter(by_lr.values())))
-    best = {E: min(by_lr, key=lambda lr: by_lr[lr][E]) for E in Es}
+    by_lr = _merged_by_lr(recs)
+    best = {E: min(by_lr, key=lambda lr: by_lr[lr][E]) for E in next(iter(by_lr.values()))}
     seeds = sorted({s for rec in recs for s in rec["settings"]["seeds"]})
     return switch_scaling.format_lr_sweep({"settings": {"seeds": seeds}, "by_lr": by_lr,
                                            "summary": {"best_lr": best}})
 
 
-def _best_lr(E: str, recs: Sequence[dict]) -> tuple[float, float]:
+def _best_lr(E: int, *recs: dict) -> tuple[float, float]:
     """``(lr, mean validation loss)`` of the best learning rate for E experts over the
-    learning-rate sweeps ``recs`` (their ``by_lr`` tables merged)."""
-    merged: dict[str, Any] = {}
-    for rec in recs:
-        merged.update(rec["results"]["by_lr"])
-    best = min(merged, key=lambda lr: merged[lr][E])
-    return float(best), float(merged[best][E])
+    learning-rate sweeps ``recs``."""
+    by_lr = _merged_by_lr(recs)
+    best = min(by_lr, key=lambda lr: by_lr[lr][str(E)])
+    return float(best), float(by_lr[best][str(E)])
 
 
 def explore_table(rec: Any) -> str:
@@ -173,6 +163,17 @@ def explore_table(rec: Any) -> str:
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+# Tables that an experiment formats itself, rendered from its record:
+# ``{{ scaling_table(switch_scaling) }}``
+TABLES = {"scaling_table": _scaling("format_table"),
+          "capacity_table": _scaling("format_capacity"),
+          "precision_table": _scaling("format_precision"),
+          "balanced_table": lambda: _balanced("format_balanced")(),
+          "balanced_drops": lambda E: _balanced("balanced_drops")(E),
+          "explore_table": explore_table,
+          "best_lr": _best_lr,
+          "lr_sweeps_table": _lr_sweeps_table}
 
 
 def _balanced(name: str) -> Any:

@@ -526,14 +526,6 @@ def record_exploration(tables: dict[str, dict[float, list[int | None]]], argv: l
                           results=results)
 
 
-def format_exploration(rec: Any) -> str:
-    """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
-    record (:func:`tinymoe.app.render.explore_table`)."""
-    from tinymoe.app.render import explore_table
-
-    return explore_table(rec)
-
-
 # --- tour and CLI --------------------------------------------------------------------------------
 def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
     """One line for ``tinymoe tour``: ME4 vs BP6, 2 seeds (fast) or 5."""
@@ -613,7 +605,7 @@ def main_vowels(argv: Sequence[str] | None = None) -> int:
     fast = args.fast or os.environ.get("TINYMOE_FAST") == "1"
     if args.explore:
         tables = {}
-        for system in ("ME4", "ME8", "BP6", "BP12"):
+        for system in SYSTEMS:
             table = explore(system, progress=not args.no_progress)
             tables[system] = table
             print(system, {k: v for k, v in table.items()}, "->", best_step_size(table))
