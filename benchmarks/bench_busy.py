@@ -17,7 +17,9 @@ process's OpenBLAS, so it follows tinymoe's thread count: by default every core 
 default, which keeps seeded runs bit-for-bit repeatable); ``--threads auto`` measures the
 adaptive policy of :mod:`tinymoe.threads` (``TINYMOE_NUM_THREADS=auto``, in the tour's child
 too) and stores its results under ``switch-auto`` / ``tour-auto``; ``--threads 1`` a fixed
-count.
+count. The tour itself adapts by default (``tinymoe tour --threads auto``, unless a thread
+variable is set), so its default measurement is the adaptive one; ``--threads all`` runs it
+on every core (``tour-all``).
 
 Definitions (P cores; N busy processes; u = the threads the implementation runs on when
 the machine is idle: P for all of them here, as tinymoe's and NumPy's thread pools default
@@ -124,12 +126,14 @@ def time_switch(T: int, repeats: int, torch) -> dict:
                 "cores_used": sum(cpu[n]) / sum(wall[n])} for n in fns}
 
 
-def time_tour(fast: bool) -> dict:
-    """Wall time and CPU use of ``python -m tinymoe tour`` in a child process."""
+def time_tour(fast: bool, threads: str | None = None) -> dict:
+    """Wall time and CPU use of ``python -m tinymoe tour [--threads T]`` in a child process."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "tinymoe", "tour", "--no-progress", "--out", out]
         if fast:
             cmd.append("--fast")
+        if threads:
+            cmd += ["--threads", threads]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -145,7 +149,9 @@ def time_tour(fast: bool) -> dict:
 def tour_stage_seconds(report: Path) -> dict[str, float]:
     """``{stage: seconds}`` from the table of the tour's report.md (first and last column)."""
     out = {}
-    for line in report.read_text(encoding="utf-8").splitlines()[4:]:  # title, blank, header
+    for line in report.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            continue  # title, threads, figures
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) > 2:
             try:
@@ -291,9 +297,12 @@ def main(argv=None) -> None:
                     help="measure idle only before the loads (not again after): shorter")
     ap.add_argument("--threads", default=None,
                     help="'auto' (TINYMOE_NUM_THREADS=auto: adapt to the free cores, also in "
-                         "the tour's process; results stored as 'switch-auto') or N "
-                         "(tinymoe.set_num_threads(N): a fixed count, stored as "
-                         "'switch-fixed2'); default: tinymoe's default, all cores")
+                         "the tour's process; results stored as 'switch-auto'), 'all' (every "
+                         "core, the library's default and `tour --threads all`; stored as "
+                         "'tour-all') or N (tinymoe.set_num_threads(N) and `tour --threads "
+                         "N`: stored as 'switch-fixed2'); default: as users run it, the "
+                         "library's default (all cores) for the Switch step, the tour's "
+                         "(adaptive) for the tour")
     ap.add_argument("--out", default=str(RESULTS), help="JSON results (merged by --what)")
     args = ap.parse_args(argv)
     suffix = ""
@@ -301,12 +310,14 @@ def main(argv=None) -> None:
         os.environ["TINYMOE_NUM_THREADS"] = "auto"  # the tour's child process adapts too
         tm.set_num_threads("auto")
         suffix = "-auto"
-    elif args.threads:
+    elif args.threads and args.threads != "all":
         try:
             tm.set_num_threads(int(args.threads))
         except ValueError:
             ap.error(f"--threads takes 'auto' or a count >= 1, got {args.threads!r}")
         suffix = f"-fixed{args.threads}"
+    if args.threads == "all":
+        suffix = "-all"
     if args.quick:
         args.tokens, args.repeats, args.tour = 1024, 3, "fast"
     torch = None if args.no_torch else sl.TORCH
@@ -330,7 +341,7 @@ def main(argv=None) -> None:
         for n in [0, *loads] + ([] if args.idle_once else [0]):
             with BusyLoad(n):
                 times = time_switch(args.tokens, args.repeats, torch) if what == "switch" \
-                    else time_tour(args.tour == "fast")
+                    else time_tour(args.tour == "fast", args.threads)
             runs.append({"busy": n, "times": times})
             print(f"{what}, {n} busy: " + ", ".join(
                 f"{k} {v['seconds'] * 1e3:,.0f} ms ({v['cores_used']:.2f} cores)"
@@ -339,7 +350,8 @@ def main(argv=None) -> None:
         res = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "tokens": args.tokens, "fast": args.tour == "fast", "repeats": args.repeats,
                "load_start": load_start,
-               "threads": f"tinymoe threads {tm.threads.describe()['mode']}",
+               "threads": (f"tinymoe threads {tm.threads.describe()['mode']}"
+                           if what == "switch" else f"tour --threads {args.threads or 'auto'}"),
                "runs": runs, "summary": summary}
         res["verdicts"] = verdicts(summary, what)
         results[what + suffix] = res

@@ -13,6 +13,11 @@ from tinymoe.models.transformer import Transformer, TransformerConfig
 from tinymoe.moe.precision import round_bfloat16_array, rounded_weights
 
 TINY = replace(ss.FAST, steps=4, eval_every=2, experts=(1, 2), seeds=(0, 1))
+# the recorded learning-rate sweeps: 16 x 64 characters per step (alpha 0.01, every E at
+# one rate afterwards), and 64 x 64 (the full sweep's protocol; its rates come from these)
+LR_B16 = ("switch_scaling_lr", "switch_scaling_lr_high")
+LR_B64 = ("switch_scaling_lr_b64", "switch_scaling_lr_b64_more", "switch_scaling_lr_b64_mid",
+          "switch_scaling_lr_b64_seed1")
 
 
 def test_t_interval_is_students_t():
@@ -145,15 +150,79 @@ def test_the_reproductions_page_shows_the_recorded_tables():
     from tinymoe.app import render
     from tinymoe.app.records import load
 
-    for pair in (("switch_scaling_lr", "switch_scaling_lr_high"),
-                 ("switch_scaling_lr_b64", "switch_scaling_lr_b64_more")):
-        table = render.TABLES["lr_sweeps_table"](*(render.Rec(load(n)) for n in pair))
+    for names in (LR_B16, LR_B64):
+        table = render.TABLES["lr_sweeps_table"](*(render.Rec(load(n)) for n in names))
         assert table in page
-        by_lr = {**load(pair[0])["results"]["by_lr"], **load(pair[1])["results"]["by_lr"]}
-        for lr, row in by_lr.items():  # every recorded loss is in the merged table
-            assert all(f"{v:.4f}" in table for v in row.values()), lr
+        losses: dict = {}  # (lr, E) -> {seed: loss}: every recorded run is in the table
+        for n in names:
+            for r in load(n)["results"]["runs"]:
+                losses.setdefault((r["lr"], r["E"]), {})[r["seed"]] = r["val_loss"]
+        for (lr, E), by_seed in losses.items():
+            v = list(by_seed.values())
+            assert f"{np.mean(v):.4f} ({len(v)})" in table, (lr, E)
     assert ss.format_capacity(ss.load_recorded("switch_scaling_every_block")) in page
     full = ss.load_recorded("switch_scaling")
     assert ss.format_table(full) in page and ss.format_capacity(full) in page
     assert ss.format_precision(ss.load_recorded("switch_precision", fast=True)) in page
     assert ss.format_balanced() in page
+
+
+def _lr_record(runs, seeds):
+    return {"settings": {"seeds": seeds}, "results": {"runs": [
+        {"E": E, "seed": seed, "lr": lr, "val_loss": v} for E, seed, lr, v in runs]}}
+
+
+def test_best_rate_is_chosen_among_the_rates_run_on_the_most_seeds():
+    from tinymoe.app import render
+
+    a = _lr_record([(1, 0, 0.01, 2.0), (1, 1, 0.01, 2.2), (1, 0, 0.02, 1.9), (1, 1, 0.02, 2.4),
+                    (8, 0, 0.04, 1.0)], [0, 1])
+    b = _lr_record([(1, 0, 0.005, 1.5), (8, 0, 0.01, 1.8), (1, 0, 0.01, 2.0)], [0])
+    cells = render.lr_cells([a, b])
+    assert cells["0.01"]["1"] == [2.0, 2.2]  # the run both records hold counts once
+    # dense: 0.005 was run on one seed only (1.5 < every mean), so 0.01 (mean 2.1) beats
+    # 0.02 (2.15); E = 8: one seed each, the lower loss
+    assert render._best_lr(1, a, b) == pytest.approx((0.01, 2.1))
+    assert render._best_lr(8, a, b) == (0.04, 1.0)
+    table = render._lr_sweeps_table(a, b)
+    assert "| 0.01 | **2.1000 (2)** | 1.8000 (1) |" in table
+    assert "| 0.005 | 1.5000 (1) | — |" in table
+    assert render._best_lrs_text(a, b) == "dense 0.01 (2.1000), E = 8 0.04 (1.0000)"
+
+
+def test_learning_rate_sweeps_agree_where_they_overlap():
+    """A run recorded by two sweeps (the same E, seed and rate, the same protocol) has the
+    same final loss in both: the runs are deterministic, and merging them is sound."""
+    from tinymoe.app.records import load
+
+    for names in (LR_B16, LR_B64):
+        recs = [load(n) for n in names]
+        keep = ("model", "steps", "batch_size", "warmup", "min_lr_ratio", "clip")
+        assert all({k: r["settings"][k] for k in keep}
+                   == {k: recs[0]["settings"][k] for k in keep} for r in recs), names
+        seen: dict = {}
+        overlaps = 0
+        for rec in recs:
+            for r in rec["results"]["runs"]:
+                key = (r["E"], r["seed"], r["lr"])
+                if key in seen:
+                    overlaps += 1
+                    assert r["val_loss"] == pytest.approx(seen[key], abs=1e-9), key
+                seen[key] = r["val_loss"]
+        if names == LR_B64:
+            assert overlaps >= 2  # dense, seed 0, at 1e-2 and 2e-2: recorded twice
+
+
+def test_the_full_sweep_trains_each_model_at_its_tuned_rate():
+    """``FULL.lr_by_experts`` is each E's best rate in the recorded 64 x 64 sweeps, and the
+    recorded full sweep ran with those rates and the full protocol."""
+    from tinymoe.app import render
+    from tinymoe.app.records import load
+
+    recs = [load(n) for n in LR_B64]
+    tuned = {E: render._best_lr(E, *recs)[0] for E in ss.FULL.experts}
+    assert dict(ss.FULL.lr_by_experts) == tuned
+    rec = load("switch_scaling")
+    assert rec["settings"] == ss.FULL.to_dict()
+    for r in rec["results"]["runs"]:
+        assert r["lr"] == tuned[r["E"]]

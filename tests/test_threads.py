@@ -82,3 +82,24 @@ def test_choose_counts_the_free_cores():
 def test_set_num_threads_rejects_bad_counts():
     with pytest.raises(ValueError, match="set_num_threads"):
         threads.set_num_threads(0)
+
+
+def test_the_tour_adapts_unless_the_user_chose():
+    """``tinymoe tour`` calls adapt_unless_chosen: adaptive on a free machine, but a thread
+    variable or an earlier set_num_threads wins."""
+    info = run_probe({}, "assert threads.adapt_unless_chosen() == threads._POLICY.adaptive")
+    if info["cores"] > 1 and Path("/proc/stat").exists():
+        assert info["mode"] == "adaptive"
+    info = run_probe({"OMP_NUM_THREADS": "1"}, "assert not threads.adapt_unless_chosen()")
+    assert info["mode"] == "environment" and info["user_vars"] == ["OMP_NUM_THREADS"]
+    info = run_probe({}, "tm.set_num_threads(1); assert not threads.adapt_unless_chosen()")
+    assert info["mode"] == "fixed" and info["threads"] == 1
+
+
+def test_tour_threads_option_is_checked():
+    from tinymoe.app.tour import use_threads
+
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="--threads must be auto, all or a count"):
+            use_threads(bad)
+    assert use_threads("all") in ("all cores", "environment", "fixed", "adaptive")

@@ -29,6 +29,11 @@ In either mode you keep your own choice when:
 - you change OpenBLAS's count yourself (e.g. with threadpoolctl): tinymoe notices that
   the count is no longer the one it set, and stops adapting.
 
+``tinymoe tour`` is the exception: it adapts unless you chose (``tinymoe tour --threads all``
+or any of the variables above), because a learner's laptop is often busy and the tour's
+numbers are a demonstration; the documented figures come from ``tinymoe repro``, which
+keeps the fixed default (see :func:`adapt_unless_chosen`).
+
 Why adapting is not the default: OpenBLAS's float32 products differ in the last bits between
 one and two threads (measured: a Switch-layer step's gradients by up to 4e-6, three training
 steps of the tiny LM's weights by up to 1e-4), so under ``auto`` a run's last digits depend
@@ -175,6 +180,18 @@ def set_num_threads(n: int | str) -> None:
         _POLICY._blas_set = n
     import numba
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def adapt_unless_chosen() -> bool:
+    """Switch to the adaptive policy (as ``set_num_threads("auto")``) unless the user chose a
+    count (a variable of ``USER_VARS`` or :func:`set_num_threads`). Child processes started
+    afterwards adapt too (``TINYMOE_NUM_THREADS=auto`` is put in the environment). Returns
+    whether tinymoe now adapts."""
+    if _POLICY.user_vars or _POLICY.fixed is not None:
+        return False
+    os.environ["TINYMOE_NUM_THREADS"] = "auto"
+    set_num_threads("auto")
+    return _POLICY.adaptive
 
 
 def describe() -> dict:

@@ -10,8 +10,13 @@ from typing import Callable, Sequence
 
 
 def _tour(args: argparse.Namespace) -> int:
-    from tinymoe.app.tour import run_tour
+    from tinymoe.app.tour import run_tour, use_threads
 
+    try:
+        use_threads(args.threads)
+    except ValueError as e:
+        print(f"tinymoe tour: {e}", file=sys.stderr)
+        return 2
     run_tour(fast=args.fast, out=args.out, progress=not args.no_progress)
     return 0
 
@@ -156,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fast", action="store_true", help="smaller runs (about a minute)")
     t.add_argument("--out", default="tinymoe-out", help="output folder (default: tinymoe-out)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t.add_argument("--threads", default="auto", metavar="auto|all|N",
+                   help="auto (default): adapt to the cores other programs leave free, unless "
+                        "a thread variable such as OMP_NUM_THREADS is set; all: every core, "
+                        "bit-for-bit repeatable numbers; N: N threads")
     t.set_defaults(handler=_tour)
 
     g = sub.add_parser("gradcheck", help="gradient-check every op, layer, gate and loss")

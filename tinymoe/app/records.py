@@ -162,7 +162,9 @@ def load(name: str, fast: bool = False) -> dict:
         have = sorted(p.stem for p in RECORDS.glob("*.json")) if RECORDS.exists() else []
         raise FileNotFoundError(
             f"records.load: no recorded run {path.name!r} (have: {', '.join(have) or 'none'}); "
-            f"make it with `tinymoe repro {name}{' --fast' if fast else ''} --record`")
+            f"make it with `tinymoe repro {name}{' --fast' if fast else ''} --record`"
+            f" (a named variant, such as an lr sweep: `tinymoe repro EXPERIMENT ... --record "
+            f"--name {name}`)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -119,33 +119,69 @@ def _scaling(name: str) -> Any:
     return table
 
 
-def _merged_by_lr(recs: Sequence[dict]) -> dict[str, Any]:
-    """The ``by_lr`` tables (lr -> E -> mean validation loss) of several learning-rate
-    sweeps of the same models, as one table ordered by rate."""
-    merged: dict[str, Any] = {}
+def lr_cells(recs: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
+    """lr -> E -> the final validation losses (one per seed, by seed) of several
+    learning-rate sweeps of the same models. A run that two sweeps both recorded (the same
+    E, seed and rate) counts once; tests check that the two records agree."""
+    runs: dict[tuple[float, int, int], float] = {}
     for rec in recs:
-        merged.update(rec["results"]["by_lr"])
-    return {lr: merged[lr] for lr in sorted(merged, key=float)}
+        for r in rec["results"]["runs"]:
+            runs.setdefault((float(r["lr"]), int(r["E"]), int(r["seed"])), r["val_loss"])
+    cells: dict[str, dict[str, list[float]]] = {}
+    for (lr, E, _seed), loss in sorted(runs.items()):
+        cells.setdefault(f"{lr:g}", {}).setdefault(str(E), []).append(loss)
+    return cells
+
+
+def _best_by_lr(cells: dict[str, dict[str, list[float]]]) -> dict[str, str]:
+    """E -> the rate with the lowest mean loss among the rates run on the most seeds."""
+    best = {}
+    for E in sorted({E for row in cells.values() for E in row}, key=int):
+        tried = {lr: row[E] for lr, row in cells.items() if E in row}
+        most = max(len(v) for v in tried.values())
+        best[E] = min((lr for lr, v in tried.items() if len(v) == most),
+                      key=lambda lr: sum(tried[lr]) / most)
+    return best
 
 
 def _lr_sweeps_table(*recs: dict) -> str:
-    """One learning-rate table from several sweeps of the same models (rows by rate), the
-    best rate of each model over all of them in bold."""
-    from tinymoe.app.experiments import switch_scaling
-
-    by_lr = _merged_by_lr(recs)
-    best = {E: min(by_lr, key=lambda lr: by_lr[lr][E]) for E in next(iter(by_lr.values()))}
-    seeds = sorted({s for rec in recs for s in rec["settings"]["seeds"]})
-    return switch_scaling.format_lr_sweep({"settings": {"seeds": seeds}, "by_lr": by_lr,
-                                           "summary": {"best_lr": best}})
+    """Markdown: the mean final validation loss per rate (rows) and model (columns) over
+    several learning-rate sweeps, with the number of seeds behind each cell; each model's
+    best rate among those run on the most seeds in bold."""
+    cells = lr_cells(recs)
+    best = _best_by_lr(cells)
+    Es = list(best)
+    lines = ["| lr | " + " | ".join("dense" if E == "1" else f"E = {E}" for E in Es) + " |",
+             "|---" * (1 + len(Es)) + "|"]
+    for lr in sorted(cells, key=float):
+        row = []
+        for E in Es:
+            v = cells[lr].get(E)
+            text = "—" if not v else f"{sum(v) / len(v):.4f} ({len(v)})"
+            row.append(f"**{text}**" if best[E] == lr else text)
+        lines.append(f"| {lr} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _best_lr(E: int, *recs: dict) -> tuple[float, float]:
-    """``(lr, mean validation loss)`` of the best learning rate for E experts over the
-    learning-rate sweeps ``recs``."""
-    by_lr = _merged_by_lr(recs)
-    best = min(by_lr, key=lambda lr: by_lr[lr][str(E)])
-    return float(best), float(by_lr[best][str(E)])
+    """``(lr, mean validation loss)`` of E experts' best learning rate over the sweeps
+    ``recs`` (among the rates run on the most seeds)."""
+    cells = lr_cells(recs)
+    lr = _best_by_lr(cells)[str(E)]
+    v = cells[lr][str(E)]
+    return float(lr), sum(v) / len(v)
+
+
+def _best_lrs_text(*recs: dict) -> str:
+    """``dense 0.02 (1.9409), E = 2 0.01 (…), …``: each model's best rate over the sweeps
+    ``recs`` (as :func:`_best_lr`) with its mean final validation loss."""
+    cells = lr_cells(recs)
+    parts = []
+    for E, lr in _best_by_lr(cells).items():
+        v = cells[lr][E]
+        name = "dense" if E == "1" else f"E = {E}"
+        parts.append(f"{name} {float(lr):g} ({sum(v) / len(v):.4f})")
+    return ", ".join(parts)
 
 
 def explore_table(rec: Any) -> str:
@@ -173,6 +209,7 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E),
           "explore_table": explore_table,
           "best_lr": _best_lr,
+          "best_lrs_text": _best_lrs_text,
           "lr_sweeps_table": _lr_sweeps_table}
 
 

@@ -67,11 +67,20 @@ def text_table(lines: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+THREAD_MODES = {"adaptive": "threads adapted to the free cores (--threads all: every core, "
+                            "bit-for-bit repeatable)",
+                "all cores": "every core, bit-for-bit repeatable",
+                "environment": "thread counts from your environment variables",
+                "fixed": "a fixed thread count (--threads N)"}
+
+
 def write_report(lines: list[dict[str, Any]], out: Path, figures: list[Path],
-                 fast: bool, seconds: float) -> tuple[Path, Path]:
+                 fast: bool, seconds: float, threads: str = "") -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     mode = "fast" if fast else "full"
-    md = [f"# tinymoe tour ({mode} mode, {seconds:.0f} s)", "", markdown_table(lines), ""]
+    md = [f"# tinymoe tour ({mode} mode, {seconds:.0f} s)", ""]
+    md += [f"Threads: {threads}.", ""] if threads else []
+    md += [markdown_table(lines), ""]
     md += [f"![{p.stem}]({p.name})" for p in figures]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -86,10 +95,30 @@ def write_report(lines: list[dict[str, Any]], out: Path, figures: list[Path],
             f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;"
             f"vertical-align:top}}img{{max-width:480px}}figure{{display:inline-block}}"
             f"</style></head><body><h1>tinymoe tour ({mode} mode, {seconds:.0f} s)</h1>"
+            + (f"<p>Threads: {html.escape(threads)}.</p>" if threads else "") +
             f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>")
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return md_path, html_path
+
+
+def use_threads(choice: str) -> str:
+    """Apply ``tinymoe tour --threads``: ``auto`` adapts to the free cores unless the user set
+    a thread variable (:func:`tinymoe.threads.adapt_unless_chosen`), ``all`` keeps every core
+    (tinymoe's repeatable default), ``N`` fixes N threads. Returns the policy's mode."""
+    from tinymoe import threads
+
+    if choice == "auto":
+        threads.adapt_unless_chosen()
+    elif choice != "all":
+        try:
+            n = int(choice)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--threads must be auto, all or a count >= 1, got {choice!r}")
+        threads.set_num_threads(n)
+    return threads.describe()["mode"]
 
 
 def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool = True,
@@ -114,9 +143,12 @@ def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool
             figures.append(viz.save(draw(), out / f"{fig_name}.png"))
         lines.append(line)
     seconds = time.perf_counter() - start
-    md, page = write_report(lines, out, figures, fast, seconds)
+    from tinymoe import threads as _threads
+
+    policy = THREAD_MODES.get(_threads.describe()["mode"], "")
+    md, page = write_report(lines, out, figures, fast, seconds, policy)
     echo("")
     echo(text_table(lines))
-    echo(f"\n{len(lines)} stages in {seconds:.0f} s. Report: {md} and {page}; "
+    echo(f"\n{len(lines)} stages in {seconds:.0f} s ({policy}). Report: {md} and {page}; "
          f"{len(figures)} figures in {out}/")
     return lines
