@@ -647,7 +647,8 @@ def tour_line(fast: bool = True, progress: bool = False) -> dict[str, Any]:
         "stage": "5b · Switch: number of experts",
         "paper": "Fedus, Zoph & Shazeer 2021, Fig. 1",
         "trained": f"char LM, dense vs top-1 of {cfg.experts[-1]} experts in every other "
-                   f"block, {cfg.steps} steps on the same batches (seed {list(cfg.seeds)}); "
+                   f"block, {cfg.steps} steps on the same batches (seed {list(cfg.seeds)}) at "
+                   f"one shared peak rate {cfg.lr:g}, not tuned per model; "
                    + (f"the second figure is the recorded full sweep ({rec_line})"
                       if rec is not None else f"the full sweep is {rec_line}"),
         "params": "same FLOPs per token",
