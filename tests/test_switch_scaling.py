@@ -188,6 +188,10 @@ def test_best_rate_is_chosen_among_the_rates_run_on_the_most_seeds():
     assert "| 0.01 | **2.1000 (2)** | 1.8000 (1) |" in table
     assert "| 0.005 | 1.5000 (1) | — |" in table
     assert render._best_lrs_text(a, b) == "dense 0.01 (2.1000), E = 8 0.04 (1.0000)"
+    assert render._lr_mean(0.02, 1, a, b) == pytest.approx(2.15)
+    assert render._lr_diffs_text(0.01, a, b) == ""  # E = 8 ran on one seed, dense on two
+    c = _lr_record([(8, 1, 0.01, 2.0)], [1])
+    assert render._lr_diffs_text(0.01, a, b, c) == "E = 8 -0.2000"
 
 
 def test_learning_rate_sweeps_agree_where_they_overlap():

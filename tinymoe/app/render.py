@@ -184,6 +184,21 @@ def _best_lrs_text(*recs: dict) -> str:
     return ", ".join(parts)
 
 
+def _lr_mean(lr: float, E: int, *recs: dict) -> float:
+    """Mean final validation loss of E experts at rate ``lr`` over the sweeps' seeds."""
+    v = lr_cells(recs)[f"{float(lr):g}"][str(E)]
+    return sum(v) / len(v)
+
+
+def _lr_diffs_text(lr: float, *recs: dict) -> str:
+    """``E = 2 -0.0014, E = 4 ...``: each sparse model's mean loss minus dense's at ``lr``
+    (models run on the same seeds as dense there)."""
+    row = lr_cells(recs)[f"{float(lr):g}"]
+    m = {E: sum(v) / len(v) for E, v in row.items()}
+    return ", ".join(f"E = {E} {m[E] - m['1']:+.4f}" for E in sorted(m, key=int)
+                     if E != "1" and len(row[E]) == len(row["1"]))
+
+
 def explore_table(rec: Any) -> str:
     """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
     record (— : some start never reached it), the chosen step size in bold."""
@@ -210,6 +225,8 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "explore_table": explore_table,
           "best_lr": _best_lr,
           "best_lrs_text": _best_lrs_text,
+          "lr_mean": _lr_mean,
+          "lr_diffs_text": _lr_diffs_text,
           "lr_sweeps_table": _lr_sweeps_table}
 
 
