@@ -190,6 +190,9 @@ def test_tour_fast_end_to_end(tmp_path, capsys):
     md_text, html_text = md.read_text(encoding="utf-8"), page.read_text(encoding="utf-8")
     for title in titles:
         assert f"| {title} |" in md_text and f"<td>{title}</td>" in html_text, title
+    # the tour adapts its threads by default and says so; the caller's policy is back after
+    assert re.search(r"^Threads: .+\.$", out, flags=re.M) and "Threads: " in md_text
+    assert tm.threads.describe()["mode"] != "adaptive" or tm.threads._POLICY.user_vars
     pngs = sorted(out_dir.glob("*.png"))
     assert len(pngs) == int(end.group(1)) >= len(STAGES)
     for png in pngs:

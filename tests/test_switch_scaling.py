@@ -230,3 +230,28 @@ def test_the_full_sweep_trains_each_model_at_its_tuned_rate():
     assert rec["settings"] == ss.FULL.to_dict()
     for r in rec["results"]["runs"]:
         assert r["lr"] == tuned[r["E"]]
+
+
+def test_the_pages_scaling_verdicts_hold_on_the_records():
+    """The prose of the expert-count section: at tuned rates no E beats dense beyond its
+    interval and the loss does not keep falling with E; at one shared rate of 1e-2 every
+    sparse model is ahead of dense (E = 32 the furthest), at 2e-2 every one is behind, and
+    dense gains the most from the larger step."""
+    from tinymoe.app import render
+    from tinymoe.app.records import load
+
+    summary = load("switch_scaling")["results"]["summary"]
+    sparse = [E for E in summary if E != "1"]
+    assert sorted(int(E) for E in summary) == [1, 2, 4, 8, 16, 32]
+    assert all(summary[E]["diff_high"] >= 0 for E in sparse)
+    means = [summary[E]["diff_mean"] for E in sorted(sparse, key=int)]
+    assert means != sorted(means, reverse=True)  # not falling all the way as E grows
+    recs = [load(n) for n in LR_B64]
+    at_1e2 = {E: render._lr_mean(0.01, E, *recs) - render._lr_mean(0.01, 1, *recs)
+              for E in (2, 4, 8, 16, 32)}
+    assert all(d < 0 for d in at_1e2.values()) and min(at_1e2, key=at_1e2.get) == 32
+    assert all(render._lr_mean(0.02, E, *recs) > render._lr_mean(0.02, 1, *recs)
+               for E in (2, 4, 8, 16, 32))
+    gain = {E: render._lr_mean(0.01, E, *recs) - render._lr_mean(0.02, E, *recs)
+            for E in (1, 2, 4, 8, 16, 32)}
+    assert max(gain, key=gain.get) == 1

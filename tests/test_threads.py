@@ -96,10 +96,16 @@ def test_the_tour_adapts_unless_the_user_chose():
     assert info["mode"] == "fixed" and info["threads"] == 1
 
 
-def test_tour_threads_option_is_checked():
+def test_tour_threads_option_is_checked_and_restored():
     from tinymoe.app.tour import use_threads
 
     for bad in ("0", "two", "-1"):
         with pytest.raises(ValueError, match="--threads must be auto, all or a count"):
-            use_threads(bad)
-    assert use_threads("all") in ("all cores", "environment", "fixed", "adaptive")
+            with use_threads(bad):
+                pass
+    before = threads.describe()
+    with use_threads("1") as mode:
+        assert mode == "fixed" and threads.num_threads() == 1
+    with use_threads("auto"):
+        pass
+    assert threads.describe() == before  # the caller's policy is back

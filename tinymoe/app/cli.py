@@ -13,11 +13,13 @@ def _tour(args: argparse.Namespace) -> int:
     from tinymoe.app.tour import run_tour, use_threads
 
     try:
-        use_threads(args.threads)
+        with use_threads(args.threads):
+            run_tour(fast=args.fast, out=args.out, progress=not args.no_progress)
     except ValueError as e:
+        if "--threads" not in str(e):
+            raise
         print(f"tinymoe tour: {e}", file=sys.stderr)
         return 2
-    run_tour(fast=args.fast, out=args.out, progress=not args.no_progress)
     return 0
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import html
 import importlib
 import inspect
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # In historical order; each entry names the module that runs the stage.
 STAGES: list[str] = [
@@ -102,23 +104,45 @@ def write_report(lines: list[dict[str, Any]], out: Path, figures: list[Path],
     return md_path, html_path
 
 
-def use_threads(choice: str) -> str:
-    """Apply ``tinymoe tour --threads``: ``auto`` adapts to the free cores unless the user set
-    a thread variable (:func:`tinymoe.threads.adapt_unless_chosen`), ``all`` keeps every core
-    (tinymoe's repeatable default), ``N`` fixes N threads. Returns the policy's mode."""
+@contextmanager
+def use_threads(choice: str) -> Iterator[str]:
+    """``tinymoe tour --threads``, for the duration of the ``with`` block: ``auto`` adapts to
+    the free cores unless the user set a thread variable
+    (:func:`tinymoe.threads.adapt_unless_chosen`), ``all`` keeps every core (tinymoe's
+    repeatable default), ``N`` fixes N threads. Yields the policy's mode; afterwards the
+    policy, OpenBLAS's and Numba's counts are what they were (a tour called from Python
+    leaves the caller's threads alone)."""
+    import numba
+
     from tinymoe import threads
 
-    if choice == "auto":
-        threads.adapt_unless_chosen()
-    elif choice != "all":
+    n = 0
+    if choice not in ("auto", "all"):
         try:
             n = int(choice)
         except ValueError:
             n = 0
         if n < 1:
             raise ValueError(f"--threads must be auto, all or a count >= 1, got {choice!r}")
-        threads.set_num_threads(n)
-    return threads.describe()["mode"]
+    p, blas = threads._POLICY, threads._openblas()
+    saved = dict(vars(p))
+    env = os.environ.get("TINYMOE_NUM_THREADS")
+    blas_before, numba_before = (blas[1]() if blas else None), numba.get_num_threads()
+    try:
+        if choice == "auto":
+            threads.adapt_unless_chosen()
+        elif choice != "all":
+            threads.set_num_threads(n)
+        yield threads.describe()["mode"]
+    finally:
+        vars(p).update(saved)
+        if env is None:
+            os.environ.pop("TINYMOE_NUM_THREADS", None)
+        else:
+            os.environ["TINYMOE_NUM_THREADS"] = env
+        if blas and blas_before is not None:
+            blas[0](blas_before)
+        numba.set_num_threads(numba_before)
 
 
 def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool = True,
@@ -149,6 +173,7 @@ def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool
     md, page = write_report(lines, out, figures, fast, seconds, policy)
     echo("")
     echo(text_table(lines))
-    echo(f"\n{len(lines)} stages in {seconds:.0f} s ({policy}). Report: {md} and {page}; "
+    echo(f"\n{len(lines)} stages in {seconds:.0f} s. Report: {md} and {page}; "
          f"{len(figures)} figures in {out}/")
+    echo(f"Threads: {policy}.")
     return lines
