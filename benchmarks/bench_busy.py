@@ -310,14 +310,14 @@ def main(argv=None) -> None:
         os.environ["TINYMOE_NUM_THREADS"] = "auto"  # the tour's child process adapts too
         tm.set_num_threads("auto")
         suffix = "-auto"
-    elif args.threads and args.threads != "all":
+    elif args.threads == "all":
+        suffix = "-all"
+    elif args.threads:
         try:
             tm.set_num_threads(int(args.threads))
         except ValueError:
             ap.error(f"--threads takes 'auto' or a count >= 1, got {args.threads!r}")
         suffix = f"-fixed{args.threads}"
-    if args.threads == "all":
-        suffix = "-all"
     if args.quick:
         args.tokens, args.repeats, args.tour = 1024, 3, "fast"
     torch = None if args.no_torch else sl.TORCH

@@ -46,7 +46,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 USER_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "NUMBA_NUM_THREADS", "TINYMOE_NUM_THREADS")
@@ -192,6 +193,29 @@ def adapt_unless_chosen() -> bool:
     os.environ["TINYMOE_NUM_THREADS"] = "auto"
     set_num_threads("auto")
     return _POLICY.adaptive
+
+
+@contextmanager
+def restored() -> Iterator[None]:
+    """Inside the ``with`` block change the policy as you like (:func:`set_num_threads`,
+    :func:`adapt_unless_chosen`); afterwards the policy, ``TINYMOE_NUM_THREADS`` and the
+    OpenBLAS and Numba thread counts are what they were."""
+    import numba
+
+    saved, blas = dict(vars(_POLICY)), _openblas()
+    env = os.environ.get("TINYMOE_NUM_THREADS")
+    blas_before, numba_before = (blas[1]() if blas else None), numba.get_num_threads()
+    try:
+        yield
+    finally:
+        vars(_POLICY).update(saved)
+        if env is None:
+            os.environ.pop("TINYMOE_NUM_THREADS", None)
+        else:
+            os.environ["TINYMOE_NUM_THREADS"] = env
+        if blas and blas_before is not None:
+            blas[0](blas_before)
+        numba.set_num_threads(numba_before)
 
 
 def describe() -> dict:

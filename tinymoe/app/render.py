@@ -140,7 +140,7 @@ def _best_by_lr(cells: dict[str, dict[str, list[float]]]) -> dict[str, str]:
         tried = {lr: row[E] for lr, row in cells.items() if E in row}
         most = max(len(v) for v in tried.values())
         best[E] = min((lr for lr, v in tried.items() if len(v) == most),
-                      key=lambda lr: sum(tried[lr]) / most)
+                      key=lambda lr: mean(tried[lr]))
     return best
 
 
@@ -157,7 +157,7 @@ def _lr_sweeps_table(*recs: dict) -> str:
         row = []
         for E in Es:
             v = cells[lr].get(E)
-            text = "—" if not v else f"{sum(v) / len(v):.4f} ({len(v)})"
+            text = "—" if not v else f"{mean(v):.4f} ({len(v)})"
             row.append(f"**{text}**" if best[E] == lr else text)
         lines.append(f"| {lr} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -168,8 +168,7 @@ def _best_lr(E: int, *recs: dict) -> tuple[float, float]:
     ``recs`` (among the rates run on the most seeds)."""
     cells = lr_cells(recs)
     lr = _best_by_lr(cells)[str(E)]
-    v = cells[lr][str(E)]
-    return float(lr), sum(v) / len(v)
+    return float(lr), mean(cells[lr][str(E)])
 
 
 def _best_lrs_text(*recs: dict) -> str:
@@ -178,23 +177,21 @@ def _best_lrs_text(*recs: dict) -> str:
     cells = lr_cells(recs)
     parts = []
     for E, lr in _best_by_lr(cells).items():
-        v = cells[lr][E]
         name = "dense" if E == "1" else f"E = {E}"
-        parts.append(f"{name} {float(lr):g} ({sum(v) / len(v):.4f})")
+        parts.append(f"{name} {float(lr):g} ({mean(cells[lr][E]):.4f})")
     return ", ".join(parts)
 
 
 def _lr_mean(lr: float, E: int, *recs: dict) -> float:
     """Mean final validation loss of E experts at rate ``lr`` over the sweeps' seeds."""
-    v = lr_cells(recs)[f"{float(lr):g}"][str(E)]
-    return sum(v) / len(v)
+    return mean(lr_cells(recs)[f"{float(lr):g}"][str(E)])
 
 
 def _lr_diffs_text(lr: float, *recs: dict) -> str:
     """``E = 2 -0.0014, E = 4 ...``: each sparse model's mean loss minus dense's at ``lr``
     (models run on the same seeds as dense there)."""
     row = lr_cells(recs)[f"{float(lr):g}"]
-    m = {E: sum(v) / len(v) for E, v in row.items()}
+    m = {E: mean(v) for E, v in row.items()}
     return ", ".join(f"E = {E} {m[E] - m['1']:+.4f}" for E in sorted(m, key=int)
                      if E != "1" and len(row[E]) == len(row["1"]))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import importlib
 import inspect
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,39 +109,18 @@ def use_threads(choice: str) -> Iterator[str]:
     the free cores unless the user set a thread variable
     (:func:`tinymoe.threads.adapt_unless_chosen`), ``all`` keeps every core (tinymoe's
     repeatable default), ``N`` fixes N threads. Yields the policy's mode; afterwards the
-    policy, OpenBLAS's and Numba's counts are what they were (a tour called from Python
-    leaves the caller's threads alone)."""
-    import numba
-
+    caller's threads are as they were (:func:`tinymoe.threads.restored`)."""
     from tinymoe import threads
 
-    n = 0
-    if choice not in ("auto", "all"):
-        try:
-            n = int(choice)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"--threads must be auto, all or a count >= 1, got {choice!r}")
-    p, blas = threads._POLICY, threads._openblas()
-    saved = dict(vars(p))
-    env = os.environ.get("TINYMOE_NUM_THREADS")
-    blas_before, numba_before = (blas[1]() if blas else None), numba.get_num_threads()
-    try:
+    n = int(choice) if choice.isdigit() else 0
+    if choice not in ("auto", "all") and n < 1:
+        raise ValueError(f"--threads must be auto, all or a count >= 1, got {choice!r}")
+    with threads.restored():
         if choice == "auto":
             threads.adapt_unless_chosen()
         elif choice != "all":
             threads.set_num_threads(n)
         yield threads.describe()["mode"]
-    finally:
-        vars(p).update(saved)
-        if env is None:
-            os.environ.pop("TINYMOE_NUM_THREADS", None)
-        else:
-            os.environ["TINYMOE_NUM_THREADS"] = env
-        if blas and blas_before is not None:
-            blas[0](blas_before)
-        numba.set_num_threads(numba_before)
 
 
 def run_tour(fast: bool = False, out: str | Path = "tinymoe-out", progress: bool = True,
