@@ -232,6 +232,31 @@ def test_the_full_sweep_trains_each_model_at_its_tuned_rate():
         assert r["lr"] == tuned[r["E"]]
 
 
+def test_the_pages_longer_training_verdicts_hold_on_its_record():
+    """The four-times-longer run: E = 8 behind dense on both seeds, E = 32 within its
+    interval of it, its curve ahead at step 500 and its training-cf loss ahead on both
+    seeds; the page quotes that record."""
+    from tinymoe.app.records import load
+
+    rec = load("switch_scaling_long")
+    st, res = rec["settings"], rec["results"]
+    assert st["steps"] == 4 * ss.FULL.steps and st["batch_size"] == ss.FULL.batch_size
+    assert [tuple(p) for p in st["lr_by_experts"]] == list(ss.FULL.lr_by_experts)
+    summary = res["summary"]
+    assert all(d > 0 for d in summary["8"]["diff"])
+    assert summary["32"]["diff_low"] <= 0 <= summary["32"]["diff_high"]
+    runs = {(r["E"], r["seed"]): r for r in res["runs"]}
+    for seed in (0, 1):
+        e32, dense = runs[(32, seed)], runs[(1, seed)]
+        assert e32["curve_steps"][9] == 500 and e32["curve"][9] < dense["curve"][9]
+        assert e32["val_loss_train_cf"] < dense["val_loss"] < e32["val_loss"] + 0.01
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
+        encoding="utf-8")
+    assert ss.format_table(ss.load_recorded("switch_scaling_long")) in page
+
+
 def test_the_pages_scaling_verdicts_hold_on_the_records():
     """The prose of the expert-count section: at tuned rates no E beats dense beyond its
     interval and the loss does not keep falling with E; at one shared rate of 1e-2 every

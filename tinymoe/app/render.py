@@ -212,6 +212,14 @@ def explore_table(rec: Any) -> str:
     return "\n".join(lines)
 
 
+def _train_chars() -> int:
+    """Characters in the training split of the shipped corpus (what the LM runs train on)."""
+    from tinymoe.data import CharTokenizer, shakespeare, train_val_split
+
+    text = shakespeare()
+    return len(train_val_split(CharTokenizer(text).encode(text))[0])
+
+
 # Tables that an experiment formats itself, rendered from its record:
 # ``{{ scaling_table(switch_scaling) }}``
 TABLES = {"scaling_table": _scaling("format_table"),
@@ -224,7 +232,8 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "best_lrs_text": _best_lrs_text,
           "lr_mean": _lr_mean,
           "lr_diffs_text": _lr_diffs_text,
-          "lr_sweeps_table": _lr_sweeps_table}
+          "lr_sweeps_table": _lr_sweeps_table,
+          "train_chars": _train_chars}
 
 
 def _balanced(name: str) -> Any:
