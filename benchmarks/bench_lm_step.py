@@ -353,6 +353,36 @@ def with_threads(torch, n: int, fn):
     return run
 
 
+def matmul_flops(cfg: TransformerConfig, batch: int) -> int:
+    """Floating-point operations of the matrix products in one training step, from the
+    model's shapes (2 per multiply-add; backward = twice forward: one product for each
+    operand's gradient). Per layer, T = batch x context tokens: Q, K, V and the output
+    projection 8 T d^2; scores and their weighting of V 4 T L d (all L x L, the causal mask
+    applied after); the FFN 4 T d d_ff (top-1: one expert per token, every token counted;
+    tokens dropped at capacity skip it); the router 2 T d E; then the tied output layer
+    2 T d V."""
+    T, d, L = batch * cfg.block_size, cfg.d_model, cfg.block_size
+    moe_layers = sum(1 for i in range(cfg.n_layers) if cfg.kind != "dense"
+                     and i % cfg.moe_every == cfg.moe_every - 1)
+    forward = (cfg.n_layers * (8 * T * d * d + 4 * T * L * d + 4 * T * d * cfg.d_ff)
+               + moe_layers * 2 * T * d * cfg.num_experts + 2 * T * d * cfg.vocab_size)
+    return 3 * forward
+
+
+def sgemm_yardstick(torch, cfg: TransformerConfig, batch: int) -> dict:
+    """One (T, d) @ (d, d_ff) float32 product, the step's largest shape: NumPy (OpenBLAS,
+    its default threads) and PyTorch at one and two threads."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((batch * cfg.block_size, cfg.d_model)).astype(np.float32)
+    b = rng.standard_normal((cfg.d_model, cfg.d_ff)).astype(np.float32)
+    fns = {"sgemm-numpy": lambda: a @ b}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        for n in (1, 2):
+            fns[f"sgemm-torch-{n}t"] = with_threads(torch, n, lambda: ta @ tb)
+    return fns
+
+
 def time_training(torch, batch: int, repeats: int) -> dict:
     cfg = make_config()
     model, opt = tinymoe_model(cfg)
@@ -364,10 +394,28 @@ def time_training(torch, batch: int, repeats: int) -> dict:
             lm, topt = torch_model(torch, tinymoe_model(cfg)[0])
             fns[f"torch-{n}t"] = with_threads(
                 torch, n, lambda lm=lm, topt=topt: torch_step(torch, lm, topt, ti, tt))
+    fns.update(sgemm_yardstick(torch, cfg, batch))  # in the same rounds as the steps
     t = interleaved_medians(fns, repeats=repeats, warmup=2)
+    sgemm_flops = 2 * batch * cfg.block_size * cfg.d_model * cfg.d_ff
+    sgemm = {n.removeprefix("sgemm-"): sgemm_flops / t.pop(n) / 1e9 for n in list(t)
+             if n.startswith("sgemm-")}
     tokens = batch * cfg.block_size
     return {"batch": batch, "tokens_per_step": tokens,
-            "seconds": t, "tokens_per_s": {n: tokens / s for n, s in t.items()}}
+            "seconds": t, "tokens_per_s": {n: tokens / s for n, s in t.items()},
+            "matmul_flops": matmul_flops(cfg, batch), "sgemm_gflops": sgemm}
+
+
+def matmul_floor(tr: dict) -> dict:
+    """The step's matrix products at the best sgemm rate of the run: a floor for any step
+    that multiplies with that BLAS, and what it leaves for the rest of the step."""
+    peak = max(tr["sgemm_gflops"].values())
+    floor = tr["matmul_flops"] / (peak * 1e9)
+    out = {"peak_gflops": peak, "floor_s": floor,
+           "gflops": {n: tr["matmul_flops"] / s / 1e9 for n, s in tr["seconds"].items()}}
+    if "fastest_torch" in tr:
+        out["room_s"] = tr["seconds"][tr["fastest_torch"]] - floor
+        out["rest_s"] = tr["seconds"]["tinymoe"] - floor
+    return out
 
 
 def time_generation(torch, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
@@ -462,6 +510,20 @@ def render(record: dict) -> str:
         r = tr["ratio_vs_fastest_torch"]
         lines += ["", f"tinymoe / fastest PyTorch ({tr['fastest_torch']}) = {r:.2f}: target "
                       f"<= 1.0 {'met' if r <= 1.0 else 'NOT met'}."]
+    if "sgemm_gflops" in tr:
+        fl = matmul_floor(tr)
+        lines += ["", f"Matrix products in one step, counted from the model's shapes: "
+                      f"{tr['matmul_flops'] / 1e9:.2f} GFLOP ("
+                      + ", ".join(f"{n} {g:.0f}" for n, g in fl["gflops"].items())
+                      + " GFLOP/s over the whole step). One (T, d) @ (d, d_ff) sgemm in the "
+                      "same rounds: " + ", ".join(f"{n} {g:.0f}" for n, g in
+                                                  tr["sgemm_gflops"].items())
+                      + f" GFLOP/s; at the best, {fl['peak_gflops']:.0f}, the step's "
+                      f"products alone take {fl['floor_s'] * 1e3:.1f} ms."]
+        if "room_s" in fl:
+            lines[-1] += (f" That leaves {fl['room_s'] * 1e3:.1f} ms of the fastest "
+                          f"PyTorch step for everything else; tinymoe's step exceeds the "
+                          f"floor by {fl['rest_s'] * 1e3:.1f} ms.")
     mem = result.get("memory") or {}
     if mem:
         lines += ["", "Peak memory of one step above the warmed-up baseline (fresh process "
