@@ -37,6 +37,35 @@ def test_lm_step_torch_model_matches_tinymoe(lm_bench):
     assert abs(agreement["loss_tinymoe"] - agreement["loss_torch"]) < 1e-4
 
 
+@pytest.mark.torch
+def test_lm_step_matmul_flops_match_pytorchs_count(lm_bench):
+    """The floor's FLOP count, checked against PyTorch's own counter on the same model's
+    forward and backward. Its counter does not count the CPU attention kernel, so the
+    score and value products (4 T L d per layer, times 3) are added for it."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = lm_bench.make_config()
+    lm, _ = lm_bench.torch_model(torch, lm_bench.tinymoe_model(cfg)[0])
+    ids, targets = lm_bench.make_batch(cfg, 2)
+    with FlopCounterMode(display=False) as counter:
+        loss = lm.loss(torch.from_numpy(ids), torch.from_numpy(targets))
+        (loss[0] if isinstance(loss, tuple) else loss).backward()
+    T, L, d = 2 * cfg.block_size, cfg.block_size, cfg.d_model
+    attention = 3 * cfg.n_layers * 4 * T * L * d
+    assert counter.get_total_flops() + attention == lm_bench.matmul_flops(cfg, 2)
+
+
+def test_lm_step_matmul_floor_arithmetic(lm_bench):
+    tr = {"seconds": {"tinymoe": 0.3, "torch-1t": 0.2, "torch-2t": 0.15},
+          "fastest_torch": "torch-2t", "matmul_flops": 10e9,
+          "sgemm_gflops": {"numpy": 125.0, "torch-2t": 100.0}}
+    fl = lm_bench.matmul_floor(tr)
+    assert fl["peak_gflops"] == 125.0 and fl["floor_s"] == pytest.approx(0.08)
+    assert fl["room_s"] == pytest.approx(0.07) and fl["rest_s"] == pytest.approx(0.22)
+    assert fl["gflops"]["tinymoe"] == pytest.approx(10e9 / 0.3 / 1e9)
+
+
 def test_lm_step_render_reads_a_record(lm_bench):
     times = {"tinymoe": 0.2, "torch-1t": 0.25, "torch-2t": 0.18}
     training = {"batch": 16, "tokens_per_step": 2048, "seconds": times,
