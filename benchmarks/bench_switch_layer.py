@@ -31,11 +31,14 @@ Every PyTorch version is timed with ``torch.set_num_threads(1)`` and ``(2)``; th
 reported, and tinymoe is compared with the fastest PyTorch version found.
 
 Time: median of ``--repeats`` steps after two warm-up steps, all implementations timed in
-alternating rounds in one process, together with a yardstick: the machine's sgemm speed on
+alternating rounds, together with a yardstick: the machine's sgemm speed on
 one big matrix product of an expert matmul's total size ((E*C, d) @ (d, d_ff), NumPy and
 PyTorch), whose best is the "peak". GFLOP/s count the arithmetic a step needs: the six
 expert matmuls (two forward, four backward) over the **kept** tokens; the capacity-buffer
 versions also multiply the empty slots. A per-op profile of the tinymoe step follows.
+tinymoe runs in a child process that never imports PyTorch (:class:`StepWorker` says why),
+driven step by step over a pipe in the same rounds; the same step in this process, beside
+PyTorch, is recorded too.
 Memory: each implementation runs in its own fresh process (glibc's mmap threshold fixed, so
 every freed large array goes back to the system); after two warm-up steps it records its
 resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``) and runs
@@ -75,6 +78,7 @@ D_MODEL, D_FF, EXPERTS, CAPACITY_FACTOR = 256, 1024, 8, 1.25
 AUX_COEF, Z_COEF = 1e-2, 1e-3
 IMPLS = ("tinymoe", "numpy", "torch-buffer", "torch-sorted", "hf")
 TORCH_IMPLS = ("torch-buffer", "torch-sorted", "hf")
+IN_PROCESS = "tinymoe, in the benchmark's process"
 LABELS = {"tinymoe": "tinymoe", "numpy": "NumPy by hand", "torch-buffer":
           "PyTorch, capacity buffer", "torch-sorted": "PyTorch, sorted by expert",
           "hf": "HF SwitchTransformersSparseMLP"}
@@ -451,24 +455,109 @@ def measure_memory(impl: str, T: int, threads: int = 2) -> dict | None:
     return json.loads(out.strip().splitlines()[-1])
 
 
+# --- tinymoe in its own process ----------------------------------------------------------
+class StepWorker:
+    """tinymoe's step in a process of its own, without PyTorch, driven over a pipe.
+
+    PyTorch ships its own ``libgomp.so.1`` and loads it first; Numba's OpenMP layer then
+    binds to that already-initialised runtime instead of starting one that reads
+    ``OMP_WAIT_POLICY=PASSIVE``, and tinymoe's parallel kernels run 2-5x slower beside
+    PyTorch's threads than in a process of their own (measured: dispatch + combine at
+    T = 4,096 in 3-4 ms alone, 8-19 ms in a process that imported torch). A user runs one
+    library or the other; so tinymoe is timed here, in a child that never imports torch,
+    still in the same alternating rounds (each call sends "step" and waits for the reply)."""
+
+    def __init__(self, T: int) -> None:
+        env = dict(os.environ)
+        env.pop("NUMBA_DISABLE_JIT", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--no-torch", "--step-worker", str(T)], env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self._ask(None) != "ready":
+            raise RuntimeError("bench_switch_layer: the tinymoe step worker did not start")
+
+    def _ask(self, command: str | None) -> str:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def step(self) -> float:
+        """One step in the worker; its own timing of it (seconds)."""
+        return float(self._ask("step"))
+
+    def profile(self) -> dict:
+        return json.loads(self._ask("profile"))
+
+    def close(self) -> None:
+        self._ask("quit")
+        self.proc.wait(timeout=60)
+
+
+def step_worker(T: int) -> None:
+    """The child's side of :class:`StepWorker`: one line in, one line out."""
+    layer, x, g = make_problem(T)
+    step = lambda: tinymoe_step(layer, x, g)  # noqa: E731
+    for _ in range(2):
+        step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            start = time.perf_counter()
+            step()
+            print(time.perf_counter() - start, flush=True)
+        elif command == "profile":
+            print(json.dumps(op_profile(step)), flush=True)
+        else:
+            print("bye", flush=True)
+            return
+
+
 # --- the run ------------------------------------------------------------------------------
+SETTLE = 0.25  # seconds of rest before each timed call
+
+
+def settled(before=None):
+    """A prepare hook that rests SETTLE seconds (then runs ``before``): the thread pools
+    the previous implementation woke (OpenBLAS's yield for about 0.1 s after a product,
+    OpenMP's spin) go back to sleep instead of taking cores from the next one."""
+    def run():
+        time.sleep(SETTLE)
+        if before is not None:
+            before()
+    return run
+
+
 def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> dict:
     """Time every implementation (PyTorch ones at 1 and 2 threads), the sgemm yardsticks,
     the profile and the memory at T tokens: one entry of the result file."""
     layer, x, g = make_problem(T)
     steps = make_steps(T, layer, x, g, torch, hf)
+    steps["tinymoe"]()  # the routing, for the FLOP count below (the worker's is the same)
+    worker = StepWorker(T)
     fns, prepare = {}, {}
     for name, step in steps.items():
         if name in TORCH_IMPLS:
             for n in (1, 2):
                 fns[f"{name}/{n}t"] = step
                 prepare[f"{name}/{n}t"] = lambda n=n: torch.set_num_threads(n)
+        elif name == "tinymoe":
+            fns[name] = worker.step
+            if torch is not None:  # the same step in this process, beside PyTorch
+                fns[IN_PROCESS] = step
         else:
             fns[name] = step
     gemm_fns, gemm_prep, gemm_flops = gemm_yardsticks(T, torch)
     fns.update(gemm_fns)
     prepare.update(gemm_prep)
-    t = interleaved_medians(fns, repeats=repeats, warmup=2, prepare=prepare)
+    prepare = {name: settled(prepare.get(name)) for name in fns}
+    try:
+        t = interleaved_medians(fns, repeats=repeats, warmup=2, prepare=prepare)
+        prof = worker.profile() if profile else None
+    finally:
+        worker.close()
+    in_process = t.pop(IN_PROCESS, None)
     if torch is not None:
         torch.set_num_threads(2)
     C = capacity(T)
@@ -496,8 +585,9 @@ def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> di
              "sgemm_peak_gflops": peak}
     if fastest:
         entry["ratio_vs_fastest_torch"] = impls["tinymoe"]["ms"] / impls[fastest]["ms"]
+    if in_process is not None:
+        entry["tinymoe_in_process_ms"] = in_process * 1e3
     if profile:
-        prof = op_profile(steps["tinymoe"])
         ffn_ms = sum(v["forward_ms"] + v["backward_ms"] for k, v in prof["ops"].items()
                      if k in ("BufferFFN", "BufferLinear"))
         prof["expert_ffn_ms"] = ffn_ms
@@ -584,6 +674,14 @@ def render(result: dict) -> str:
     out += [table(["T", "implementation", "ms per step", "PyTorch 1t / 2t ms (faster)",
                    "GFLOP/s", "vs fastest PyTorch", "peak MiB", "vs fastest PyTorch"],
                   rows), ""]
+    inproc = [e for e in sizes if "tinymoe_in_process_ms" in e and e.get("fastest_torch")]
+    if inproc:
+        out += ["tinymoe is timed in a process of its own that never imports PyTorch (the "
+                "same rounds, over a pipe). The same step timed in the benchmark's process, "
+                "where Numba's OpenMP runs on the runtime PyTorch loaded: " + "; ".join(
+                    f"T = {e['T']:,}: {e['tinymoe_in_process_ms']:.1f} ms "
+                    f"({e['tinymoe_in_process_ms'] / e['impls'][e['fastest_torch']]['ms']:.2f}x"
+                    f" the fastest PyTorch)" for e in inproc) + ".", ""]
     rows = []
     for e in sizes:
         g = e["sgemm"]
@@ -661,7 +759,11 @@ def main(argv=None) -> None:
                     help="do not write benchmarks/results/switch_layer.json")
     ap.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "T", "THREADS"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--step-worker", type=int, metavar="T", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.step_worker:
+        step_worker(args.step_worker)
+        return
     if args.memory_worker:
         impl, T, threads = args.memory_worker
         print(json.dumps(memory_worker(impl, int(T), int(threads))))
