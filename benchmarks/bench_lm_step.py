@@ -29,10 +29,12 @@ the same cache written in PyTorch): a prompt of 16 tokens, then ``--new`` tokens
 time, at batch 1 and 16, in eval mode (capacity applies per forward call in both). The two
 produce the same tokens (checked). Tokens per second = batch · new tokens / seconds.
 
-Time: medians over ``--repeats`` rounds, the implementations alternating in one process
-(benchmarks/_common.py: interleaved_medians). Memory: each implementation in a fresh
-process, as in bench_switch_layer.py: the resident-set high-water mark of one training step
-above the warmed-up baseline (Linux only). Results: benchmarks/results/lm_step.json.
+Time: medians over ``--repeats`` rounds, the implementations alternating
+(benchmarks/_common.py: interleaved_medians), each call after a rest and tinymoe's in a
+process of its own without PyTorch (benchmarks/_worker.py says why). Memory: each
+implementation in a fresh process, as in bench_switch_layer.py: the resident-set high-water
+mark of one training step above the warmed-up baseline (Linux only). Results:
+benchmarks/results/lm_step.json.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
+from _worker import StepWorker, serve, settled  # noqa: E402
 
 # PyTorch first, as in bench_switch_layer.py: its OpenMP keeps its own defaults.
 TORCH = None if "--no-torch" in sys.argv else try_torch()
@@ -64,6 +67,7 @@ from tinymoe.models.generate import generate  # noqa: E402
 from tinymoe.models.transformer import Transformer, TransformerConfig  # noqa: E402
 
 LR, WEIGHT_DECAY = 3e-3, 0.01
+GEN_BATCHES, PROMPT_LEN = (1, 16), 16
 RESULTS = ROOT / "benchmarks" / "results" / "lm_step.json"
 
 
@@ -383,11 +387,25 @@ def sgemm_yardstick(torch, cfg: TransformerConfig, batch: int) -> dict:
     return fns
 
 
-def time_training(torch, batch: int, repeats: int) -> dict:
+def tinymoe_steps(batch: int, prompt_len: int, new: int) -> dict:
+    """tinymoe's timed calls (run in the step worker, a process without PyTorch): a
+    training step at ``batch``, greedy generation at batch 1 and 16."""
     cfg = make_config()
     model, opt = tinymoe_model(cfg)
     ids, targets = make_batch(cfg, batch)
-    fns = {"tinymoe": lambda: tinymoe_step(model, opt, ids, targets)}
+    gen_model, _ = tinymoe_model(cfg)
+    gen_model.eval()
+    steps = {"train": lambda: tinymoe_step(model, opt, ids, targets)}
+    for b in GEN_BATCHES:
+        prompt = make_batch(cfg, b, seed=7)[0][:, :prompt_len]
+        steps[f"generate-{b}"] = lambda p=prompt: generate(gen_model, p, new, temperature=0)
+    return steps
+
+
+def time_training(torch, batch: int, repeats: int, worker: StepWorker) -> dict:
+    cfg = make_config()
+    fns = {"tinymoe": worker.step("train")}
+    ids, targets = make_batch(cfg, batch)
     if torch is not None:
         ti, tt = torch.from_numpy(ids), torch.from_numpy(targets)
         for n in (1, 2):
@@ -395,7 +413,8 @@ def time_training(torch, batch: int, repeats: int) -> dict:
             fns[f"torch-{n}t"] = with_threads(
                 torch, n, lambda lm=lm, topt=topt: torch_step(torch, lm, topt, ti, tt))
     fns.update(sgemm_yardstick(torch, cfg, batch))  # in the same rounds as the steps
-    t = interleaved_medians(fns, repeats=repeats, warmup=2)
+    t = interleaved_medians(fns, repeats=repeats, warmup=2,
+                            prepare={name: settled() for name in fns})
     sgemm_flops = 2 * batch * cfg.block_size * cfg.d_model * cfg.d_ff
     sgemm = {n.removeprefix("sgemm-"): sgemm_flops / t.pop(n) / 1e9 for n in list(t)
              if n.startswith("sgemm-")}
@@ -418,19 +437,21 @@ def matmul_floor(tr: dict) -> dict:
     return out
 
 
-def time_generation(torch, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+def time_generation(torch, batch: int, prompt_len: int, new: int, repeats: int,
+                    worker: StepWorker) -> dict:
     cfg = make_config()
     model, _ = tinymoe_model(cfg)
     model.eval()
     prompt = make_batch(cfg, batch, seed=7)[0][:, :prompt_len]
-    fns = {"tinymoe": lambda: generate(model, prompt, new, temperature=0)}
+    fns = {"tinymoe": worker.step(f"generate-{batch}")}
     if torch is not None:
         lm, _ = torch_model(torch, model)
         lm.eval()
         for n in (1, 2):
             fns[f"torch-{n}t"] = with_threads(torch, n,
                                               lambda: torch_generate(torch, lm, prompt, new))
-    t = interleaved_medians(fns, repeats=repeats, warmup=1)
+    t = interleaved_medians(fns, repeats=repeats, warmup=1,
+                            prepare={name: settled() for name in fns})
     return {"batch": batch, "prompt": prompt_len, "new_tokens": new, "seconds": t,
             "tokens_per_s": {n: batch * new / s for n, s in t.items()}}
 
@@ -563,7 +584,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(RESULTS), help="JSON results ('' : none)")
     ap.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "BATCH"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--step-worker", nargs=3, type=int, metavar=("BATCH", "PROMPT", "NEW"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.step_worker:
+        steps = tinymoe_steps(*args.step_worker)
+        for step in steps.values():  # warm up (and compile) before the first timed call
+            step()
+        serve(steps)
+        return
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker[0], int(args.memory_worker[1]))))
         return
@@ -581,7 +610,8 @@ def main(argv=None) -> None:
         result["agreement"] = check_agreement(torch)
         print(f"agreement: {result['agreement']}")
     t0 = time.perf_counter()
-    tr = time_training(torch, batch, repeats)
+    worker = StepWorker(__file__, batch, PROMPT_LEN, new)
+    tr = time_training(torch, batch, repeats, worker)
     tr.update(summarise(tr["seconds"]))
     result["training"] = tr
     print("training step: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in
@@ -598,12 +628,13 @@ def main(argv=None) -> None:
         print("profile (CPU ms per step): " + ", ".join(
             f"{p['what']} {p['ms']:.0f}" for p in result["profile"]), flush=True)
     result["generation"] = []
-    for b in (1, 16):
-        g = time_generation(torch, b, 16, new, max(3, repeats // 2))
+    for b in GEN_BATCHES:
+        g = time_generation(torch, b, PROMPT_LEN, new, max(3, repeats // 2), worker)
         g.update(summarise(g["seconds"]))
         result["generation"].append(g)
         print(f"generation batch {b}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in
                                                     g["tokens_per_s"].items()), flush=True)
+    worker.close()
     result["seconds_total"] = time.perf_counter() - t0
     argv_used = sys.argv[1:] if argv is None else list(argv)
     if args.out:

@@ -36,9 +36,9 @@ one big matrix product of an expert matmul's total size ((E*C, d) @ (d, d_ff), N
 PyTorch), whose best is the "peak". GFLOP/s count the arithmetic a step needs: the six
 expert matmuls (two forward, four backward) over the **kept** tokens; the capacity-buffer
 versions also multiply the empty slots. A per-op profile of the tinymoe step follows.
-tinymoe runs in a child process that never imports PyTorch (:class:`StepWorker` says why),
-driven step by step over a pipe in the same rounds; the same step in this process, beside
-PyTorch, is recorded too.
+tinymoe runs in a child process that never imports PyTorch, driven step by step over a pipe
+in the same rounds, and every timed call follows a rest (benchmarks/_worker.py says why);
+the same step in this process, beside PyTorch, is recorded too.
 Memory: each implementation runs in its own fresh process (glibc's mmap threshold fixed, so
 every freed large array goes back to the system); after two warm-up steps it records its
 resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``) and runs
@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import (interleaved_medians, load_average, machine_line, table,  # noqa: E402
                      try_torch, write_result)
+from _worker import StepWorker, serve, settled  # noqa: E402
 
 # PyTorch first: importing tinymoe's kernels sets OMP_WAIT_POLICY=PASSIVE (unless already
 # set) for Numba's OpenMP threads, and PyTorch's own OpenMP should keep its default.
@@ -455,87 +456,24 @@ def measure_memory(impl: str, T: int, threads: int = 2) -> dict | None:
     return json.loads(out.strip().splitlines()[-1])
 
 
-# --- tinymoe in its own process ----------------------------------------------------------
-class StepWorker:
-    """tinymoe's step in a process of its own, without PyTorch, driven over a pipe.
-
-    PyTorch ships its own ``libgomp.so.1`` and loads it first; Numba's OpenMP layer then
-    binds to that already-initialised runtime instead of starting one that reads
-    ``OMP_WAIT_POLICY=PASSIVE``, and tinymoe's parallel kernels run 2-5x slower beside
-    PyTorch's threads than in a process of their own (measured: dispatch + combine at
-    T = 4,096 in 3-4 ms alone, 8-19 ms in a process that imported torch). A user runs one
-    library or the other; so tinymoe is timed here, in a child that never imports torch,
-    still in the same alternating rounds (each call sends "step" and waits for the reply)."""
-
-    def __init__(self, T: int) -> None:
-        env = dict(os.environ)
-        env.pop("NUMBA_DISABLE_JIT", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--no-torch", "--step-worker", str(T)], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if self._ask(None) != "ready":
-            raise RuntimeError("bench_switch_layer: the tinymoe step worker did not start")
-
-    def _ask(self, command: str | None) -> str:
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def step(self) -> float:
-        """One step in the worker; its own timing of it (seconds)."""
-        return float(self._ask("step"))
-
-    def profile(self) -> dict:
-        return json.loads(self._ask("profile"))
-
-    def close(self) -> None:
-        self._ask("quit")
-        self.proc.wait(timeout=60)
-
-
+# --- tinymoe in its own process (benchmarks/_worker.py says why) ---------------------------
 def step_worker(T: int) -> None:
-    """The child's side of :class:`StepWorker`: one line in, one line out."""
+    """The child's side of the :class:`StepWorker`: tinymoe's step and its op profile."""
     layer, x, g = make_problem(T)
     step = lambda: tinymoe_step(layer, x, g)  # noqa: E731
     for _ in range(2):
         step()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "step":
-            start = time.perf_counter()
-            step()
-            print(time.perf_counter() - start, flush=True)
-        elif command == "profile":
-            print(json.dumps(op_profile(step)), flush=True)
-        else:
-            print("bye", flush=True)
-            return
+    serve({"step": step}, {"profile": lambda: op_profile(step)})
 
 
 # --- the run ------------------------------------------------------------------------------
-SETTLE = 0.25  # seconds of rest before each timed call
-
-
-def settled(before=None):
-    """A prepare hook that rests SETTLE seconds (then runs ``before``): the thread pools
-    the previous implementation woke (OpenBLAS's yield for about 0.1 s after a product,
-    OpenMP's spin) go back to sleep instead of taking cores from the next one."""
-    def run():
-        time.sleep(SETTLE)
-        if before is not None:
-            before()
-    return run
-
-
 def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> dict:
     """Time every implementation (PyTorch ones at 1 and 2 threads), the sgemm yardsticks,
     the profile and the memory at T tokens: one entry of the result file."""
     layer, x, g = make_problem(T)
     steps = make_steps(T, layer, x, g, torch, hf)
     steps["tinymoe"]()  # the routing, for the FLOP count below (the worker's is the same)
-    worker = StepWorker(T)
+    worker = StepWorker(__file__, T)
     fns, prepare = {}, {}
     for name, step in steps.items():
         if name in TORCH_IMPLS:
@@ -543,7 +481,7 @@ def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> di
                 fns[f"{name}/{n}t"] = step
                 prepare[f"{name}/{n}t"] = lambda n=n: torch.set_num_threads(n)
         elif name == "tinymoe":
-            fns[name] = worker.step
+            fns[name] = worker.step("step")
             if torch is not None:  # the same step in this process, beside PyTorch
                 fns[IN_PROCESS] = step
         else:
@@ -554,7 +492,7 @@ def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> di
     prepare = {name: settled(prepare.get(name)) for name in fns}
     try:
         t = interleaved_medians(fns, repeats=repeats, warmup=2, prepare=prepare)
-        prof = worker.profile() if profile else None
+        prof = worker.query("profile") if profile else None
     finally:
         worker.close()
     in_process = t.pop(IN_PROCESS, None)
