@@ -11,7 +11,8 @@ rounds of a benchmark (measured on 2 cores, docs/benchmarks.md):
   (:class:`StepWorker`), driven over a pipe in the same rounds.
 - **Pools still spinning.** After a matrix product OpenBLAS's threads yield in a loop for
   about 0.1 s, and OpenMP threads spin, before they sleep; the next implementation in the
-  round found its cores taken. :func:`settled` rests before every timed call.
+  round found its cores taken. :func:`warmed` runs each implementation untimed for a moment
+  before its timed call.
 """
 from __future__ import annotations
 
@@ -23,16 +24,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-SETTLE = 0.25  # seconds of rest before each timed call
+WARM = 0.15  # seconds of untimed calls of the same function before each timed call
 
 
-def settled(before: Callable[[], Any] | None = None) -> Callable[[], None]:
-    """A ``prepare`` hook for ``interleaved_medians``: rest SETTLE seconds (untimed) so the
-    pools the previous call woke go back to sleep, then run ``before``."""
+def warmed(fn: Callable[[], Any], before: Callable[[], Any] | None = None,
+           seconds: float = WARM) -> Callable[[], None]:
+    """A ``prepare`` hook for ``interleaved_medians``: run ``before``, then call ``fn``
+    untimed until ``seconds`` have passed. The timed call then runs as in the middle of a
+    loop of its own: its thread pools awake, and the pools the previous implementation
+    woke asleep again (OpenBLAS's threads yield for about 0.1 s after a product). Resting
+    instead does not work: after a quarter-second sleep one (2,048, 128) @ (128, 512)
+    product ran at 70 GFLOP/s instead of 123, waking its threads."""
     def run() -> None:
-        time.sleep(SETTLE)
         if before is not None:
             before()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
     return run
 
 

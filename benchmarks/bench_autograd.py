@@ -8,9 +8,10 @@
 2. An MLP training step: float32, batch 4096, 256 -> 1024 -> 256 with ReLU, MSE loss,
    forward + backward + SGD update; milliseconds per step for the same three.
 
-Medians over repeats, timed in alternating rounds in one process. PyTorch is timed with
-``torch.set_num_threads(1)`` and ``(2)`` in the same rounds; the faster is reported. Issue
-targets: per-op overhead within 1.5x of PyTorch, MLP step within 1.2x.
+Medians over repeats, timed in alternating rounds in one process, each timed call after untimed ones
+(benchmarks/_worker.py). PyTorch is timed with ``torch.set_num_threads(1)`` and ``(2)`` in
+the same rounds; the faster is reported. Issue targets: per-op overhead within 1.5x of
+PyTorch, MLP step within 1.2x.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (interleaved_medians, load_average, machine_line, table,  # noqa: E402
                      try_torch, write_result)
+from _worker import warmed  # noqa: E402
 
 import tinymoe as tm  # noqa: E402
 
@@ -163,6 +165,7 @@ def timed(fns: dict, torch, reps: int) -> dict:
         for n in (1, 2):
             fns[f"PyTorch eager/{n}t"] = fn
             prepare[f"PyTorch eager/{n}t"] = lambda n=n: torch.set_num_threads(n)
+    prepare = {name: warmed(fn, prepare.get(name)) for name, fn in fns.items()}  # _worker.py
     t = interleaved_medians(fns, reps, prepare=prepare)
     if torch is not None:
         torch.set_num_threads(2)

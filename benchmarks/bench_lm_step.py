@@ -30,7 +30,7 @@ time, at batch 1 and 16, in eval mode (capacity applies per forward call in both
 produce the same tokens (checked). Tokens per second = batch · new tokens / seconds.
 
 Time: medians over ``--repeats`` rounds, the implementations alternating
-(benchmarks/_common.py: interleaved_medians), each call after a rest and tinymoe's in a
+(benchmarks/_common.py: interleaved_medians), each timed call after untimed ones and tinymoe's in a
 process of its own without PyTorch (benchmarks/_worker.py says why). Memory: each
 implementation in a fresh process, as in bench_switch_layer.py: the resident-set high-water
 mark of one training step above the warmed-up baseline (Linux only). Results:
@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import interleaved_medians, machine, table, try_torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
-from _worker import StepWorker, serve, settled  # noqa: E402
+from _worker import StepWorker, serve, warmed  # noqa: E402
 
 # PyTorch first, as in bench_switch_layer.py: its OpenMP keeps its own defaults.
 TORCH = None if "--no-torch" in sys.argv else try_torch()
@@ -414,7 +414,7 @@ def time_training(torch, batch: int, repeats: int, worker: StepWorker) -> dict:
                 torch, n, lambda lm=lm, topt=topt: torch_step(torch, lm, topt, ti, tt))
     fns.update(sgemm_yardstick(torch, cfg, batch))  # in the same rounds as the steps
     t = interleaved_medians(fns, repeats=repeats, warmup=2,
-                            prepare={name: settled() for name in fns})
+                            prepare={name: warmed(fn) for name, fn in fns.items()})
     sgemm_flops = 2 * batch * cfg.block_size * cfg.d_model * cfg.d_ff
     sgemm = {n.removeprefix("sgemm-"): sgemm_flops / t.pop(n) / 1e9 for n in list(t)
              if n.startswith("sgemm-")}
@@ -451,7 +451,7 @@ def time_generation(torch, batch: int, prompt_len: int, new: int, repeats: int,
             fns[f"torch-{n}t"] = with_threads(torch, n,
                                               lambda: torch_generate(torch, lm, prompt, new))
     t = interleaved_medians(fns, repeats=repeats, warmup=1,
-                            prepare={name: settled() for name in fns})
+                            prepare={name: warmed(fn) for name, fn in fns.items()})
     return {"batch": batch, "prompt": prompt_len, "new_tokens": new, "seconds": t,
             "tokens_per_s": {n: batch * new / s for n, s in t.items()}}
 

@@ -37,8 +37,9 @@ PyTorch), whose best is the "peak". GFLOP/s count the arithmetic a step needs: t
 expert matmuls (two forward, four backward) over the **kept** tokens; the capacity-buffer
 versions also multiply the empty slots. A per-op profile of the tinymoe step follows.
 tinymoe runs in a child process that never imports PyTorch, driven step by step over a pipe
-in the same rounds, and every timed call follows a rest (benchmarks/_worker.py says why);
-the same step in this process, beside PyTorch, is recorded too.
+in the same rounds, and every timed call follows untimed calls of its own
+(benchmarks/_worker.py says why); the same step in this process, beside PyTorch, is
+recorded too.
 Memory: each implementation runs in its own fresh process (glibc's mmap threshold fixed, so
 every freed large array goes back to the system); after two warm-up steps it records its
 resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``) and runs
@@ -66,7 +67,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import (interleaved_medians, load_average, machine_line, table,  # noqa: E402
                      try_torch, write_result)
-from _worker import StepWorker, serve, settled  # noqa: E402
+from _worker import StepWorker, serve, warmed  # noqa: E402
 
 # PyTorch first: importing tinymoe's kernels sets OMP_WAIT_POLICY=PASSIVE (unless already
 # set) for Numba's OpenMP threads, and PyTorch's own OpenMP should keep its default.
@@ -489,7 +490,7 @@ def run_size(T: int, repeats: int, torch, hf, memory: bool, profile: bool) -> di
     gemm_fns, gemm_prep, gemm_flops = gemm_yardsticks(T, torch)
     fns.update(gemm_fns)
     prepare.update(gemm_prep)
-    prepare = {name: settled(prepare.get(name)) for name in fns}
+    prepare = {name: warmed(fn, prepare.get(name)) for name, fn in fns.items()}
     try:
         t = interleaved_medians(fns, repeats=repeats, warmup=2, prepare=prepare)
         prof = worker.query("profile") if profile else None
