@@ -53,6 +53,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -664,10 +665,22 @@ def render(result: dict) -> str:
         if not e.get("fastest_torch"):
             continue
         r = e["ratio_vs_fastest_torch"]
-        targets.append(f"- T = {e['T']:,}: time {r:.2f}x the fastest PyTorch version "
-                       f"({LABELS[e['fastest_torch']]}): target <= {TARGET_TIME}: "
-                       f"{_met(r <= TARGET_TIME)}; limit <= {LIMIT_TIME}: "
-                       f"{_met(r <= LIMIT_TIME)}.")
+        runs = e.get("runs", {})
+        if runs:  # judged on the median of the runs
+            ratios = runs["ratio_vs_fastest_torch"]
+            r = statistics.median(ratios)
+            fastest = sorted({LABELS[n] for n in runs["fastest_torch"]})
+            targets.append(f"- T = {e['T']:,}: time {r:.2f}x the fastest PyTorch version, "
+                           f"the median of {len(ratios)} runs of the whole benchmark ("
+                           + ", ".join(f"{x:.2f}" for x in ratios) + "; fastest: "
+                           + " / ".join(fastest) + f"): target <= {TARGET_TIME}: "
+                           f"{_met(r <= TARGET_TIME)}; limit <= {LIMIT_TIME}: "
+                           f"{_met(r <= LIMIT_TIME)}.")
+        else:
+            targets.append(f"- T = {e['T']:,}: time {r:.2f}x the fastest PyTorch version "
+                           f"({LABELS[e['fastest_torch']]}): target <= {TARGET_TIME}: "
+                           f"{_met(r <= TARGET_TIME)}; limit <= {LIMIT_TIME}: "
+                           f"{_met(r <= LIMIT_TIME)}.")
         frac = e.get("expert_ffn_of_peak")
         targets.append(f"  Expert matmuls: the whole step runs at "
                        f"{e['step_gflops_of_peak']:.0%} of the sgemm peak"
@@ -692,6 +705,9 @@ def main(argv=None) -> None:
                     help="T values (default 4,096 and 16,384)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps (default 7)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="time everything this many times (default 3; the first run's "
+                         "tables, the targets on the median ratio)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--no-profile", action="store_true", help="skip the tinymoe op profile")
     ap.add_argument("--no-write", action="store_true",
@@ -722,9 +738,16 @@ def main(argv=None) -> None:
         entries.append(run_size(T, repeats, torch, hf, memory=not args.no_memory,
                                 profile=not args.no_profile))
         print(summary(entries[-1]))
+    for _ in range(args.runs - 1):  # the whole timing again: the spread between runs
+        for e in entries:
+            again = run_size(e["T"], repeats, torch, hf, memory=False, profile=False)
+            print("again: " + summary(again))
+            for key in ("ratio_vs_fastest_torch", "fastest_torch"):
+                if key in again:
+                    e.setdefault("runs", {}).setdefault(key, [e[key]]).append(again[key])
     settings = {"d_model": D_MODEL, "d_ff": D_FF, "experts": EXPERTS,
                 "capacity_factor": CAPACITY_FACTOR, "aux_coef": AUX_COEF, "z_coef": Z_COEF,
-                "tokens": sizes, "repeats": repeats, "warmup": 2,
+                "tokens": sizes, "repeats": repeats, "warmup": 2, "runs": args.runs,
                 "dispatch_backend": tm.dispatch.get_backend()}
     result = {"agreement": agree, "sizes": entries}
     if not args.no_write:
