@@ -214,10 +214,9 @@ def explore_table(rec: Any) -> str:
 
 def _train_chars() -> int:
     """Characters in the training split of the shipped corpus (what the LM runs train on)."""
-    from tinymoe.data import CharTokenizer, shakespeare, train_val_split
+    from tinymoe.app.train import load_data
 
-    text = shakespeare()
-    return len(train_val_split(CharTokenizer(text).encode(text))[0])
+    return len(load_data()[1])
 
 
 # Tables that an experiment formats itself, rendered from its record:
