@@ -28,6 +28,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=7.4",
+            "pytest-xdist>=3.3",
             "hypothesis>=6.80",
             "nbclient>=0.8",
             "nbformat>=5.9",
