@@ -147,6 +147,16 @@ def validation_windows(val_ids: np.ndarray, block_size: int) -> tuple[np.ndarray
     return x, y
 
 
+def training_windows(train_ids: np.ndarray, block_size: int, count: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` non-overlapping windows spread evenly over the training split, inputs and
+    targets (count, L): the same loss as :func:`evaluate_windows` on text the model was
+    trained on, so that ``val - train`` measures what it memorised."""
+    x, y = validation_windows(train_ids, block_size)  # every window of the training split
+    pick = np.linspace(0, len(x) - 1, min(int(count), len(x))).round().astype(np.int64)
+    return x[pick], y[pick]  # (count, L)
+
+
 def evaluate_windows(model: Transformer, x: np.ndarray, y: np.ndarray, batch: int = 64
                      ) -> float:
     """Mean cross-entropy (nats/char) over all windows, eval mode."""
@@ -300,6 +310,7 @@ class Run:
     lr: float
     val_loss: float              # full split, dropless evaluation
     val_loss_train_cf: float     # full split, the training capacity factor at evaluation
+    train_loss: float = float("nan")  # as val_loss, on as many windows of the training split
     curve_steps: list[int] = field(default_factory=list)
     curve: list[float] = field(default_factory=list)
     train_dropped: float = 0.0   # mean over logged steps and layers
@@ -325,6 +336,7 @@ def train_one(cfg: ScalingConfig, E: int, seed: int, lr: float | None = None,
     vx, vy = validation_windows(val_ids, mcfg.block_size)
     cx, cy = vx[::CURVE_STRIDE], vy[::CURVE_STRIDE]
     vx, vy = vx[::cfg.final_stride], vy[::cfg.final_stride]
+    tx, ty = training_windows(train_ids, mcfg.block_size, len(vx))
     run = Run(E, seed, lr, float("nan"), float("nan"))
     start = time.perf_counter()
     dropped = []
@@ -355,6 +367,7 @@ def train_one(cfg: ScalingConfig, E: int, seed: int, lr: float | None = None,
     if run.diverged_at is None:
         with rounded_weights(model.parameters() if cfg.bf16 else [], keep=keep):
             run.val_loss = evaluate_windows(model, vx, vy)
+            run.train_loss = evaluate_windows(model, tx, ty)
             if E > 1:
                 for m in model.moe_layers:
                     m.router.eval_capacity_factor = mcfg.capacity_factor
@@ -395,8 +408,8 @@ def run_jobs(jobs: Sequence[tuple], workers: int = 1, progress: bool = True) -> 
 
 def _say(r: Run) -> None:
     print(f"  E={r.E:>3} seed={r.seed} lr={r.lr:g}: val {r.val_loss:.4f} (train cf "
-          f"{r.val_loss_train_cf:.4f}), dropped {100 * r.train_dropped:.1f}% in training, "
-          f"{r.seconds:.0f} s", flush=True)
+          f"{r.val_loss_train_cf:.4f}), train split {r.train_loss:.4f}, dropped "
+          f"{100 * r.train_dropped:.1f}% in training, {r.seconds:.0f} s", flush=True)
 
 
 # --- the sweep and its summary ----------------------------------------------------------------
@@ -412,6 +425,7 @@ def summarize(runs: Sequence[Run], experts: Sequence[int], seeds: Sequence[int]
             "seeds": [r.seed for r in rs],
             "val_loss": [r.val_loss for r in rs],
             "val_loss_train_cf": [r.val_loss_train_cf for r in rs],
+            "train_loss": [r.train_loss for r in rs],
             "train_dropped": [r.train_dropped for r in rs],
             "mean": float(np.mean([r.val_loss for r in rs])) if rs else float("nan")}
         if E != 1:
@@ -672,7 +686,7 @@ TOUR = ScalingConfig(
 
 def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     """``tinymoe repro switch_scaling [--fast] [--seeds ...] [--experts ...] [--steps N]
-    [--batch-size B] [--workers W] [--record] [--json PATH]``."""
+    [--batch-size B] [--d-model D] [--d-ff F] [--workers W] [--record] [--json PATH]``."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -685,6 +699,10 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None,
                     help="sequences per step (one routing group per step)")
+    ap.add_argument("--d-model", type=int, default=None,
+                    help="model width (the heads keep their count; default 64)")
+    ap.add_argument("--d-ff", type=int, default=None,
+                    help="hidden size of the dense FFN and of each expert (default 256)")
     ap.add_argument("--dropless", action="store_true", default=None,
                     help="train at capacity S (capacity factor E): no token dropped")
     ap.add_argument("--lr", type=float, default=None)
@@ -717,6 +735,9 @@ def main_switch_scaling(argv: Sequence[str] | None = None) -> int:
                              f"pairs such as 1=3e-3 8=5e-3, got {args.lr_by_experts}") from None
     if args.lrs:
         changes["analysis"] = False
+    sizes = {k: v for k, v in (("d_model", args.d_model), ("d_ff", args.d_ff)) if v is not None}
+    if sizes:
+        changes["model"] = cfg.model.replace(**sizes)
     cfg = replace(cfg, **changes)
     result = run(cfg, workers=args.workers, progress=not args.no_progress,
                  lrs=tuple(args.lrs or ()))
