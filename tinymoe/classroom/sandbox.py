@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinymoe.process_tags import kill_tagged
+
 DEFAULT_TIMEOUT = 60.0  # seconds per task
 DEFAULT_MEMORY = 4 << 30  # bytes of address space (NumPy + BLAS reserve a lot of it)
 OUTPUT_CHARS = 4000  # of stdout and stderr kept
@@ -98,30 +100,9 @@ def bwrap_command(argv: list[str], work: Path, hide: list[Path]) -> list[str]:
     return cmd + ["--bind", str(work), str(work), "--chdir", str(work), *argv]
 
 
-def _token_pids(token: str) -> list[int]:
-    """Processes whose environment carries ``TOKEN_VAR=token`` (needs /proc)."""
-    needle = f"{TOKEN_VAR}={token}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def kill_leftovers(token: str) -> list[int]:
     """SIGKILL every process still carrying the token; returns their pids."""
-    pids = _token_pids(token)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return pids
+    return kill_tagged(TOKEN_VAR, token)
 
 
 def _text(data: bytes | None) -> str:

@@ -47,6 +47,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from tinymoe.process_tags import kill_tagged
+
 ROOT_VARS = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 YIELD_VAR = "OMPI_MCA_mpi_yield_when_idle"  # a waiting rank gives its core away
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -132,20 +134,6 @@ def warm_numba_cache() -> None:
             y.sum().backward()
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """PIDs of this user's processes whose environment has ``TINYMOE_MPI_JOB=tag``
-    (read from ``/proc``; an empty list where there is no ``/proc``)."""
-    needle = f"{JOB_VAR}={tag}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:  # gone, or another user's
-            continue
-    return [pid for pid in found if pid != os.getpid()]
-
-
 def end_job(proc: subprocess.Popen, tag: str, grace: float = 5.0) -> None:
     """Stop an MPI job and every one of its ranks: SIGTERM to mpiexec (which forwards it to
     the ranks), up to ``grace`` seconds to exit, then SIGKILL to mpiexec's process group and
@@ -161,16 +149,8 @@ def end_job(proc: subprocess.Popen, tag: str, grace: float = 5.0) -> None:
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + grace
-    while True:
-        left = tagged_processes(tag)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not left or time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
+    while kill_tagged(JOB_VAR, tag) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a rank may be forking while we kill
 
 
 def launch(num_ranks: int, args: Sequence[str], *, timeout: float | None = 300,
