@@ -280,3 +280,55 @@ def test_the_pages_scaling_verdicts_hold_on_the_records():
     gain = {E: render._lr_mean(0.01, E, *recs) - render._lr_mean(0.02, E, *recs)
             for E in (1, 2, 4, 8, 16, 32)}
     assert max(gain, key=gain.get) == 1
+
+
+def test_the_pages_wider_model_and_training_split_verdicts_hold_on_the_records():
+    """Twice as wide: dense's best rate is bracketed by worse ones, E = 32 at its best is
+    behind dense at its best. Where the experts' parameters go: the training-split gap grows
+    from 400 to 1,600 steps, and at 1,600 steps E = 32 is further ahead of dense on the
+    training split than on the validation split. The records rerun the sweep's own models
+    (the same validation losses, bit for bit) and the page shows their table."""
+    from pathlib import Path
+
+    from tinymoe.app import render
+    from tinymoe.app.records import load
+
+    wide = [load("switch_scaling_d128_lr"), load("switch_scaling_d128_lr_low")]
+    for rec in wide:
+        assert rec["settings"]["model"]["d_model"] == 2 * ss.FULL.model.d_model
+        assert rec["settings"]["model"]["d_ff"] == 2 * ss.FULL.model.d_ff
+        assert rec["settings"]["steps"] == ss.FULL.steps
+    cells = render.lr_cells(wide)
+    rates = sorted(cells, key=float)
+    best1 = render._best_lr(1, *wide)
+    assert rates[0] != f"{best1[0]:g}" != rates[-1]  # bracketed by worse rates
+    assert render._best_lr(32, *wide)[1] > best1[1]
+    low = cells[f"{wide[1]['settings']['lrs'][0]:g}"]  # the lowest rate: E = 32 ahead there
+    assert low is cells[rates[0]] and low["32"][0] < low["1"][0]
+
+    gap, long = load("switch_scaling_gap"), load("switch_scaling_long_gap")
+    assert gap["settings"]["steps"] == ss.FULL.steps
+    assert long["settings"]["steps"] == 4 * ss.FULL.steps
+    sweep = {(r["E"], r["seed"]): r["val_loss"] for r in load("switch_scaling")["results"]["runs"]}
+    longer = {(r["E"], r["seed"]): r["val_loss"]
+              for r in load("switch_scaling_long")["results"]["runs"]}
+    for r in gap["results"]["runs"]:
+        assert r["val_loss"] == sweep[(r["E"], r["seed"])]
+    for r in long["results"]["runs"]:
+        assert r["val_loss"] == longer[(r["E"], r["seed"])]
+    dense_gap = [r["val_loss"] - r["train_loss"] for r in gap["results"]["runs"] if r["E"] == 1]
+    (dense_long,) = [r for r in long["results"]["runs"] if r["E"] == 1]
+    (e32_long,) = [r for r in long["results"]["runs"] if r["E"] == 32]
+    assert dense_long["val_loss"] - dense_long["train_loss"] > max(dense_gap) > 0
+    ahead_train = dense_long["train_loss"] - e32_long["train_loss"]
+    ahead_val = dense_long["val_loss"] - e32_long["val_loss"]
+    assert ahead_train > 0 and ahead_train > 5 * abs(ahead_val)
+    runs400 = gap["results"]["runs"]
+    for split in ("train_loss", "val_loss"):  # after 400 steps: not ahead on either split
+        e32 = np.mean([r[split] for r in runs400 if r["E"] == 32])
+        assert e32 > np.mean([r[split] for r in runs400 if r["E"] == 1])
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproductions.md").read_text(
+        encoding="utf-8")
+    assert render._fit_table(gap, long, *wide) in page
+    assert render._lr_sweeps_table(*wide) in page

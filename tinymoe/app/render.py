@@ -196,6 +196,31 @@ def _lr_diffs_text(lr: float, *recs: dict) -> str:
                      if E != "1" and len(row[E]) == len(row["1"]))
 
 
+def _fit_table(*recs: dict) -> str:
+    """Markdown: per record (its steps and width) and model, the mean final loss on the
+    training split and on the validation split over the seeds, and their gap. Several
+    records of one learning-rate sweep (same steps and width) are read as one, each model
+    at its best rate there."""
+    lines = ["| steps | d | model | seeds | training split | validation | gap |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for rec in recs:
+        st = rec["settings"]
+        groups.setdefault((st["steps"], st["model"]["d_model"]), []).append(rec)
+    for (steps, d), group in groups.items():
+        runs = [r for rec in group for r in rec["results"]["runs"]]
+        best = _best_by_lr(lr_cells(group)) if len(group) > 1 or "by_lr" in group[0][
+            "results"] else {}
+        for E in sorted({r["E"] for r in runs}):
+            rs = [r for r in runs if r["E"] == E
+                  and (str(E) not in best or f"{r['lr']:g}" == best[str(E)])]
+            tr, va = mean([r["train_loss"] for r in rs]), mean([r["val_loss"] for r in rs])
+            name = "dense" if E == 1 else f"E = {E}"
+            lines.append(f"| {steps:,} | {d} | {name} at lr {rs[0]['lr']:g} | {len(rs)} | "
+                         f"{tr:.4f} | {va:.4f} | {va - tr:.4f} |")
+    return "\n".join(lines)
+
+
 def explore_table(rec: Any) -> str:
     """Markdown: mean epochs to criterion per system and step size of a ``vowels-explore``
     record (— : some start never reached it), the chosen step size in bold."""
@@ -227,6 +252,7 @@ TABLES = {"scaling_table": _scaling("format_table"),
           "balanced_table": lambda: _balanced("format_balanced")(),
           "balanced_drops": lambda E: _balanced("balanced_drops")(E),
           "explore_table": explore_table,
+          "fit_table": _fit_table,
           "best_lr": _best_lr,
           "best_lrs_text": _best_lrs_text,
           "lr_mean": _lr_mean,
