@@ -7,7 +7,6 @@ Skipped, with the reason, where mpi4py or mpiexec is missing (``pip install -e "
 """
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from mpi_ranks import CASES, LR, E, T, build, d, loss_of
 from tinymoe.nn.checkpoint import CheckpointWriter
 from tinymoe.nn.serialization import load
 from tinymoe.parallel import alltoall_bytes, expert_parallel_forward
+from tinymoe.process_tags import kill_tagged
 from tinymoe.parallel.mpi_launch import (
     ROOT_VARS,
     THREAD_VARS,
@@ -84,43 +84,19 @@ def test_mpi_check_runs_an_all_to_all_on_two_ranks(capsys):
     assert "all-to-all on 2 ranks: OK" in out
 
 
-def pids_with(marker: str) -> list[int]:
-    """Processes whose command line contains ``marker`` (Linux ``/proc``)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # exited meanwhile
-            continue
-    return found
-
-
 @needs_mpi
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_a_job_that_outlives_its_timeout_is_killed_with_every_rank():
     """TimeoutExpired, and no rank left running: Open MPI starts the ranks outside
-    mpiexec's process group, so killing that group alone once left them asleep."""
+    mpiexec's process group, so killing that group alone once left them asleep. The ranks
+    inherit a tag of this test's own; tests/test_process_tags.py shows the scan finds a
+    live tagged process."""
     marker = f"tinymoe-timeout-test-{os.getpid()}-{time.time_ns()}"
     with pytest.raises(subprocess.TimeoutExpired):
-        launch(2, ["-c", f"import time; time.sleep(600)  # {marker}"], timeout=5, warm=False)
-    left = pids_with(marker)
-    for pid in left:  # never leave them behind, even when the test fails
-        os.kill(pid, signal.SIGKILL)
+        launch(2, ["-c", "import time; time.sleep(600)"], timeout=5, warm=False,
+               env={**os.environ, "TINYMOE_TEST_TAG": marker})
+    left = kill_tagged("TINYMOE_TEST_TAG", marker)  # never leave them behind
     assert left == [], f"ranks still running after the timeout: {left}"
-
-
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
-def test_the_survivor_scan_sees_a_running_process():
-    """The check above can fail: a process with the marker in its command line is found."""
-    marker = f"tinymoe-survivor-{os.getpid()}-{time.time_ns()}"
-    p = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(60)  # {marker}"])
-    try:
-        assert p.pid in pids_with(marker)
-    finally:
-        p.kill()
-        p.wait()
-    assert pids_with(marker) == []
 
 
 # --- equal to one process ---------------------------------------------------------------------
