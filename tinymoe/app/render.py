@@ -209,11 +209,9 @@ def _fit_table(*recs: dict) -> str:
         groups.setdefault((st["steps"], st["model"]["d_model"]), []).append(rec)
     for (steps, d), group in groups.items():
         runs = [r for rec in group for r in rec["results"]["runs"]]
-        best = _best_by_lr(lr_cells(group)) if len(group) > 1 or "by_lr" in group[0][
-            "results"] else {}
+        best = _best_by_lr(lr_cells(group))  # a record of one rate per model: that rate
         for E in sorted({r["E"] for r in runs}):
-            rs = [r for r in runs if r["E"] == E
-                  and (str(E) not in best or f"{r['lr']:g}" == best[str(E)])]
+            rs = [r for r in runs if r["E"] == E and f"{r['lr']:g}" == best[str(E)]]
             tr, va = mean([r["train_loss"] for r in rs]), mean([r["val_loss"] for r in rs])
             name = "dense" if E == 1 else f"E = {E}"
             lines.append(f"| {steps:,} | {d} | {name} at lr {rs[0]['lr']:g} | {len(rs)} | "
